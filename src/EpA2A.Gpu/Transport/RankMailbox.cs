@@ -1,0 +1,75 @@
+namespace EpA2A.Transport;
+
+/// <summary>
+/// The messages that arrived for one rank, matched by (source, tag). A message may arrive before its
+/// receive is posted (a fast peer) or after (a slow one); either way the receiver gets it exactly once.
+/// </summary>
+public sealed class RankMailbox
+{
+    private readonly Lock gate = new();
+    private readonly Dictionary<(int Source, MessageTag Tag), TaskCompletionSource<byte[]>> slots = [];
+
+    /// <summary>Messages held, delivered or awaited (for leak checks).</summary>
+    public int Count
+    {
+        get
+        {
+            lock (gate)
+            {
+                return slots.Count;
+            }
+        }
+    }
+
+    /// <summary>Stores a message. A second message for the same slot is a protocol error.</summary>
+    public void Post(int source, MessageTag tag, byte[] payload)
+    {
+        TaskCompletionSource<byte[]> slot = Slot(source, tag);
+        if (!slot.TrySetResult(payload))
+        {
+            throw new InvalidOperationException($"duplicate message from rank {source} for {tag}");
+        }
+    }
+
+    /// <summary>Waits for the message from <paramref name="source"/> with <paramref name="tag"/>.</summary>
+    public async ValueTask<byte[]> TakeAsync(int source, MessageTag tag, CancellationToken cancellationToken)
+    {
+        TaskCompletionSource<byte[]> slot = Slot(source, tag);
+        byte[] payload = await slot.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+        lock (gate)
+        {
+            slots.Remove((source, tag));
+        }
+
+        return payload;
+    }
+
+    /// <summary>Drops every slot of an older epoch or an earlier operation.</summary>
+    public void DiscardBefore(long epoch, long sequence)
+    {
+        lock (gate)
+        {
+            foreach ((int Source, MessageTag Tag) key in slots.Keys.ToArray())
+            {
+                if (key.Tag.Epoch < epoch || (key.Tag.Epoch == epoch && key.Tag.Sequence < sequence))
+                {
+                    slots.Remove(key);
+                }
+            }
+        }
+    }
+
+    private TaskCompletionSource<byte[]> Slot(int source, MessageTag tag)
+    {
+        lock (gate)
+        {
+            if (!slots.TryGetValue((source, tag), out TaskCompletionSource<byte[]>? slot))
+            {
+                slot = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                slots.Add((source, tag), slot);
+            }
+
+            return slot;
+        }
+    }
+}
