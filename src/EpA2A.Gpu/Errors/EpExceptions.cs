@@ -47,3 +47,13 @@ public sealed class EpStepAbortedException : EpStepFailedException
     {
     }
 }
+
+/// <summary>The ranks of a group were configured differently; detected collectively at the counts exchange.</summary>
+public sealed class EpConfigMismatchException : EpStepFailedException
+{
+    /// <summary>Creates the exception.</summary>
+    public EpConfigMismatchException(string message)
+        : base(message, rank: null)
+    {
+    }
+}

@@ -19,7 +19,7 @@ public sealed class EpAllToAllLayout
         int[] expertRowStarts,
         int[] paddedRowsPerLocalExpert,
         RowOrigins origins,
-        bool hasWeights)
+        float[]? sourceWeights)
     {
         Owner = owner;
         Epoch = epoch;
@@ -33,7 +33,7 @@ public sealed class EpAllToAllLayout
         this.expertRowStarts = expertRowStarts;
         this.paddedRowsPerLocalExpert = paddedRowsPerLocalExpert;
         Origins = origins;
-        HasWeights = hasWeights;
+        SourceWeights = sourceWeights;
     }
 
     private readonly int[] tokensPerSourceRank;
@@ -71,7 +71,7 @@ public sealed class EpAllToAllLayout
     public ReadOnlySpan<int> ExpertRowStarts => expertRowStarts;
 
     /// <summary>True when dispatch carried routing weights (weighted combine needs them).</summary>
-    public bool HasWeights { get; }
+    public bool HasWeights => SourceWeights is not null;
 
     /// <summary>The layer incarnation that made this layout.</summary>
     internal object Owner { get; }
@@ -84,6 +84,9 @@ public sealed class EpAllToAllLayout
     internal RowOrigins Origins { get; }
 
     internal int[] TopKIdsArray => topKIds;
+
+    /// <summary>This rank's routing weights as dispatched, [NumDispatchTokens * TopK], or null.</summary>
+    internal float[]? SourceWeights { get; }
 }
 
 /// <summary>The origin of every received row: the local-combine mapping and the return address for combine.</summary>

@@ -1,0 +1,554 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using EpA2A.Config;
+using EpA2A.Errors;
+using EpA2A.Layer;
+using EpA2A.Numerics;
+using EpA2A.Transport;
+
+namespace EpA2A.Backends.Cpu;
+
+/// <summary>
+/// The managed backend: the same flow and results as the CUDA backend, with ranks exchanging messages over
+/// an <see cref="IRankTransport"/> (shared memory in one process, grain calls across silos). A token
+/// crosses to a rank once however many of its experts live there; the receiver expands it into rows.
+/// </summary>
+internal sealed partial class CpuBackend(EpConfig config, IRankTransport transport) : IDispatchCombineBackend
+{
+    private const int ConfigWords = 9;
+    private const int FlagWeights = 1;
+    private const int FlagScatter = 2;
+
+    public string Name => "cpu";
+
+    private int Rank => config.Rank;
+
+    private int RowBytes => config.Hidden * config.TokenBytes;
+
+    public async ValueTask<RoutingPlan> ExchangeCountsAsync(DispatchStep step)
+    {
+        OperationContext op = step.Operation;
+        int e = config.NumExperts;
+        int[] counts = new int[e];
+        foreach (int id in step.ExpertIds)
+        {
+            if (id != e)
+            {
+                counts[id]++;
+            }
+        }
+
+        int flags = (step.Weights is null ? 0 : FlagWeights) | (step.ScatterIndices is null ? 0 : FlagScatter);
+        byte[] message = new byte[4 * (3 + ConfigWords + e)];
+        MessageWriter w = new(message);
+        w.WriteInt(MessageStatus.Ok);
+        foreach (int word in ConfigFingerprint(config))
+        {
+            w.WriteInt(word);
+        }
+
+        w.WriteInt(step.TokenCount);
+        w.WriteInt(flags);
+        foreach (int c in counts)
+        {
+            w.WriteInt(c);
+        }
+
+        MessageTag tag = op.Tag(ExchangePhase.Counts);
+        for (int d = 0; d < config.WorldSize; d++)
+        {
+            await transport.SendAsync(d, tag, d == config.WorldSize - 1 ? message : (byte[])message.Clone(), op.Token).ConfigureAwait(false);
+        }
+
+        byte[][] received = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.Counts).ConfigureAwait(false);
+        int[] table = new int[config.WorldSize * e];
+        int[] tokensPerRank = new int[config.WorldSize];
+        int[] mine = ConfigFingerprint(config);
+        List<string> problems = [];
+        for (int s = 0; s < config.WorldSize; s++)
+        {
+            MessageReader r = new(received[s], s);
+            ThrowIfAborted(ref r, s);
+            for (int i = 0; i < ConfigWords; i++)
+            {
+                int theirs = r.ReadInt();
+                if (theirs != mine[i])
+                {
+                    problems.Add($"rank {s} has {FingerprintNames[i]} = {theirs}, rank {Rank} has {mine[i]}");
+                }
+            }
+
+            tokensPerRank[s] = r.ReadInt();
+            int theirFlags = r.ReadInt();
+            if ((theirFlags & FlagWeights) != (flags & FlagWeights))
+            {
+                problems.Add($"rank {s} {((theirFlags & FlagWeights) != 0 ? "gave" : "did not give")} weights, rank {Rank} {((flags & FlagWeights) != 0 ? "did" : "did not")}");
+            }
+
+            if ((theirFlags & FlagScatter) != (flags & FlagScatter))
+            {
+                problems.Add($"rank {s} {((theirFlags & FlagScatter) != 0 ? "gave" : "did not give")} scatter indices, rank {Rank} {((flags & FlagScatter) != 0 ? "did" : "did not")}");
+            }
+
+            for (int x = 0; x < e; x++)
+            {
+                table[(s * e) + x] = r.ReadInt();
+            }
+        }
+
+        if (problems.Count > 0)
+        {
+            throw new EpConfigMismatchException($"ranks disagree: {string.Join("; ", problems.Distinct())}");
+        }
+
+        return RoutingPlan.FromCounts(config, table, tokensPerRank, packed: step.ScatterIndices is not null);
+    }
+
+    public async ValueTask DispatchTokensAsync(DispatchStep step)
+    {
+        OperationContext op = step.Operation;
+        RoutingPlan plan = step.Plan ?? throw new InvalidOperationException("dispatch before preprocess");
+        int n = step.TokenCount;
+        int k = config.TopK;
+        (int[] rows, int[] global, string? abort) = AssignRows(step, plan);
+        step.GlobalScatter = global;
+
+        // First hop: straight to each rank (one node), or to this rank's peer on each node (several).
+        int[] firstHop = config.IsIntraNode ? AllRanks() : Gateways();
+        MessageTag tokensTag = op.Tag(ExchangePhase.DispatchTokens);
+        for (int i = 0; i < firstHop.Length; i++)
+        {
+            byte[] packet = abort is not null
+                ? MessageStatus.Abort(abort)
+                : BuildTokenPacket(step, rows, t => TokenTargets(step.ExpertIds, t, k, i));
+            await transport.SendAsync(firstHop[i], tokensTag, packet, op.Token).ConfigureAwait(false);
+        }
+
+        byte[][] incoming;
+        int[] incomingSources;
+        if (config.IsIntraNode)
+        {
+            incomingSources = AllRanks();
+            incoming = await op.ReceiveAllAsync(transport, incomingSources, ExchangePhase.DispatchTokens).ConfigureAwait(false);
+        }
+        else
+        {
+            // This rank is the gateway of its node for every source with the same local rank: forward.
+            int[] sources = SameLocalRankPeers();
+            byte[][] toForward = await op.ReceiveAllAsync(transport, sources, ExchangePhase.DispatchTokens).ConfigureAwait(false);
+            await ForwardInsideNodeAsync(op, sources, toForward).ConfigureAwait(false);
+            incomingSources = NodeRanks();
+            incoming = await op.ReceiveAllAsync(transport, incomingSources, ExchangePhase.DispatchForward).ConfigureAwait(false);
+        }
+
+        if (abort is not null)
+        {
+            throw new ArgumentException(abort);
+        }
+
+        step.Origins = ReceiveRows(step, plan, incomingSources, incoming);
+    }
+
+    public async ValueTask CombineWithinNodeAsync(CombineStep step)
+    {
+        OperationContext op = step.Operation;
+        if (config.IsIntraNode)
+        {
+            MessageTag tag = op.Tag(ExchangePhase.CombineRows);
+            for (int s = 0; s < config.WorldSize; s++)
+            {
+                byte[] packet = config.EnableLocalCombine ? BuildPartialsFor(step, [s]) : BuildRowsFor(step, s);
+                await transport.SendAsync(s, tag, packet, op.Token).ConfigureAwait(false);
+            }
+
+            byte[][] back = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.CombineRows).ConfigureAwait(false);
+            if (config.EnableLocalCombine)
+            {
+                SumPartialsIntra(step, back);
+            }
+            else
+            {
+                SumRowsIntra(step, back);
+            }
+
+            return;
+        }
+
+        // Inter-node: partials of each source's tokens go to the rank of this node that shares the source's
+        // local rank; it reduces them across the node and sends one fp32 row per token across nodes.
+        MessageTag rowsTag = op.Tag(ExchangePhase.CombineRows);
+        int[] node = NodeRanks();
+        for (int l = 0; l < config.LocalWorldSize; l++)
+        {
+            int[] sources = [.. Enumerable.Range(0, config.NumNodes).Select(b => (b * config.LocalWorldSize) + l)];
+            await transport.SendAsync(node[l], rowsTag, BuildPartialsFor(step, sources), op.Token).ConfigureAwait(false);
+        }
+
+        byte[][] partials = await op.ReceiveAllAsync(transport, node, ExchangePhase.CombineRows).ConfigureAwait(false);
+        await ReduceNodeAndSendAsync(op, step, node, partials).ConfigureAwait(false);
+    }
+
+    public async ValueTask CombineAcrossNodesAsync(CombineStep step)
+    {
+        if (config.IsIntraNode)
+        {
+            return;
+        }
+
+        OperationContext op = step.Operation;
+        int[] gateways = Gateways();
+        byte[][] fromNodes = await op.ReceiveAllAsync(transport, gateways, ExchangePhase.CombineCrossNode).ConfigureAwait(false);
+        int h = config.Hidden;
+        for (int b = 0; b < gateways.Length; b++)
+        {
+            MessageReader r = new(fromNodes[b], gateways[b]);
+            ThrowIfAborted(ref r, gateways[b]);
+            int count = r.ReadInt();
+            for (int i = 0; i < count; i++)
+            {
+                int t = CheckedToken(r.ReadInt(), step.Layout.NumDispatchTokens, gateways[b]);
+                ReadOnlySpan<float> partial = MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4));
+                Span<float> acc = step.Accumulator.AsSpan(t * h, h);
+                for (int x = 0; x < h; x++)
+                {
+                    acc[x] += partial[x];
+                }
+            }
+        }
+    }
+
+    public async ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly)
+    {
+        int[] peers = intraNodeOnly ? NodeRanks() : AllRanks();
+        MessageTag tag = operation.Tag(ExchangePhase.Barrier);
+        foreach (int p in peers)
+        {
+            await transport.SendAsync(p, tag, new byte[4], operation.Token).ConfigureAwait(false);
+        }
+
+        byte[][] arrived = await operation.ReceiveAllAsync(transport, peers, ExchangePhase.Barrier).ConfigureAwait(false);
+        for (int i = 0; i < peers.Length; i++)
+        {
+            MessageReader r = new(arrived[i], peers[i]);
+            ThrowIfAborted(ref r, peers[i]);
+        }
+    }
+
+    public void Reset(long epoch, long sequence) => transport.DiscardBefore(epoch, sequence);
+
+    public void Dispose()
+    {
+    }
+
+    internal static int[] ConfigFingerprint(EpConfig c) =>
+        [c.MaxTokens, c.Hidden, c.TopK, c.NumExperts, c.WorldSize, c.LocalWorldSize, (int)c.TokenType, c.EnableLocalCombine ? 1 : 0, c.ExpertAlignment];
+
+    private static readonly string[] FingerprintNames =
+        ["MaxTokens", "Hidden", "TopK", "NumExperts", "WorldSize", "LocalWorldSize", "TokenType", "EnableLocalCombine", "ExpertAlignment"];
+
+    private static void ThrowIfAborted(ref MessageReader reader, int source)
+    {
+        int status = reader.ReadInt();
+        if (status == MessageStatus.Aborted)
+        {
+            throw new EpStepAbortedException($"rank {source} aborted the operation: {reader.ReadString()}", source);
+        }
+
+        if (status != MessageStatus.Ok)
+        {
+            throw new InvalidDataException($"message from rank {source} has unknown status {status}");
+        }
+    }
+
+    private static int CheckedToken(int token, int count, int source) =>
+        (uint)token < (uint)count ? token : throw new InvalidDataException($"rank {source} sent token index {token}, this rank dispatched {count}");
+
+    private int[] AllRanks() => [.. Enumerable.Range(0, config.WorldSize)];
+
+    private int[] NodeRanks() => [.. Enumerable.Range(config.Node * config.LocalWorldSize, config.LocalWorldSize)];
+
+    /// <summary>The rank with this rank's local index on each node, in node order (itself on its own node).</summary>
+    private int[] Gateways() => [.. Enumerable.Range(0, config.NumNodes).Select(b => (b * config.LocalWorldSize) + config.LocalRank)];
+
+    private int[] SameLocalRankPeers() => Gateways();
+
+    /// <summary>Which of token t's slots go to first-hop target i (a rank, or a node for the inter-node algorithm).</summary>
+    private IEnumerable<int> TokenTargets(int[] ids, int t, int k, int target)
+    {
+        for (int j = 0; j < k; j++)
+        {
+            int e = ids[(t * k) + j];
+            if (e == config.NumExperts)
+            {
+                continue;
+            }
+
+            int d = config.RankOfExpert(e);
+            if ((config.IsIntraNode ? d : d / config.LocalWorldSize) == target)
+            {
+                yield return j;
+            }
+        }
+    }
+
+    /// <summary>Destination row (inside the destination's output) and global row of every (token, k).</summary>
+    private (int[] Rows, int[] Global, string? Abort) AssignRows(DispatchStep step, RoutingPlan plan)
+    {
+        int k = config.TopK;
+        int[] ids = step.ExpertIds;
+        int[] rows = new int[ids.Length];
+        int[] global = new int[ids.Length];
+        int[] next = new int[config.NumExperts];
+        int[] bases = [.. Enumerable.Range(0, config.WorldSize).Select(plan.GlobalBase)];
+        for (int i = 0; i < ids.Length; i++)
+        {
+            int e = ids[i];
+            if (e == config.NumExperts)
+            {
+                rows[i] = -1;
+                global[i] = -1;
+                continue;
+            }
+
+            int d = config.RankOfExpert(e);
+            if (step.ScatterIndices is { } scatter)
+            {
+                int row = scatter[i] - bases[d];
+                if (row < 0 || row >= plan.RecvRows(d))
+                {
+                    return (rows, global, $"scatterIndices[{i / k}, {i % k}] = {scatter[i]} is outside rank {d}'s rows [{bases[d]}, {bases[d] + plan.RecvRows(d)}) for expert {e}");
+                }
+
+                rows[i] = row;
+            }
+            else
+            {
+                rows[i] = plan.BlockStart(e, Rank) + next[e]++;
+            }
+
+            global[i] = bases[d] + rows[i];
+        }
+
+        return (rows, global, null);
+    }
+
+    /// <summary>A token packet: per token with slots for the target, its slots (k, expert, row, weight) and its row once.</summary>
+    private byte[] BuildTokenPacket(DispatchStep step, int[] rows, Func<int, IEnumerable<int>> slotsOf)
+    {
+        int k = config.TopK;
+        List<(int Token, int[] Slots)> entries = [];
+        int size = 8;
+        for (int t = 0; t < step.TokenCount; t++)
+        {
+            int[] slots = [.. slotsOf(t)];
+            if (slots.Length > 0)
+            {
+                entries.Add((t, slots));
+                size += 12 + (16 * slots.Length) + RowBytes;
+            }
+        }
+
+        byte[] packet = new byte[size];
+        MessageWriter w = new(packet);
+        w.WriteInt(MessageStatus.Ok);
+        w.WriteInt(entries.Count);
+        foreach ((int t, int[] slots) in entries)
+        {
+            w.WriteInt(Rank);
+            w.WriteInt(t);
+            w.WriteInt(slots.Length);
+            foreach (int j in slots)
+            {
+                int i = (t * k) + j;
+                w.WriteInt(j);
+                w.WriteInt(step.ExpertIds[i]);
+                w.WriteInt(rows[i]);
+                w.WriteFloat(step.Weights?[i] ?? 0f);
+            }
+
+            w.WriteBytes(step.Tokens.AsSpan(t * RowBytes, RowBytes));
+        }
+
+        return packet;
+    }
+
+    private async ValueTask ForwardInsideNodeAsync(OperationContext op, int[] sources, byte[][] packets)
+    {
+        int[] node = NodeRanks();
+        MessageTag tag = op.Tag(ExchangePhase.DispatchForward);
+        string? abort = null;
+        List<List<byte[]>> perRank = [.. node.Select(_ => new List<byte[]>())];
+        for (int i = 0; i < sources.Length && abort is null; i++)
+        {
+            MessageReader r = new(packets[i], sources[i]);
+            if (r.ReadInt() == MessageStatus.Aborted)
+            {
+                abort = $"rank {sources[i]} aborted the operation: {r.ReadString()}";
+                break;
+            }
+
+            int count = r.ReadInt();
+            for (int x = 0; x < count; x++)
+            {
+                int src = r.ReadInt();
+                int t = r.ReadInt();
+                int nk = r.ReadInt();
+                var slots = new (int K, int Expert, int Row, float Weight)[nk];
+                for (int j = 0; j < nk; j++)
+                {
+                    slots[j] = (r.ReadInt(), r.ReadInt(), r.ReadInt(), r.ReadFloat());
+                }
+
+                ReadOnlySpan<byte> data = r.ReadBytes(RowBytes);
+                for (int l = 0; l < node.Length; l++)
+                {
+                    var mine = slots.Where(s => CheckedRankOfExpert(s.Expert, sources[i]) == node[l]).ToArray();
+                    if (mine.Length == 0)
+                    {
+                        continue;
+                    }
+
+                    byte[] entry = new byte[12 + (16 * mine.Length) + RowBytes];
+                    MessageWriter w = new(entry);
+                    w.WriteInt(src);
+                    w.WriteInt(t);
+                    w.WriteInt(mine.Length);
+                    foreach (var s in mine)
+                    {
+                        w.WriteInt(s.K);
+                        w.WriteInt(s.Expert);
+                        w.WriteInt(s.Row);
+                        w.WriteFloat(s.Weight);
+                    }
+
+                    w.WriteBytes(data);
+                    perRank[l].Add(entry);
+                }
+            }
+        }
+
+        for (int l = 0; l < node.Length; l++)
+        {
+            byte[] packet;
+            if (abort is not null)
+            {
+                packet = MessageStatus.Abort(abort);
+            }
+            else
+            {
+                packet = new byte[8 + perRank[l].Sum(e => e.Length)];
+                MessageWriter w = new(packet);
+                w.WriteInt(MessageStatus.Ok);
+                w.WriteInt(perRank[l].Count);
+                foreach (byte[] entry in perRank[l])
+                {
+                    w.WriteBytes(entry);
+                }
+            }
+
+            await transport.SendAsync(node[l], tag, packet, op.Token).ConfigureAwait(false);
+        }
+    }
+
+    private int CheckedRankOfExpert(int expert, int source) =>
+        (uint)expert < (uint)config.NumExperts
+            ? config.RankOfExpert(expert)
+            : throw new InvalidDataException($"rank {source} sent expert id {expert}, outside [0, {config.NumExperts})");
+
+    /// <summary>Writes received tokens into their rows, zero-fills padding, and records where every row came from.</summary>
+    private RowOrigins ReceiveRows(DispatchStep step, RoutingPlan plan, int[] sources, byte[][] packets)
+    {
+        int recv = plan.RecvRows(Rank);
+        DispatchCombineContext ctx = step.Context;
+        Span<byte> output = OutputBytes(ctx);
+        float[] weights = ctx.WeightBuffer;
+        RowOrigins origins = new(recv);
+        int written = 0;
+        int firstExpert = Rank * config.ExpertsPerRank;
+        int[] rowsOfEntry = new int[config.TopK];
+        for (int i = 0; i < sources.Length; i++)
+        {
+            MessageReader r = new(packets[i], sources[i]);
+            ThrowIfAborted(ref r, sources[i]);
+            int count = r.ReadInt();
+            for (int x = 0; x < count; x++)
+            {
+                int src = r.ReadInt();
+                int t = r.ReadInt();
+                int nk = r.ReadInt();
+                if ((uint)src >= (uint)config.WorldSize || nk < 1 || nk > config.TopK)
+                {
+                    throw new InvalidDataException($"rank {sources[i]} sent a malformed token entry (source {src}, {nk} slots)");
+                }
+
+                for (int j = 0; j < nk; j++)
+                {
+                    int kk = r.ReadInt();
+                    int expert = r.ReadInt();
+                    int row = r.ReadInt();
+                    float weight = r.ReadFloat();
+                    if (expert < firstExpert || expert >= firstExpert + config.ExpertsPerRank)
+                    {
+                        throw new InvalidDataException($"rank {src} sent a row for expert {expert}, which rank {Rank} does not hold");
+                    }
+
+                    if ((uint)row >= (uint)recv)
+                    {
+                        throw new EpStepFailedException($"rank {src} token {t} slot {kk} targets row {row} of rank {Rank}, which receives {recv} rows", src);
+                    }
+
+                    if (origins.Source[row] >= 0)
+                    {
+                        throw new EpStepFailedException(
+                            $"row {row} of rank {Rank} is claimed twice: by rank {origins.Source[row]} token {origins.Token[row]} slot {origins.K[row]} and by rank {src} token {t} slot {kk} (duplicate scatter indices)",
+                            src);
+                    }
+
+                    origins.Source[row] = src;
+                    origins.Token[row] = t;
+                    origins.K[row] = kk;
+                    weights[row] = weight;
+                    rowsOfEntry[j] = row;
+                }
+
+                ReadOnlySpan<byte> data = r.ReadBytes(RowBytes);
+                foreach (int row in rowsOfEntry.AsSpan(0, nk))
+                {
+                    data.CopyTo(output.Slice(row * RowBytes, RowBytes));
+                }
+
+                written += nk;
+            }
+        }
+
+        int expected = 0;
+        for (int j = 0; j < config.ExpertsPerRank; j++)
+        {
+            expected += plan.ExpertRows(Rank, j);
+        }
+
+        if (written != expected)
+        {
+            throw new EpStepFailedException($"rank {Rank} received {written} rows, the counts announced {expected}");
+        }
+
+        // Padding rows (alignment) are zero with weight zero; origins stay -1 so combine ignores them.
+        for (int row = 0; row < recv; row++)
+        {
+            if (origins.Source[row] < 0)
+            {
+                output.Slice(row * RowBytes, RowBytes).Clear();
+                weights[row] = 0f;
+            }
+        }
+
+        return origins;
+    }
+
+    private static Span<byte> OutputBytes(DispatchCombineContext ctx)
+    {
+        Array buffer = ctx.OutputBuffer;
+        int bytes = checked(buffer.Length * ctx.Config.TokenBytes);
+        return MemoryMarshal.CreateSpan(ref MemoryMarshal.GetArrayDataReference(buffer), bytes);
+    }
+}

@@ -1,0 +1,32 @@
+using EpA2A.Layer;
+
+namespace EpA2A.Backends;
+
+/// <summary>
+/// The seams of the flow that differ between backends. <see cref="EpAll2AllLayer"/> validates, sequences,
+/// times and shapes the results; a backend moves and sums the data. Every method honours the operation's
+/// deadline and names the rank it waited for when it passes.
+/// </summary>
+internal interface IDispatchCombineBackend : IDisposable
+{
+    /// <summary>A short name for logs and tables ("cpu", "cuda").</summary>
+    string Name { get; }
+
+    /// <summary>Preprocess: bincount this rank's ids, all-gather the counts, and return the plan every rank agrees on.</summary>
+    ValueTask<RoutingPlan> ExchangeCountsAsync(DispatchStep step);
+
+    /// <summary>The dispatch kernel: move the tokens (and weights) into every destination's output rows.</summary>
+    ValueTask DispatchTokensAsync(DispatchStep step);
+
+    /// <summary>The combine kernel: bring rows back and sum them (inside the node for the inter-node algorithm).</summary>
+    ValueTask CombineWithinNodeAsync(CombineStep step);
+
+    /// <summary>Inter-node only: sum the per-node fp32 partials (a no-op for the intra-node algorithm).</summary>
+    ValueTask CombineAcrossNodesAsync(CombineStep step);
+
+    /// <summary>Every rank (or every rank of this node) arrives before any leaves.</summary>
+    ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly);
+
+    /// <summary>Drops per-operation state of operations before <paramref name="sequence"/> (the resets of postprocess).</summary>
+    void Reset(long epoch, long sequence);
+}

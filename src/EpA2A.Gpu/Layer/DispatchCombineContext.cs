@@ -1,0 +1,86 @@
+using EpA2A.Config;
+using EpA2A.Numerics;
+
+namespace EpA2A.Layer;
+
+/// <summary>
+/// The buffers one rank's layer owns (on the CUDA backend: symmetric NVSHMEM buffers). The dispatch output
+/// grows when a step receives more rows than it holds; growth is collective: every rank derives the same
+/// maximum from the same count table, so all grow together to the same size.
+/// </summary>
+public sealed class DispatchCombineContext
+{
+    /// <summary>Growth rounds the row count up to a multiple of this before applying the capacity factor.</summary>
+    public const int GrowthGranularity = 1024;
+
+    private DispatchCombineContext(EpConfig config, int capacity)
+    {
+        Config = config;
+        CapacityFactor = capacity;
+        Allocate(config.MaxTokens * capacity);
+    }
+
+    /// <summary>The configuration the buffers are shaped for.</summary>
+    public EpConfig Config { get; }
+
+    /// <summary>Multiplier applied when growing (the original's `capacity`).</summary>
+    public int CapacityFactor { get; }
+
+    /// <summary>Rows the dispatch output can hold.</summary>
+    public int OutputRows { get; private set; }
+
+    /// <summary>Times the output buffers grew.</summary>
+    public int Reallocations { get; private set; }
+
+    /// <summary>The dispatch output, [OutputRows, Hidden] of the token type (BFloat16[], Half[] or float[]).</summary>
+    internal Array OutputBuffer { get; private set; } = Array.Empty<byte>();
+
+    /// <summary>One weight per output row.</summary>
+    internal float[] WeightBuffer { get; private set; } = [];
+
+    /// <summary>Creates the buffers for <paramref name="config"/>; the output starts at MaxTokens*capacity rows.</summary>
+    public static DispatchCombineContext Create(EpConfig config, int capacity = 2)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(capacity, 1);
+        return new DispatchCombineContext(config, capacity);
+    }
+
+    /// <summary>
+    /// Grows the output buffers to hold <paramref name="rows"/> rows (rounded up to 1024, times the capacity
+    /// factor). Call it with the same value on every rank. Returns true when it grew.
+    /// </summary>
+    public bool ReallocateDispatchOutput(int rows)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        if (rows <= OutputRows)
+        {
+            return false;
+        }
+
+        long target = (long)((rows + GrowthGranularity - 1) / GrowthGranularity) * GrowthGranularity * CapacityFactor;
+        Allocate((int)Math.Min(target, int.MaxValue / Math.Max(1, Config.Hidden)));
+        Reallocations++;
+        return true;
+    }
+
+    internal T[] Output<T>() => (T[])OutputBuffer;
+
+    private void Allocate(int rows)
+    {
+        long elements = (long)rows * Config.Hidden;
+        if (elements > Array.MaxLength)
+        {
+            throw new InvalidOperationException($"dispatch output of {rows} rows x {Config.Hidden} exceeds the largest array");
+        }
+
+        OutputBuffer = Config.TokenType switch
+        {
+            TokenType.BFloat16 => new BFloat16[elements],
+            TokenType.Float16 => new Half[elements],
+            _ => new float[elements],
+        };
+        WeightBuffer = new float[rows];
+        OutputRows = rows;
+    }
+}

@@ -1,0 +1,312 @@
+using System.Diagnostics;
+using System.Numerics.Tensors;
+using System.Runtime.InteropServices;
+using EpA2A.Backends;
+using EpA2A.Backends.Cpu;
+using EpA2A.Config;
+using EpA2A.Numerics;
+using EpA2A.Transport;
+
+namespace EpA2A.Layer;
+
+/// <summary>
+/// One rank's expert-parallel all-to-all: <see cref="DispatchAsync{T}"/> sends each token to the ranks that
+/// hold its experts, <see cref="CombineAsync{T}"/> brings the expert outputs back and sums them per token.
+/// Every rank of the group calls the same operations in the same order. Inputs are validated before
+/// anything is sent; every wait has the step deadline; a failed operation leaves the layer usable.
+/// </summary>
+public sealed class EpAll2AllLayer : IDisposable
+{
+    private readonly IDispatchCombineBackend backend;
+    private readonly EpLayerOptions options;
+    private readonly object identity = new();
+    private long sequence;
+    private long lastDispatchSequence = -1;
+    private int busy;
+    private bool disposed;
+
+    private EpAll2AllLayer(EpConfig config, IDispatchCombineBackend backend, EpLayerOptions options)
+    {
+        Config = config;
+        this.backend = backend;
+        this.options = options;
+        Context = DispatchCombineContext.Create(config, options.Capacity);
+    }
+
+    /// <summary>The layer's configuration.</summary>
+    public EpConfig Config { get; }
+
+    /// <summary>The buffers (and their growth count).</summary>
+    public DispatchCombineContext Context { get; }
+
+    /// <summary>The backend's name ("cpu", "cuda").</summary>
+    public string BackendName => backend.Name;
+
+    /// <summary>A layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
+    public static EpAll2AllLayer CreateCpu(EpConfig config, IRankTransport transport, EpLayerOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(transport);
+        options ??= EpLayerOptions.Default;
+        ValidateOptions(options);
+        return new EpAll2AllLayer(config, new CpuBackend(config, transport), options);
+    }
+
+    /// <summary>
+    /// Sends each token to the ranks holding its experts.
+    /// </summary>
+    /// <param name="input">[n, Hidden] tokens, n ≤ MaxTokens, of the configured token type.</param>
+    /// <param name="expertIds">[n, TopK] expert ids; NumExperts marks a dropped slot.</param>
+    /// <param name="weights">Optional [n, TopK] routing weights (all ranks give them or none does).</param>
+    /// <param name="scatterIndices">Optional [n, TopK] global output rows that fix the placement (all ranks or none).</param>
+    /// <param name="cancellationToken">Cancels the wait; the step deadline applies regardless.</param>
+    /// <returns>The received rows, their weights, and the layout combine needs.</returns>
+    public async ValueTask<DispatchResult<T>> DispatchAsync<T>(
+        Tensor<T> input,
+        Tensor<int> expertIds,
+        Tensor<float>? weights = null,
+        Tensor<int>? scatterIndices = null,
+        CancellationToken cancellationToken = default)
+        where T : unmanaged
+    {
+        InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
+        using Guard guard = Enter();
+        PhaseClock clock = new(this);
+        int n = (int)input.Lengths[0];
+        using OperationScope scope = NewOperation(cancellationToken);
+
+        byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
+        input.FlattenTo(MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
+        DispatchStep step = new()
+        {
+            Operation = scope.Operation,
+            Context = Context,
+            TokenCount = n,
+            Tokens = tokens,
+            ExpertIds = Flatten(expertIds),
+            Weights = weights is null ? null : Flatten(weights),
+            ScatterIndices = scatterIndices is null ? null : Flatten(scatterIndices),
+        };
+        clock.Lap(Phase.DispatchCopyIn, n, tokens.Length);
+
+        try
+        {
+            step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
+
+            // Every rank derives the same maximum from the same table, so growth is collective without a vote.
+            Context.ReallocateDispatchOutput(step.Plan.MaxRecvRows);
+            clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
+
+            await backend.DispatchTokensAsync(step).ConfigureAwait(false);
+            int recv = step.Plan.RecvRows(Config.Rank);
+            clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
+
+            EpAllToAllLayout layout = BuildLayout(step, recv);
+            lastDispatchSequence = scope.Operation.Sequence;
+            Tensor<T> output = Tensor.Create(Context.Output<T>(), 0, [recv, Config.Hidden], [Config.Hidden, 1]);
+            Tensor<float>? outWeights = weights is null ? null : Tensor.Create(Context.WeightBuffer, 0, [recv], [1]);
+            clock.Lap(Phase.DispatchPostprocess, n, 0);
+            return new DispatchResult<T>(output, outWeights, layout);
+        }
+        finally
+        {
+            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+        }
+    }
+
+    /// <summary>
+    /// Brings expert outputs back to the tokens' ranks and sums them per token in fp32, rounding once.
+    /// </summary>
+    /// <param name="expertOutput">[layout.RecvRows, Hidden] expert outputs, rows in dispatch output order.</param>
+    /// <param name="layout">The layout of this layer's latest dispatch.</param>
+    /// <param name="options">Unweighted (default) or weighted by the routing weights.</param>
+    /// <param name="cancellationToken">Cancels the wait; the step deadline applies regardless.</param>
+    /// <returns>[n, Hidden]: for each dispatched token, the sum over its non-dropped top-k rows.</returns>
+    public async ValueTask<Tensor<T>> CombineAsync<T>(
+        Tensor<T> expertOutput,
+        EpAllToAllLayout layout,
+        CombineOptions? options = null,
+        CancellationToken cancellationToken = default)
+        where T : unmanaged
+    {
+        options ??= CombineOptions.Unweighted;
+        InputValidator.Combine(Config, expertOutput, layout, options);
+        if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
+        {
+            throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
+        }
+
+        if (layout.DispatchSequence != lastDispatchSequence)
+        {
+            throw new ArgumentException($"layout is from operation {layout.DispatchSequence}, but this layer's latest dispatch is operation {lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
+        }
+
+        using Guard guard = Enter();
+        PhaseClock clock = new(this);
+        using OperationScope scope = NewOperation(cancellationToken);
+        int n = layout.NumDispatchTokens;
+        byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
+        expertOutput.FlattenTo(MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
+        CombineStep step = new()
+        {
+            Operation = scope.Operation,
+            Layout = layout,
+            ExpertOutput = rows,
+            SourceWeights = layout.SourceWeights,
+            RowWeights = Context.WeightBuffer,
+            Weighted = options.Weighted,
+            Accumulator = new float[n * Config.Hidden],
+        };
+        clock.Lap(Phase.CombineCopyIn, n, rows.Length);
+        try
+        {
+            await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.CombineKernel, n, rows.Length);
+            await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
+            T[] result = new T[n * Config.Hidden];
+            TokenConvert.Round<T>(step.Accumulator, result);
+            clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
+            return Tensor.Create(result, [n, Config.Hidden]);
+        }
+        finally
+        {
+            backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
+        }
+    }
+
+    /// <summary>Every rank of the group (or of this node) arrives before any returns; bounded by the step deadline.</summary>
+    public async ValueTask BarrierAllAsync(bool intraNodeOnly = false, CancellationToken cancellationToken = default)
+    {
+        using Guard guard = Enter();
+        PhaseClock clock = new(this);
+        using OperationScope scope = NewOperation(cancellationToken);
+        try
+        {
+            await backend.BarrierAsync(scope.Operation, intraNodeOnly).ConfigureAwait(false);
+            clock.Lap(Phase.Barrier, 0, 0);
+        }
+        finally
+        {
+            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+        }
+    }
+
+    /// <summary>Releases every buffer (the original's finalize). Later calls throw <see cref="ObjectDisposedException"/>.</summary>
+    public void Dispose()
+    {
+        if (disposed)
+        {
+            return;
+        }
+
+        disposed = true;
+        backend.Dispose();
+    }
+
+    private static void ValidateOptions(EpLayerOptions options)
+    {
+        if (options.StepTimeout <= TimeSpan.Zero || options.StepTimeout > TimeSpan.FromHours(1))
+        {
+            throw new ArgumentException($"EpLayerOptions.StepTimeout = {options.StepTimeout} must be in (0, 1 h]", nameof(options));
+        }
+
+        if (options.Capacity < 1)
+        {
+            throw new ArgumentException($"EpLayerOptions.Capacity = {options.Capacity} must be at least 1", nameof(options));
+        }
+    }
+
+    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor)
+    {
+        TElement[] flat = new TElement[(int)tensor.FlattenedLength];
+        tensor.FlattenTo(flat);
+        return flat;
+    }
+
+    private EpAllToAllLayout BuildLayout(DispatchStep step, int recv)
+    {
+        RoutingPlan plan = step.Plan!;
+        int epr = Config.ExpertsPerRank;
+        int[] rowsPerExpert = new int[epr];
+        int[] starts = new int[epr];
+        int[] padded = new int[epr];
+        for (int j = 0; j < epr; j++)
+        {
+            rowsPerExpert[j] = plan.ExpertRows(Config.Rank, j);
+            starts[j] = plan.ExpertStart(Config.Rank, j);
+            padded[j] = (j + 1 < epr ? plan.ExpertStart(Config.Rank, j + 1) : recv) - starts[j];
+        }
+
+        return new EpAllToAllLayout(
+            identity,
+            options.Epoch,
+            step.Operation.Sequence,
+            step.TokenCount,
+            [.. plan.TokensPerRank],
+            step.ExpertIds,
+            step.GlobalScatter!,
+            recv,
+            rowsPerExpert,
+            starts,
+            padded,
+            step.Origins!,
+            step.Weights);
+    }
+
+    private Guard Enter()
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        if (Interlocked.CompareExchange(ref busy, 1, 0) != 0)
+        {
+            throw new InvalidOperationException(
+                $"rank {Config.Rank}: a dispatch, combine or barrier is already in progress on this layer; operations on one layer must not overlap");
+        }
+
+        return new Guard(this);
+    }
+
+    private OperationScope NewOperation(CancellationToken cancellationToken)
+    {
+        long seq = ++sequence;
+        return new OperationScope(Config, options, seq, cancellationToken);
+    }
+
+    private readonly struct Guard(EpAll2AllLayer layer) : IDisposable
+    {
+        public void Dispose() => Volatile.Write(ref layer.busy, 0);
+    }
+
+    private sealed class OperationScope : IDisposable
+    {
+        private readonly CancellationTokenSource deadline;
+        private readonly CancellationTokenSource linked;
+
+        public OperationScope(EpConfig config, EpLayerOptions options, long sequence, CancellationToken caller)
+        {
+            deadline = new CancellationTokenSource(options.StepTimeout);
+            linked = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token, caller);
+            Operation = new OperationContext(config, options.Epoch, sequence, options.StepTimeout, deadline.Token, linked.Token);
+        }
+
+        public OperationContext Operation { get; }
+
+        public void Dispose()
+        {
+            linked.Dispose();
+            deadline.Dispose();
+        }
+    }
+
+    private struct PhaseClock(EpAll2AllLayer layer)
+    {
+        private long start = Stopwatch.GetTimestamp();
+
+        public void Lap(Phase phase, long tokens, long bytes)
+        {
+            long now = Stopwatch.GetTimestamp();
+            layer.options.Observer?.OnPhase(layer.Config.Rank, phase, Stopwatch.GetElapsedTime(start, now), tokens, bytes);
+            start = now;
+        }
+    }
+}

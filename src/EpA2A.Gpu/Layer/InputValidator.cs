@@ -1,0 +1,124 @@
+using System.Numerics.Tensors;
+using EpA2A.Config;
+
+namespace EpA2A.Layer;
+
+/// <summary>
+/// Every check on caller input, made before anything is copied, launched or sent. A failure is an
+/// <see cref="ArgumentException"/> that names the argument, the position and the rule.
+/// </summary>
+internal static class InputValidator
+{
+    public static void Dispatch<T>(EpConfig c, Tensor<T> input, Tensor<int> expertIds, Tensor<float>? weights, Tensor<int>? scatterIndices)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(input);
+        ArgumentNullException.ThrowIfNull(expertIds);
+        ElementType<T>(c, nameof(input));
+        Shape(input, nameof(input), -1, c.Hidden, "[n, Hidden]");
+        long n = input.Lengths[0];
+        if (n > c.MaxTokens)
+        {
+            throw new ArgumentException($"input has {n} tokens, more than EpConfig.MaxTokens = {c.MaxTokens}", nameof(input));
+        }
+
+        Shape(expertIds, nameof(expertIds), n, c.TopK, "[n, TopK]");
+        int[] ids = new int[(int)expertIds.FlattenedLength];
+        expertIds.FlattenTo(ids);
+        for (int i = 0; i < ids.Length; i++)
+        {
+            if ((uint)ids[i] > (uint)c.NumExperts)
+            {
+                throw new ArgumentException(
+                    $"expertIds[{i / c.TopK}, {i % c.TopK}] = {ids[i]} is outside [0, NumExperts = {c.NumExperts}] (NumExperts marks a dropped slot)",
+                    nameof(expertIds));
+            }
+        }
+
+        if (weights is not null)
+        {
+            Shape(weights, nameof(weights), n, c.TopK, "[n, TopK]");
+            float[] w = new float[(int)weights.FlattenedLength];
+            weights.FlattenTo(w);
+            for (int i = 0; i < w.Length; i++)
+            {
+                if (!float.IsFinite(w[i]))
+                {
+                    throw new ArgumentException($"weights[{i / c.TopK}, {i % c.TopK}] = {w[i]} is not finite", nameof(weights));
+                }
+            }
+        }
+
+        if (scatterIndices is not null)
+        {
+            if (c.ExpertAlignment != 1)
+            {
+                throw new ArgumentException($"scatter indices fix every row's position, so EpConfig.ExpertAlignment must be 1 (it is {c.ExpertAlignment})", nameof(scatterIndices));
+            }
+
+            Shape(scatterIndices, nameof(scatterIndices), n, c.TopK, "[n, TopK]");
+            int[] rows = new int[(int)scatterIndices.FlattenedLength];
+            scatterIndices.FlattenTo(rows);
+            HashSet<int> seen = [];
+            for (int i = 0; i < rows.Length; i++)
+            {
+                if (ids[i] == c.NumExperts)
+                {
+                    continue; // dropped slots have no row; their index is ignored
+                }
+
+                if (rows[i] < 0)
+                {
+                    throw new ArgumentException($"scatterIndices[{i / c.TopK}, {i % c.TopK}] = {rows[i]} is negative", nameof(scatterIndices));
+                }
+
+                if (!seen.Add(rows[i]))
+                {
+                    throw new ArgumentException($"scatterIndices[{i / c.TopK}, {i % c.TopK}] = {rows[i]} repeats an earlier index: every row takes one token", nameof(scatterIndices));
+                }
+            }
+        }
+    }
+
+    public static void Combine<T>(EpConfig c, Tensor<T> expertOutput, EpAllToAllLayout layout, CombineOptions options)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(expertOutput);
+        ArgumentNullException.ThrowIfNull(layout);
+        ArgumentNullException.ThrowIfNull(options);
+        ElementType<T>(c, nameof(expertOutput));
+        Shape(expertOutput, nameof(expertOutput), layout.RecvRows, c.Hidden, "[layout.RecvRows, Hidden]");
+        if (options.Weighted && !layout.HasWeights)
+        {
+            throw new ArgumentException("weighted combine needs the routing weights, but the dispatch that made this layout had none", nameof(options));
+        }
+    }
+
+    private static void ElementType<T>(EpConfig c, string argument)
+        where T : unmanaged
+    {
+        TokenType given;
+        try
+        {
+            given = TokenTypeInfo.Of<T>();
+        }
+        catch (NotSupportedException e)
+        {
+            throw new ArgumentException($"{argument} has elements of {typeof(T).Name}; EpConfig.TokenType is {c.TokenType}", argument, e);
+        }
+
+        if (given != c.TokenType)
+        {
+            throw new ArgumentException($"{argument} has elements of {given}; EpConfig.TokenType is {c.TokenType}", argument);
+        }
+    }
+
+    private static void Shape<TElement>(Tensor<TElement> t, string argument, long rows, long columns, string expected)
+    {
+        ReadOnlySpan<nint> l = t.Lengths;
+        if (l.Length != 2 || (rows >= 0 && l[0] != rows) || l[1] != columns)
+        {
+            throw new ArgumentException($"{argument} has shape [{string.Join(", ", l.ToArray())}], expected {expected} = [{(rows >= 0 ? rows : "n")}, {columns}]", argument);
+        }
+    }
+}

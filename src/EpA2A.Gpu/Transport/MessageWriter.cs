@@ -1,0 +1,100 @@
+using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+using System.Text;
+
+namespace EpA2A.Transport;
+
+/// <summary>Writes a little-endian message into an array sized up front (no growth on the hot path).</summary>
+internal ref struct MessageWriter(byte[] buffer)
+{
+    private int position;
+
+    public readonly byte[] Buffer => buffer;
+
+    public readonly int Position => position;
+
+    public void WriteInt(int value)
+    {
+        BinaryPrimitives.WriteInt32LittleEndian(buffer.AsSpan(position), value);
+        position += 4;
+    }
+
+    public void WriteFloat(float value)
+    {
+        BinaryPrimitives.WriteSingleLittleEndian(buffer.AsSpan(position), value);
+        position += 4;
+    }
+
+    public void WriteBytes(ReadOnlySpan<byte> bytes)
+    {
+        bytes.CopyTo(buffer.AsSpan(position));
+        position += bytes.Length;
+    }
+
+    public void WriteFloats(ReadOnlySpan<float> values) => WriteBytes(MemoryMarshal.AsBytes(values));
+}
+
+/// <summary>Reads what <see cref="MessageWriter"/> wrote; a short or malformed message is an exception, never a wild read.</summary>
+internal ref struct MessageReader(ReadOnlySpan<byte> buffer, int source)
+{
+    private readonly ReadOnlySpan<byte> buffer = buffer;
+    private int position;
+
+    public readonly bool AtEnd => position == buffer.Length;
+
+    public int ReadInt()
+    {
+        Need(4);
+        int v = BinaryPrimitives.ReadInt32LittleEndian(buffer[position..]);
+        position += 4;
+        return v;
+    }
+
+    public float ReadFloat()
+    {
+        Need(4);
+        float v = BinaryPrimitives.ReadSingleLittleEndian(buffer[position..]);
+        position += 4;
+        return v;
+    }
+
+    public ReadOnlySpan<byte> ReadBytes(int count)
+    {
+        Need(count);
+        ReadOnlySpan<byte> s = buffer.Slice(position, count);
+        position += count;
+        return s;
+    }
+
+    public string ReadString()
+    {
+        int length = ReadInt();
+        return Encoding.UTF8.GetString(ReadBytes(length));
+    }
+
+    private readonly void Need(int count)
+    {
+        if (count < 0 || position + count > buffer.Length)
+        {
+            throw new InvalidDataException($"message from rank {source} is truncated: needs {count} bytes at offset {position} of {buffer.Length}");
+        }
+    }
+}
+
+/// <summary>The first word of every CPU-backend message: ok, or an abort that carries its reason.</summary>
+internal static class MessageStatus
+{
+    public const int Ok = 0;
+    public const int Aborted = 1;
+
+    public static byte[] Abort(string reason)
+    {
+        byte[] text = Encoding.UTF8.GetBytes(reason);
+        byte[] message = new byte[8 + text.Length];
+        MessageWriter w = new(message);
+        w.WriteInt(Aborted);
+        w.WriteInt(text.Length);
+        w.WriteBytes(text);
+        return message;
+    }
+}
