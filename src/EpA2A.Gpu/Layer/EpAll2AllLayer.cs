@@ -104,8 +104,8 @@ public sealed class EpAll2AllLayer : IDisposable
 
             EpAllToAllLayout layout = BuildLayout(step, recv);
             lastDispatchSequence = scope.Operation.Sequence;
-            Tensor<T> output = Tensor.Create(Context.Output<T>(), 0, [recv, Config.Hidden], [Config.Hidden, 1]);
-            Tensor<float>? outWeights = weights is null ? null : Tensor.Create(Context.WeightBuffer, 0, [recv], [1]);
+            Tensor<T> output = View(Context.Output<T>(), recv, Config.Hidden);
+            Tensor<float>? outWeights = weights is null ? null : Vector(Context.WeightBuffer, recv);
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DispatchResult<T>(output, outWeights, layout);
         }
@@ -216,6 +216,16 @@ public sealed class EpAll2AllLayer : IDisposable
             throw new ArgumentException($"EpLayerOptions.Capacity = {options.Capacity} must be at least 1", nameof(options));
         }
     }
+
+    /// <summary>
+    /// The first rows of a buffer as a dense [rows, columns] tensor, without a copy. Strides are left to the
+    /// library: System.Numerics.Tensors 10.0 rejects explicit strides on length-1 and empty dimensions.
+    /// </summary>
+    private static Tensor<TElement> View<TElement>(TElement[] buffer, int rows, int columns) =>
+        Tensor.Create(buffer, 0, [rows, columns], ReadOnlySpan<nint>.Empty);
+
+    private static Tensor<float> Vector(float[] buffer, int length) =>
+        Tensor.Create(buffer, 0, [length], ReadOnlySpan<nint>.Empty);
 
     private static TElement[] Flatten<TElement>(Tensor<TElement> tensor)
     {
