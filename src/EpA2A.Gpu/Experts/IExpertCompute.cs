@@ -1,0 +1,33 @@
+using System.Numerics.Tensors;
+using EpA2A.Config;
+using EpA2A.Layer;
+
+namespace EpA2A.Experts;
+
+/// <summary>
+/// Runs a rank's experts between dispatch and combine: from the received rows (grouped by local expert, as
+/// the layout describes) to one output row per received row, in the same order.
+/// </summary>
+public interface IExpertCompute
+{
+    /// <summary>Computes the expert outputs, [layout.RecvRows, Hidden].</summary>
+    ValueTask<Tensor<T>> ComputeAsync<T>(string layer, EpConfig config, DispatchResult<T> dispatched, CancellationToken cancellationToken)
+        where T : unmanaged;
+}
+
+/// <summary>The built-in <see cref="IExpertCompute"/>: <see cref="DeterministicExperts"/>, each expert a different affine map.</summary>
+public sealed class DeterministicExpertCompute : IExpertCompute
+{
+    /// <inheritdoc />
+    public ValueTask<Tensor<T>> ComputeAsync<T>(string layer, EpConfig config, DispatchResult<T> dispatched, CancellationToken cancellationToken)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(dispatched);
+        T[] rows = new T[(int)dispatched.Output.FlattenedLength];
+        dispatched.Output.FlattenTo(rows);
+        EpAllToAllLayout layout = dispatched.Layout;
+        T[] output = DeterministicExperts.ApplyToBlocks<T>(rows, config.Hidden, config.Rank * config.ExpertsPerRank, layout.ExpertRowStarts, layout.RowsPerLocalExpert);
+        return ValueTask.FromResult(Tensor.Create(output, [layout.RecvRows, config.Hidden]));
+    }
+}

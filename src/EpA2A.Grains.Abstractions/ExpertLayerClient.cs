@@ -1,0 +1,165 @@
+using System.Runtime.InteropServices;
+using EpA2A.Config;
+using Orleans.Concurrency;
+
+namespace EpA2A.Grains;
+
+/// <summary>One rank's inputs to a step through the grains (flat, row-major).</summary>
+/// <typeparam name="T">The token element type.</typeparam>
+/// <param name="Tokens">[Count, Hidden].</param>
+/// <param name="Count">Tokens this rank dispatches.</param>
+/// <param name="ExpertIds">[Count, TopK].</param>
+/// <param name="Weights">[Count, TopK] or null.</param>
+/// <param name="ScatterIndices">[Count, TopK] or null.</param>
+public sealed record RankStepInput<T>(T[] Tokens, int Count, int[] ExpertIds, float[]? Weights = null, int[]? ScatterIndices = null)
+    where T : unmanaged;
+
+/// <summary>What a step through the grains returned: each rank's combined output, and how it went.</summary>
+/// <typeparam name="T">The token element type.</typeparam>
+/// <param name="Outputs">[Count, Hidden] per rank.</param>
+/// <param name="Report">Per-rank phase times and receive sizes.</param>
+public sealed record StepOutcome<T>(T[][] Outputs, StepReport Report)
+    where T : unmanaged;
+
+/// <summary>
+/// Runs steps of one layer through the grains from a cluster client (or a silo): stages each rank's inputs
+/// on its rank grain in chunks below the message size limit, has the coordinator run the step, and reads
+/// each rank's combined output back the same way.
+/// </summary>
+public sealed class ExpertLayerClient
+{
+    private readonly IGrainFactory grains;
+    private readonly int chunkBytes;
+
+    /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
+    public ExpertLayerClient(IGrainFactory grains, string group, string layer, int chunkBytes = 1 << 20)
+    {
+        ArgumentNullException.ThrowIfNull(grains);
+        ArgumentOutOfRangeException.ThrowIfLessThan(chunkBytes, 1024);
+        this.grains = grains;
+        this.chunkBytes = chunkBytes;
+        Group = group;
+        Layer = layer;
+        Coordinator = grains.GetGrain<IExpertLayerGrain>(GrainKeys.Layer(group, layer));
+    }
+
+    /// <summary>The group.</summary>
+    public string Group { get; }
+
+    /// <summary>The layer.</summary>
+    public string Layer { get; }
+
+    /// <summary>The layer's coordinator.</summary>
+    public IExpertLayerGrain Coordinator { get; }
+
+    /// <summary>Forms the group and configures every rank.</summary>
+    public Task ConfigureAsync(LayerSpec spec) => Coordinator.ConfigureAsync(spec);
+
+    /// <summary>
+    /// One step: dispatch, experts, combine on every rank. Inputs are checked here against the layer's
+    /// configuration before anything is sent; the ranks check the rest before anything moves between them.
+    /// </summary>
+    public async Task<StepOutcome<T>> StepAsync<T>(IReadOnlyList<RankStepInput<T>> inputs, bool weighted = false, CancellationToken cancellationToken = default)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(inputs);
+        LayerSpec spec = await Coordinator.GetSpecAsync().ConfigureAwait(false)
+            ?? throw new InvalidOperationException($"layer '{Layer}' of group '{Group}' is not configured: call ConfigureAsync first");
+        CheckInputs(spec, inputs);
+
+        StepTicket ticket = await Coordinator.BeginStepAsync().ConfigureAwait(false);
+        await Task.WhenAll(inputs.Select((input, r) => StageAsync(r, ticket.Step, input))).WaitAsync(cancellationToken).ConfigureAwait(false);
+        StepReport report = await Coordinator.RunStepAsync(ticket, weighted).WaitAsync(cancellationToken).ConfigureAwait(false);
+        T[][] outputs = await Task.WhenAll(report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))).WaitAsync(cancellationToken).ConfigureAwait(false);
+        return new StepOutcome<T>(outputs, report);
+    }
+
+    private static void CheckInputs<T>(LayerSpec spec, IReadOnlyList<RankStepInput<T>> inputs)
+        where T : unmanaged
+    {
+        EpConfig config = spec.ToConfig(0);
+        if (inputs.Count != spec.WorldSize)
+        {
+            throw new ArgumentException($"{inputs.Count} rank inputs given; the layer has WorldSize = {spec.WorldSize}", nameof(inputs));
+        }
+
+        if (TokenTypeInfo.Of<T>() != spec.TokenType)
+        {
+            throw new ArgumentException($"inputs have elements of {typeof(T).Name}; the layer's TokenType is {spec.TokenType}", nameof(inputs));
+        }
+
+        bool weights = inputs[0].Weights is not null;
+        bool scatter = inputs[0].ScatterIndices is not null;
+        for (int r = 0; r < inputs.Count; r++)
+        {
+            RankStepInput<T> i = inputs[r] ?? throw new ArgumentException($"input of rank {r} is null", nameof(inputs));
+            int slots = i.Count * spec.TopK;
+            Require(i.Count >= 0 && i.Count <= spec.MaxTokens, r, $"Count = {i.Count} must be in [0, MaxTokens = {spec.MaxTokens}]", nameof(inputs));
+            Require(i.Tokens.Length == (long)i.Count * spec.Hidden, r, $"Tokens has {i.Tokens.Length} elements, expected Count*Hidden = {(long)i.Count * spec.Hidden}", nameof(inputs));
+            Require(i.ExpertIds.Length == slots, r, $"ExpertIds has {i.ExpertIds.Length} elements, expected Count*TopK = {slots}", nameof(inputs));
+            Require((i.Weights is not null) == weights, r, "weights must be given for every rank or for none", nameof(inputs));
+            Require((i.ScatterIndices is not null) == scatter, r, "scatter indices must be given for every rank or for none", nameof(inputs));
+            Require(i.Weights is null || i.Weights.Length == slots, r, $"Weights has {i.Weights?.Length} elements, expected Count*TopK = {slots}", nameof(inputs));
+            Require(i.ScatterIndices is null || i.ScatterIndices.Length == slots, r, $"ScatterIndices has {i.ScatterIndices?.Length} elements, expected Count*TopK = {slots}", nameof(inputs));
+            for (int x = 0; x < i.ExpertIds.Length; x++)
+            {
+                Require((uint)i.ExpertIds[x] <= (uint)config.NumExperts, r, $"ExpertIds[{x / spec.TopK}, {x % spec.TopK}] = {i.ExpertIds[x]} is outside [0, NumExperts = {config.NumExperts}]", nameof(inputs), nameof(inputs));
+            }
+        }
+    }
+
+    private static void Require(bool ok, int rank, string rule, string argument)
+    {
+        if (!ok)
+        {
+            throw new ArgumentException($"rank {rank}: {rule}", argument);
+        }
+    }
+
+    private async Task StageAsync<T>(int rank, long step, RankStepInput<T> input)
+        where T : unmanaged
+    {
+        IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
+        await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null)).ConfigureAwait(false);
+        List<Task> sends = [];
+        sends.AddRange(Chunks(grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()).ToArray()));
+        sends.AddRange(Chunks(grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()).ToArray()));
+        if (input.Weights is { } w)
+        {
+            sends.AddRange(Chunks(grain, step, InputPart.Weights, MemoryMarshal.AsBytes(w.AsSpan()).ToArray()));
+        }
+
+        if (input.ScatterIndices is { } s)
+        {
+            sends.AddRange(Chunks(grain, step, InputPart.ScatterIndices, MemoryMarshal.AsBytes(s.AsSpan()).ToArray()));
+        }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
+    }
+
+    private IEnumerable<Task> Chunks(IRankGrain grain, long step, InputPart part, byte[] bytes)
+    {
+        for (int offset = 0; offset < bytes.Length; offset += chunkBytes)
+        {
+            byte[] piece = bytes[offset..Math.Min(bytes.Length, offset + chunkBytes)];
+            yield return grain.StageInputAsync(Layer, step, part, offset, new Immutable<byte[]>(piece));
+        }
+    }
+
+    private async Task<T[]> ReadAsync<T>(int rank, long step, int totalBytes)
+        where T : unmanaged
+    {
+        IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
+        byte[] bytes = new byte[totalBytes];
+        List<Task> reads = [];
+        for (int offset = 0; offset < totalBytes; offset += chunkBytes)
+        {
+            int at = offset;
+            int count = Math.Min(chunkBytes, totalBytes - offset);
+            reads.Add(grain.ReadOutputAsync(Layer, step, at, count).ContinueWith(t => t.Result.Value.CopyTo(bytes, at), TaskScheduler.Default));
+        }
+
+        await Task.WhenAll(reads).ConfigureAwait(false);
+        return MemoryMarshal.Cast<byte, T>(bytes).ToArray();
+    }
+}

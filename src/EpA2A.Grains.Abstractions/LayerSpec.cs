@@ -1,0 +1,87 @@
+using EpA2A.Config;
+
+namespace EpA2A.Grains;
+
+/// <summary>
+/// A layer's configuration as it crosses the wire: everything of <see cref="EpConfig"/> but the rank, plus
+/// the step deadline. Every rank builds its own <see cref="EpConfig"/> from it, so they cannot disagree.
+/// </summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record LayerSpec
+{
+    /// <summary>Tokens per rank per step, at most.</summary>
+    [Id(0)]
+    public required int MaxTokens { get; init; }
+
+    /// <summary>Elements per token.</summary>
+    [Id(1)]
+    public required int Hidden { get; init; }
+
+    /// <summary>Experts per token.</summary>
+    [Id(2)]
+    public required int TopK { get; init; }
+
+    /// <summary>Experts in the group.</summary>
+    [Id(3)]
+    public required int NumExperts { get; init; }
+
+    /// <summary>Ranks in the group.</summary>
+    [Id(4)]
+    public required int WorldSize { get; init; }
+
+    /// <summary>Ranks per node (equal to WorldSize: the intra-node algorithm).</summary>
+    [Id(5)]
+    public int? LocalWorldSize { get; init; }
+
+    /// <summary>Token element type.</summary>
+    [Id(6)]
+    public TokenType TokenType { get; init; } = TokenType.BFloat16;
+
+    /// <summary>Local combine (single node).</summary>
+    [Id(7)]
+    public bool EnableLocalCombine { get; init; }
+
+    /// <summary>Alignment of each local expert's rows.</summary>
+    [Id(8)]
+    public int ExpertAlignment { get; init; } = 1;
+
+    /// <summary>SMs for GPU kernels.</summary>
+    [Id(9)]
+    public int NumSms { get; init; } = 20;
+
+    /// <summary>Ahead-of-time kernels (CUDA).</summary>
+    [Id(10)]
+    public bool UseAot { get; init; }
+
+    /// <summary>Each collective operation, and each step through the grains, must finish within this.</summary>
+    [Id(11)]
+    public TimeSpan StepTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>The configuration of <paramref name="rank"/>; throws <see cref="ArgumentException"/> naming a bad field.</summary>
+    public EpConfig ToConfig(int rank) => new(
+        MaxTokens,
+        Hidden,
+        TopK,
+        NumExperts,
+        rank,
+        WorldSize,
+        LocalWorldSize ?? WorldSize,
+        TokenType,
+        numSms: NumSms,
+        enableLocalCombine: EnableLocalCombine,
+        useAot: UseAot,
+        expertAlignment: ExpertAlignment);
+
+    /// <summary>Validates every field (as rank 0) and the deadline.</summary>
+    public LayerSpec Validated()
+    {
+        _ = ToConfig(0);
+        if (StepTimeout <= TimeSpan.Zero || StepTimeout > TimeSpan.FromHours(1))
+        {
+            throw new ArgumentException($"LayerSpec.StepTimeout = {StepTimeout} must be in (0, 1 h]", nameof(StepTimeout));
+        }
+
+        return this;
+    }
+}

@@ -1,0 +1,65 @@
+namespace EpA2A.Grains;
+
+/// <summary>Which input array a staged chunk belongs to.</summary>
+public enum InputPart
+{
+    /// <summary>Token rows, [n, Hidden] of the token type.</summary>
+    Tokens = 0,
+
+    /// <summary>Expert ids, [n, TopK] int32.</summary>
+    ExpertIds = 1,
+
+    /// <summary>Routing weights, [n, TopK] fp32.</summary>
+    Weights = 2,
+
+    /// <summary>Scatter indices, [n, TopK] int32.</summary>
+    ScatterIndices = 3,
+}
+
+/// <summary>What a rank will dispatch in a step, announced before its chunks arrive.</summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record StepInputHeader(
+    [property: Id(0)] long Step,
+    [property: Id(1)] int Tokens,
+    [property: Id(2)] bool HasWeights,
+    [property: Id(3)] bool HasScatterIndices);
+
+/// <summary>How one rank's part of a step went.</summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record RankStepReport(
+    [property: Id(0)] int Rank,
+    [property: Id(1)] bool Succeeded,
+    [property: Id(2)] string? Error,
+    [property: Id(3)] int? BlamedRank,
+    [property: Id(4)] int ReceivedRows,
+    [property: Id(5)] int OutputBytes,
+    [property: Id(6)] IReadOnlyDictionary<string, double> PhaseMicroseconds);
+
+/// <summary>How a step went on every rank.</summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record StepReport(
+    [property: Id(0)] long Step,
+    [property: Id(1)] long Epoch,
+    [property: Id(2)] IReadOnlyList<RankStepReport> Ranks,
+    [property: Id(3)] double CoordinatorMicroseconds);
+
+/// <summary>Where a rank lives.</summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record RankInfo(
+    [property: Id(0)] string Group,
+    [property: Id(1)] int Rank,
+    [property: Id(2)] string Silo,
+    [property: Id(3)] int? Gpu,
+    [property: Id(4)] string Backend,
+    [property: Id(5)] int ProcessId);
+
+/// <summary>The identity of a step: its number and the group incarnation it runs in.</summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record StepTicket(
+    [property: Id(0)] long Step,
+    [property: Id(1)] long Epoch);

@@ -1,0 +1,182 @@
+using System.Diagnostics;
+using Microsoft.Extensions.Logging;
+
+namespace EpA2A.Grains.Coordination;
+
+/// <summary>
+/// Coordinates one layer of a group. Forms the group by creating the layer on every rank (each pinned to its
+/// silo), then runs steps: every rank enters the step, and the whole step must finish within a bound of
+/// twice the step deadline plus a second. A rank that fails, does not answer, or is blamed by the others
+/// fails the step on every rank (the others are aborted at once), the error names it, and the next step
+/// re-forms the group under a new epoch, so a restarted silo comes back by itself.
+/// </summary>
+internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger) : Grain, IExpertLayerGrain
+{
+    private LayerSpec? spec;
+    private long epoch;
+    private long nextStep;
+    private bool formed;
+
+    private (string Group, string Layer) Key => GrainKeys.ParseLayer(this.GetPrimaryKeyString());
+
+    public async Task ConfigureAsync(LayerSpec newSpec)
+    {
+        ArgumentNullException.ThrowIfNull(newSpec);
+        spec = newSpec.Validated();
+        formed = false;
+        await FormAsync().ConfigureAwait(true);
+    }
+
+    public Task<LayerSpec?> GetSpecAsync() => Task.FromResult(spec);
+
+    public async Task<IReadOnlyList<RankInfo>> DescribeGroupAsync()
+    {
+        LayerSpec s = RequireSpec();
+        return await Task.WhenAll(Ranks(s).Select(r => r.Grain.DescribeAsync())).ConfigureAwait(true);
+    }
+
+    public async Task<StepTicket> BeginStepAsync()
+    {
+        RequireSpec();
+        if (!formed)
+        {
+            await FormAsync().ConfigureAwait(true);
+        }
+
+        return new StepTicket(++nextStep, epoch);
+    }
+
+    public async Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted)
+    {
+        ArgumentNullException.ThrowIfNull(ticket);
+        LayerSpec s = RequireSpec();
+        if (!formed || ticket.Epoch != epoch)
+        {
+            throw new GroupStepFailedException($"step {ticket.Step} belongs to epoch {ticket.Epoch}, the group is at epoch {epoch} (formed: {formed}); begin a new step", ticket.Step, []);
+        }
+
+        long start = Stopwatch.GetTimestamp();
+        (int Rank, IRankGrain Grain)[] ranks = Ranks(s);
+        Task<RankStepReport>[] calls = [.. ranks.Select(r => r.Grain.RunStepAsync(Key.Layer, ticket, weighted))];
+        TimeSpan bound = (s.StepTimeout * 2) + TimeSpan.FromSeconds(1);
+        List<int> blamed = [];
+        List<string> errors = [];
+        Task all = Task.WhenAll(calls);
+        Task first = await Task.WhenAny(all, WhenFirstFailure(calls), Task.Delay(bound)).ConfigureAwait(true);
+        if (first != all)
+        {
+            // Someone failed (or nobody finished in time): stop every rank's waits now rather than at their deadlines.
+            await AbortAllAsync(ranks, $"step {ticket.Step} failed").ConfigureAwait(true);
+            await Task.WhenAny(all, Task.Delay(bound)).ConfigureAwait(true);
+        }
+
+        List<RankStepReport> reports = [];
+        for (int i = 0; i < calls.Length; i++)
+        {
+            Task<RankStepReport> call = calls[i];
+            if (call.IsCompletedSuccessfully)
+            {
+                RankStepReport report = call.Result;
+                reports.Add(report);
+                if (!report.Succeeded)
+                {
+                    errors.Add(report.Error ?? $"rank {report.Rank} failed");
+                    if (report.BlamedRank is int b)
+                    {
+                        blamed.Add(b);
+                    }
+                }
+            }
+            else
+            {
+                string why = call.IsFaulted ? call.Exception!.GetBaseException().Message : $"no answer within {bound.TotalSeconds:0.#} s";
+                errors.Add($"rank {ranks[i].Rank}: {why}");
+                blamed.Add(ranks[i].Rank);
+            }
+        }
+
+        if (errors.Count > 0)
+        {
+            formed = false;
+            int[] culprits = [.. blamed.Distinct().Order()];
+            string who = culprits.Length == 0 ? "unknown rank" : culprits.Length == 1 ? $"rank {culprits[0]}" : $"ranks {string.Join(", ", culprits)}";
+            string message = $"step {ticket.Step} of layer '{Key.Layer}' failed because of {who}: {string.Join("; ", errors.Distinct())}";
+            LogStepFailed(logger, message);
+            throw new GroupStepFailedException(message, ticket.Step, culprits);
+        }
+
+        return new StepReport(ticket.Step, epoch, reports, Stopwatch.GetElapsedTime(start).TotalMicroseconds);
+    }
+
+    private static async Task WhenFirstFailure(Task<RankStepReport>[] calls)
+    {
+        HashSet<Task<RankStepReport>> pending = [.. calls];
+        while (pending.Count > 0)
+        {
+            Task<RankStepReport> done = await Task.WhenAny(pending).ConfigureAwait(true);
+            if (!done.IsCompletedSuccessfully || !done.Result.Succeeded)
+            {
+                return;
+            }
+
+            pending.Remove(done);
+        }
+
+        await Task.Delay(Timeout.Infinite).ConfigureAwait(true); // all succeeded: let WhenAll win
+    }
+
+    private async Task FormAsync()
+    {
+        LayerSpec s = RequireSpec();
+        long newEpoch = epoch + 1;
+        (int Rank, IRankGrain Grain)[] ranks = Ranks(s);
+        Task[] creates = [.. ranks.Select(r => r.Grain.CreateLayerAsync(Key.Layer, s, newEpoch))];
+        Task all = Task.WhenAll(creates);
+        await Task.WhenAny(all, Task.Delay(s.StepTimeout)).ConfigureAwait(true);
+        List<string> errors = [];
+        List<int> missing = [];
+        for (int i = 0; i < creates.Length; i++)
+        {
+            if (!creates[i].IsCompletedSuccessfully)
+            {
+                missing.Add(ranks[i].Rank);
+                errors.Add($"rank {ranks[i].Rank}: {(creates[i].IsFaulted ? creates[i].Exception!.GetBaseException().Message : $"did not answer within {s.StepTimeout.TotalSeconds:0.#} s")}");
+            }
+        }
+
+        epoch = newEpoch;
+        if (errors.Count > 0)
+        {
+            formed = false;
+            throw new GroupStepFailedException($"group '{Key.Group}' could not form layer '{Key.Layer}': {string.Join("; ", errors)}", nextStep + 1, [.. missing]);
+        }
+
+        formed = true;
+        LogFormed(logger, Key.Layer, Key.Group, s.WorldSize, epoch);
+    }
+
+    private async Task AbortAllAsync((int Rank, IRankGrain Grain)[] ranks, string reason)
+    {
+        Task[] aborts = [.. ranks.Select(r => r.Grain.AbortAsync(Key.Layer, epoch, reason))];
+        try
+        {
+            await Task.WhenAll(aborts).WaitAsync(TimeSpan.FromSeconds(2)).ConfigureAwait(true);
+        }
+        catch (Exception e) when (e is TimeoutException or OrleansException or NoSiloForRankException or InvalidOperationException)
+        {
+            // A rank that cannot be reached is the one that failed; the others were told.
+        }
+    }
+
+    private (int Rank, IRankGrain Grain)[] Ranks(LayerSpec s) =>
+        [.. Enumerable.Range(0, s.WorldSize).Select(r => (r, GrainFactory.GetGrain<IRankGrain>(GrainKeys.Rank(Key.Group, r))))];
+
+    private LayerSpec RequireSpec() =>
+        spec ?? throw new InvalidOperationException($"layer '{this.GetPrimaryKeyString()}' is not configured: call ConfigureAsync first");
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "layer {Layer} of group {Group} formed over {World} ranks, epoch {Epoch}")]
+    private static partial void LogFormed(ILogger logger, string layer, string group, int world, long epoch);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "{Message}")]
+    private static partial void LogStepFailed(ILogger logger, string message);
+}

@@ -1,0 +1,20 @@
+namespace EpA2A.Grains.Hosting;
+
+/// <summary>Which rank of which group a silo serves, and how.</summary>
+public sealed class RankSiloOptions
+{
+    /// <summary>The group (a set of ranks that dispatch to each other).</summary>
+    public string Group { get; set; } = "default";
+
+    /// <summary>The rank this silo serves.</summary>
+    public int Rank { get; set; }
+
+    /// <summary>The GPU this silo drives (null on the CPU backend).</summary>
+    public int? Gpu { get; set; }
+
+    /// <summary>"cpu" (default) or "cuda".</summary>
+    public string Backend { get; set; } = "cpu";
+
+    /// <summary>Largest message piece between ranks through grain calls; well below Orleans' message size limit.</summary>
+    public int ChunkBytes { get; set; } = 1 << 20;
+}

@@ -1,0 +1,38 @@
+using EpA2A.Transport;
+using Orleans.Concurrency;
+
+namespace EpA2A.Grains.Ranks;
+
+/// <summary>
+/// The CPU backend's transport across silos: a message to another rank is one or more grain calls to its
+/// <see cref="IRankGrain.DeliverAsync"/>, each chunk an <see cref="Immutable{T}"/> below the chunk size;
+/// a message to itself goes straight into its own mailbox.
+/// </summary>
+internal sealed class GrainRankTransport(IGrainFactory grains, string group, string layer, int rank, int chunkBytes, RankMailbox mailbox) : IRankTransport
+{
+    public async ValueTask SendAsync(int destination, MessageTag tag, byte[] payload, CancellationToken cancellationToken)
+    {
+        if (destination == rank)
+        {
+            mailbox.Post(rank, tag, payload);
+            return;
+        }
+
+        IRankGrain peer = grains.GetGrain<IRankGrain>(GrainKeys.Rank(group, destination));
+        int count = Math.Max(1, (payload.Length + chunkBytes - 1) / chunkBytes);
+        Task[] sends = new Task[count];
+        for (int i = 0; i < count; i++)
+        {
+            byte[] piece = count == 1 ? payload : payload[(i * chunkBytes)..Math.Min(payload.Length, (i + 1) * chunkBytes)];
+            TransportChunk chunk = new(tag.Epoch, tag.Sequence, (int)tag.Phase, rank, i, count, payload.Length, new Immutable<byte[]>(piece));
+            sends[i] = peer.DeliverAsync(layer, chunk);
+        }
+
+        await Task.WhenAll(sends).WaitAsync(cancellationToken).ConfigureAwait(false);
+    }
+
+    public ValueTask<byte[]> ReceiveAsync(int source, MessageTag tag, CancellationToken cancellationToken) =>
+        mailbox.TakeAsync(source, tag, cancellationToken);
+
+    public void DiscardBefore(long epoch, long sequence) => mailbox.DiscardBefore(epoch, sequence);
+}

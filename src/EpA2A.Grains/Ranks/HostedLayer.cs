@@ -1,0 +1,228 @@
+using System.Collections.Concurrent;
+using System.Numerics.Tensors;
+using System.Runtime.InteropServices;
+using EpA2A.Config;
+using EpA2A.Errors;
+using EpA2A.Experts;
+using EpA2A.Layer;
+using EpA2A.Numerics;
+using EpA2A.Transport;
+
+namespace EpA2A.Grains.Ranks;
+
+/// <summary>
+/// One layer hosted by a rank's silo: its <see cref="EpAll2AllLayer"/>, the mailbox its peers deliver into,
+/// the inputs a client staged for a step, and the step's combined output until the client has read it.
+/// </summary>
+internal sealed class HostedLayer : IDisposable
+{
+    private readonly ConcurrentDictionary<(int Source, MessageTag Tag), Reassembly> partial = new();
+    private readonly Lock gate = new();
+    private StagedInput? staged;
+    private (long Step, byte[] Bytes)? output;
+    private CancellationTokenSource? running;
+
+    public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<RankMailbox, IRankTransport> transportFor)
+    {
+        Name = name;
+        Spec = spec;
+        Epoch = epoch;
+        Config = config;
+        Mailbox = new RankMailbox();
+        Layer = EpAll2AllLayer.CreateCpu(config, transportFor(Mailbox), new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases });
+    }
+
+    public string Name { get; }
+
+    public LayerSpec Spec { get; }
+
+    public long Epoch { get; }
+
+    public EpConfig Config { get; }
+
+    public RankMailbox Mailbox { get; }
+
+    public EpAll2AllLayer Layer { get; }
+
+    public PhaseRecorder Phases { get; } = new();
+
+    /// <summary>Stores a chunk; a message whose chunks are all in goes to the mailbox.</summary>
+    public void Deliver(TransportChunk chunk)
+    {
+        if (chunk.Epoch != Epoch)
+        {
+            return; // a message of an earlier incarnation of the group: nobody waits for it any more
+        }
+
+        MessageTag tag = new(chunk.Epoch, chunk.Sequence, (ExchangePhase)chunk.Phase);
+        if (chunk.Count == 1)
+        {
+            Mailbox.Post(chunk.Source, tag, chunk.Data.Value);
+            return;
+        }
+
+        Reassembly r = partial.GetOrAdd((chunk.Source, tag), _ => new Reassembly(chunk.TotalBytes, chunk.Count));
+        if (r.Add(chunk))
+        {
+            partial.TryRemove((chunk.Source, tag), out _);
+            Mailbox.Post(chunk.Source, tag, r.Buffer);
+        }
+    }
+
+    public void BeginInput(StepInputHeader header)
+    {
+        if (header.Tokens < 0 || header.Tokens > Config.MaxTokens)
+        {
+            throw new ArgumentException($"rank {Config.Rank}: step {header.Step} announces {header.Tokens} tokens, more than MaxTokens = {Config.MaxTokens}", nameof(header));
+        }
+
+        lock (gate)
+        {
+            staged = new StagedInput(header, Config);
+        }
+    }
+
+    public void Stage(long step, InputPart part, int offset, byte[] data)
+    {
+        lock (gate)
+        {
+            if (staged is null || staged.Header.Step != step)
+            {
+                throw new InvalidOperationException($"rank {Config.Rank}: input for step {step} arrived before its header");
+            }
+
+            staged.Add(part, offset, data);
+        }
+    }
+
+    public byte[] ReadOutput(long step, int offset, int count)
+    {
+        lock (gate)
+        {
+            if (output is not { } o || o.Step != step)
+            {
+                throw new InvalidOperationException($"rank {Config.Rank}: no combined output for step {step}");
+            }
+
+            if (offset < 0 || count < 0 || offset + count > o.Bytes.Length)
+            {
+                throw new ArgumentOutOfRangeException(nameof(offset), $"slice [{offset}, {offset + count}) is outside the {o.Bytes.Length}-byte output");
+            }
+
+            return o.Bytes[offset..(offset + count)];
+        }
+    }
+
+    public void Abort()
+    {
+        lock (gate)
+        {
+            running?.Cancel();
+        }
+    }
+
+    /// <summary>Dispatch, experts, combine; runs off the Orleans scheduler.</summary>
+    public async Task<RankStepReport> RunStepAsync(StepTicket ticket, bool weighted, IExpertCompute compute)
+    {
+        StagedInput input;
+        using CancellationTokenSource cts = new();
+        lock (gate)
+        {
+            if (staged is null || staged.Header.Step != ticket.Step)
+            {
+                return Failed($"rank {Config.Rank} has no input for step {ticket.Step}", Config.Rank);
+            }
+
+            input = staged;
+            staged = null;
+            output = null;
+            running = cts;
+        }
+
+        Phases.Clear();
+        try
+        {
+            input.ThrowIfIncomplete(Config.Rank);
+            (byte[] bytes, int rows) = Config.TokenType switch
+            {
+                TokenType.BFloat16 => await RunAsync<BFloat16>(input, weighted, compute, cts.Token).ConfigureAwait(false),
+                TokenType.Float16 => await RunAsync<Half>(input, weighted, compute, cts.Token).ConfigureAwait(false),
+                _ => await RunAsync<float>(input, weighted, compute, cts.Token).ConfigureAwait(false),
+            };
+            lock (gate)
+            {
+                output = (ticket.Step, bytes);
+            }
+
+            return new RankStepReport(Config.Rank, true, null, null, rows, bytes.Length, Phases.Snapshot());
+        }
+        catch (OperationCanceledException) when (cts.IsCancellationRequested)
+        {
+            return Failed($"rank {Config.Rank}: step {ticket.Step} aborted by the coordinator", null);
+        }
+        catch (EpStepFailedException e)
+        {
+            return Failed(e.Message, e.Rank);
+        }
+        catch (ArgumentException e)
+        {
+            return Failed($"rank {Config.Rank}: bad input: {e.Message}", Config.Rank);
+        }
+        finally
+        {
+            lock (gate)
+            {
+                running = null;
+            }
+        }
+    }
+
+    public void Dispose() => Layer.Dispose();
+
+    private async Task<(byte[] Bytes, int Rows)> RunAsync<T>(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
+        where T : unmanaged
+    {
+        int n = input.Header.Tokens;
+        int k = Config.TopK;
+        DispatchResult<T> dispatched = await Layer.DispatchAsync(
+            Tensor.Create(MemoryMarshal.Cast<byte, T>(input.Tokens).ToArray(), [n, Config.Hidden]),
+            Tensor.Create(MemoryMarshal.Cast<byte, int>(input.Ids).ToArray(), [n, k]),
+            input.Weights is { } w ? Tensor.Create(MemoryMarshal.Cast<byte, float>(w).ToArray(), [n, k]) : null,
+            input.Scatter is { } s ? Tensor.Create(MemoryMarshal.Cast<byte, int>(s).ToArray(), [n, k]) : null,
+            token).ConfigureAwait(false);
+        Tensor<T> expertOutput = await compute.ComputeAsync(Name, Config, dispatched, token).ConfigureAwait(false);
+        Tensor<T> combined = await Layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
+        byte[] bytes = new byte[n * Config.Hidden * Config.TokenBytes];
+        combined.FlattenTo(MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
+        return (bytes, dispatched.Layout.RecvRows);
+    }
+
+    private RankStepReport Failed(string error, int? blamed) =>
+        new(Config.Rank, false, error, blamed, 0, 0, Phases.Snapshot());
+
+    private sealed class Reassembly(int totalBytes, int count)
+    {
+        private int received;
+
+        public byte[] Buffer { get; } = new byte[totalBytes];
+
+        public bool Add(TransportChunk chunk)
+        {
+            if (chunk.TotalBytes != Buffer.Length || chunk.Count != count)
+            {
+                throw new InvalidDataException($"chunk {chunk.Index} from rank {chunk.Source} disagrees on the message size");
+            }
+
+            // Every chunk but the last is full, so a chunk's offset follows from its index and length.
+            byte[] data = chunk.Data.Value;
+            int offset = chunk.Index == count - 1 ? Buffer.Length - data.Length : chunk.Index * data.Length;
+            if ((uint)chunk.Index >= (uint)count || offset < 0 || offset + data.Length > Buffer.Length)
+            {
+                throw new InvalidDataException($"chunk {chunk.Index} of {count} from rank {chunk.Source} does not fit a {Buffer.Length}-byte message");
+            }
+
+            data.CopyTo(Buffer, offset);
+            return Interlocked.Increment(ref received) == count;
+        }
+    }
+}

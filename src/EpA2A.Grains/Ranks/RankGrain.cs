@@ -1,0 +1,69 @@
+using EpA2A.Grains.Placement;
+using Orleans.Concurrency;
+
+namespace EpA2A.Grains.Ranks;
+
+/// <summary>
+/// The front door of a silo's <see cref="RankRuntime"/>, pinned to that silo by <see cref="RankPlacementDirector"/>.
+/// Step work runs on the thread pool; data for a running step interleaves with it.
+/// </summary>
+[RankPlacement]
+internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
+{
+    private int Rank => GrainKeys.ParseRank(this.GetPrimaryKeyString()).Rank;
+
+    public Task<RankInfo> DescribeAsync() => Task.FromResult(new RankInfo(
+        runtime.Options.Group,
+        runtime.Options.Rank,
+        RuntimeIdentity,
+        runtime.Options.Gpu,
+        runtime.Options.Backend,
+        Environment.ProcessId));
+
+    public Task CreateLayerAsync(string layer, LayerSpec spec, long epoch)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        runtime.CreateLayer(layer, spec.Validated(), epoch, Rank);
+        return Task.CompletedTask;
+    }
+
+    public Task DropLayerAsync(string layer)
+    {
+        runtime.DropLayer(layer);
+        return Task.CompletedTask;
+    }
+
+    public Task DeliverAsync(string layer, TransportChunk chunk)
+    {
+        ArgumentNullException.ThrowIfNull(chunk);
+        runtime.Find(layer)?.Deliver(chunk);
+        return Task.CompletedTask;
+    }
+
+    public Task BeginInputAsync(string layer, StepInputHeader header)
+    {
+        runtime.Get(layer).BeginInput(header);
+        return Task.CompletedTask;
+    }
+
+    public Task StageInputAsync(string layer, long step, InputPart part, int offset, Immutable<byte[]> data)
+    {
+        runtime.Get(layer).Stage(step, part, offset, data.Value);
+        return Task.CompletedTask;
+    }
+
+    public Task<RankStepReport> RunStepAsync(string layer, StepTicket ticket, bool weighted) => runtime.RunStepAsync(layer, ticket, weighted);
+
+    public Task<Immutable<byte[]>> ReadOutputAsync(string layer, long step, int offset, int count) =>
+        Task.FromResult(new Immutable<byte[]>(runtime.Get(layer).ReadOutput(step, offset, count)));
+
+    public Task AbortAsync(string layer, long epoch, string reason)
+    {
+        if (runtime.Find(layer) is { } hosted && hosted.Epoch == epoch)
+        {
+            hosted.Abort();
+        }
+
+        return Task.CompletedTask;
+    }
+}
