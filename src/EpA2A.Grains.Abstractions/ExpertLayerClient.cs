@@ -103,7 +103,7 @@ public sealed class ExpertLayerClient
             Require(i.ScatterIndices is null || i.ScatterIndices.Length == slots, r, $"ScatterIndices has {i.ScatterIndices?.Length} elements, expected Count*TopK = {slots}", nameof(inputs));
             for (int x = 0; x < i.ExpertIds.Length; x++)
             {
-                Require((uint)i.ExpertIds[x] <= (uint)config.NumExperts, r, $"ExpertIds[{x / spec.TopK}, {x % spec.TopK}] = {i.ExpertIds[x]} is outside [0, NumExperts = {config.NumExperts}]", nameof(inputs), nameof(inputs));
+                Require((uint)i.ExpertIds[x] <= (uint)config.NumExperts, r, $"ExpertIds[{x / spec.TopK}, {x % spec.TopK}] = {i.ExpertIds[x]} is outside [0, NumExperts = {config.NumExperts}]", nameof(inputs));
             }
         }
     }
