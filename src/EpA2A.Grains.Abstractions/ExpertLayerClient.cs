@@ -30,6 +30,7 @@ public sealed class ExpertLayerClient
 {
     private readonly IGrainFactory grains;
     private readonly int chunkBytes;
+    private LayerSpec? configured;
 
     /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
     public ExpertLayerClient(IGrainFactory grains, string group, string layer, int chunkBytes = 1 << 20)
@@ -53,7 +54,12 @@ public sealed class ExpertLayerClient
     public IExpertLayerGrain Coordinator { get; }
 
     /// <summary>Forms the group and configures every rank.</summary>
-    public Task ConfigureAsync(LayerSpec spec) => Coordinator.ConfigureAsync(spec);
+    public async Task ConfigureAsync(LayerSpec spec)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        await Coordinator.ConfigureAsync(spec.Validated()).ConfigureAwait(false);
+        configured = spec;
+    }
 
     /// <summary>
     /// One step: dispatch, experts, combine on every rank. Inputs are checked here against the layer's
@@ -63,12 +69,39 @@ public sealed class ExpertLayerClient
         where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(inputs);
-        LayerSpec spec = await Coordinator.GetSpecAsync().ConfigureAwait(false)
-            ?? throw new InvalidOperationException($"layer '{Layer}' of group '{Group}' is not configured: call ConfigureAsync first");
+        LayerSpec? spec = await Coordinator.GetSpecAsync().ConfigureAwait(false);
+        if (spec is null && configured is not null)
+        {
+            // The coordinator's silo went away and it was activated anew without its state: configure it
+            // again from what this client set up (which forms the group afresh).
+            await Coordinator.ConfigureAsync(configured).ConfigureAwait(false);
+            spec = configured;
+        }
+
+        if (spec is null)
+        {
+            throw new InvalidOperationException($"layer '{Layer}' of group '{Group}' is not configured: call ConfigureAsync first");
+        }
+
         CheckInputs(spec, inputs);
 
         StepTicket ticket = await Coordinator.BeginStepAsync().ConfigureAwait(false);
-        await Task.WhenAll(inputs.Select((input, r) => StageAsync(r, ticket.Step, input))).WaitAsync(cancellationToken).ConfigureAwait(false);
+        Task[] staging = [.. inputs.Select((input, r) => StageAsync(r, ticket.Step, input))];
+        try
+        {
+            await Task.WhenAll(staging).WaitAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // A rank that cannot take its input (its silo is gone, or restarted without the layer) fails the
+            // step; the coordinator re-forms the group before the next one.
+            int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => x.t.IsFaulted).Select(x => x.r)];
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {staging[r].Exception!.GetBaseException().Message}"));
+            string message = $"step {ticket.Step} of layer '{Layer}': staging the input failed on {why}";
+            await Coordinator.AbandonStepAsync(ticket, message).ConfigureAwait(false);
+            throw new GroupStepFailedException(message, ticket.Step, failed);
+        }
+
         StepReport report = await Coordinator.RunStepAsync(ticket, weighted).WaitAsync(cancellationToken).ConfigureAwait(false);
         T[][] outputs = await Task.WhenAll(report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))).WaitAsync(cancellationToken).ConfigureAwait(false);
         return new StepOutcome<T>(outputs, report);

@@ -19,6 +19,9 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     /// <summary>Reserves the next step (re-forming the group first if the last step failed).</summary>
     Task<StepTicket> BeginStepAsync();
 
+    /// <summary>Gives up a step that could not start (a rank could not take its input); the next step re-forms the group.</summary>
+    Task AbandonStepAsync(StepTicket ticket, string reason);
+
     /// <summary>Runs a step on every rank once their inputs are staged; throws <see cref="GroupStepFailedException"/> on failure.</summary>
     Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted);
 }

@@ -46,6 +46,18 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         return new StepTicket(++nextStep, epoch);
     }
 
+    public Task AbandonStepAsync(StepTicket ticket, string reason)
+    {
+        ArgumentNullException.ThrowIfNull(ticket);
+        if (ticket.Epoch == epoch)
+        {
+            formed = false;
+            LogStepFailed(logger, reason);
+        }
+
+        return Task.CompletedTask;
+    }
+
     public async Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted)
     {
         ArgumentNullException.ThrowIfNull(ticket);

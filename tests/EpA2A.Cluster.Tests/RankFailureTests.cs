@@ -1,0 +1,69 @@
+using System.Diagnostics;
+using EpA2A.Grains;
+
+namespace EpA2A.Cluster.Tests;
+
+/// <summary>A rank's silo dies: the next step fails in bounded time naming it; a new silo for the rank heals the group.</summary>
+public sealed class RankFailureTests(RankCluster cluster) : IClassFixture<RankCluster>
+{
+    [Fact]
+    public async Task A_killed_rank_fails_the_next_step_within_its_deadline_and_a_restarted_silo_heals_the_group()
+    {
+        TimeSpan deadline = TimeSpan.FromSeconds(3);
+        LayerSpec spec = new()
+        {
+            MaxTokens = 32,
+            Hidden = 40,
+            TopK = 3,
+            NumExperts = 8,
+            WorldSize = RankCluster.Silos,
+            StepTimeout = deadline,
+        };
+        ExpertLayerClient client = new(cluster.Grains, RankCluster.Group, "failure");
+        await client.ConfigureAsync(spec);
+        int seed = Environment.TickCount;
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed);
+
+        await cluster.KillRankAsync(2);
+        Stopwatch clock = Stopwatch.StartNew();
+        Exception failure = await Assert.ThrowsAnyAsync<Exception>(() => GrainStepRunner.RunCheckedAsync(client, spec, seed + 1));
+        clock.Stop();
+        Assert.Contains("rank 2", failure.Message, StringComparison.Ordinal);
+        Assert.True(clock.Elapsed < (deadline * 2) + TimeSpan.FromSeconds(3), $"failed after {clock.Elapsed}, bound {(deadline * 2) + TimeSpan.FromSeconds(3)}");
+
+        await cluster.StartRankAsync(2);
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed + 2);
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed + 3);
+    }
+}
+
+/// <summary>A rank that stalls inside a step (a straggler past the deadline), on a cluster of its own.</summary>
+public sealed class StragglerTests(RankCluster cluster) : IClassFixture<RankCluster>
+{
+    [Fact]
+    public async Task A_rank_stalled_past_the_deadline_fails_the_step_on_every_rank_naming_it_and_the_layer_recovers()
+    {
+        TimeSpan deadline = TimeSpan.FromSeconds(2);
+        LayerSpec spec = new()
+        {
+            MaxTokens = 16,
+            Hidden = 24,
+            TopK = 2,
+            NumExperts = 8,
+            WorldSize = RankCluster.Silos,
+            StepTimeout = deadline,
+        };
+        ExpertLayerClient stalled = new(cluster.Grains, RankCluster.Group, "stall-a");
+        await stalled.ConfigureAsync(spec);
+        Stopwatch clock = Stopwatch.StartNew();
+        GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => GrainStepRunner.RunCheckedAsync(stalled, spec, 7, drop: 0));
+        clock.Stop();
+        Assert.Contains(1, e.BlamedRanks);
+        Assert.Contains("rank 1 did not deliver CombineRows", e.Message, StringComparison.Ordinal);
+        Assert.True(clock.Elapsed < (deadline * 2) + TimeSpan.FromSeconds(2), $"failed after {clock.Elapsed}");
+
+        ExpertLayerClient healthy = new(cluster.Grains, RankCluster.Group, "healthy-after-stall");
+        await healthy.ConfigureAsync(spec);
+        await GrainStepRunner.RunCheckedAsync(healthy, spec, 8);
+    }
+}
