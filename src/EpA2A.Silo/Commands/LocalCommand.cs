@@ -1,0 +1,158 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Net;
+using EpA2A.Config;
+using EpA2A.Grains;
+using EpA2A.Numerics;
+using EpA2A.Silo.Hosting;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+
+namespace EpA2A.Silo.Commands;
+
+/// <summary>
+/// `epa2a local`: a cluster of N silos in this process (CPU backend, localhost clustering), one per rank,
+/// driven by a cluster client through the grains: random routing every step, each step checked against the
+/// reference, then a per-phase latency table.
+/// </summary>
+internal static class LocalCommand
+{
+    public static Command Create()
+    {
+        Option<int> ranks = new("--ranks") { Description = "Silos (ranks) to start", DefaultValueFactory = _ => 4 };
+        Option<int?> local = new("--local-world-size") { Description = "Ranks per node (default: all; smaller runs the inter-node algorithm)" };
+        Option<int> steps = new("--steps") { Description = "Steps to run", DefaultValueFactory = _ => 10 };
+        Option<int> maxTokens = new("--max-tokens") { Description = "Tokens per rank per step, at most", DefaultValueFactory = _ => 128 };
+        Option<int> hidden = new("--hidden") { Description = "Elements per token", DefaultValueFactory = _ => 1024 };
+        Option<int> topK = new("--topk") { Description = "Experts per token", DefaultValueFactory = _ => 8 };
+        Option<int> experts = new("--experts") { Description = "Experts in the group (a multiple of --ranks)", DefaultValueFactory = _ => 64 };
+        Option<string> tokenType = new("--token-type") { Description = "bf16, fp16 or fp32", DefaultValueFactory = _ => "bf16" };
+        Option<double> drop = new("--drop") { Description = "Probability that a slot is dropped", DefaultValueFactory = _ => 0.1 };
+        Option<bool> skewed = new("--skewed") { Description = "Power-law expert popularity instead of uniform" };
+        Option<bool> weighted = new("--weighted") { Description = "Send routing weights and combine weighted" };
+        Option<bool> localCombine = new("--local-combine") { Description = "A token crosses to a rank once (single node)" };
+        Option<int> seed = new("--seed") { Description = "Seed of the random routing", DefaultValueFactory = _ => 1 };
+        Option<int> portBase = new("--port-base") { Description = "First silo port; gateways start 100 above", DefaultValueFactory = _ => 11111 };
+        Option<double> timeout = new("--timeout-seconds") { Description = "Step deadline", DefaultValueFactory = _ => 30 };
+
+        Command command = new("local", "Start a local cluster of silos (CPU backend) and run checked steps through the grains.")
+        {
+            ranks, local, steps, maxTokens, hidden, topK, experts, tokenType, drop, skewed, weighted, localCombine, seed, portBase, timeout,
+        };
+        command.SetAction(async (p, ct) =>
+        {
+            LayerSpec spec = new LayerSpec
+            {
+                MaxTokens = p.GetValue(maxTokens),
+                Hidden = p.GetValue(hidden),
+                TopK = p.GetValue(topK),
+                NumExperts = p.GetValue(experts),
+                WorldSize = p.GetValue(ranks),
+                LocalWorldSize = p.GetValue(local),
+                TokenType = ParseTokenType(p.GetValue(tokenType)!),
+                EnableLocalCombine = p.GetValue(localCombine),
+                StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
+            }.Validated();
+            LocalRun run = new(spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase));
+            return await run.ExecuteAsync(Console.Out, ct);
+        });
+        return command;
+    }
+
+    internal static TokenType ParseTokenType(string text) => text.ToUpperInvariant() switch
+    {
+        "BF16" or "BFLOAT16" => TokenType.BFloat16,
+        "FP16" or "F16" or "FLOAT16" => TokenType.Float16,
+        "FP32" or "F32" or "FLOAT32" => TokenType.Float32,
+        _ => throw new ArgumentException($"--token-type '{text}' is not bf16, fp16 or fp32"),
+    };
+}
+
+/// <summary>One run of `epa2a local`.</summary>
+internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop, bool Skewed, bool Weighted, int PortBase)
+{
+    public const string Group = "local";
+
+    public async Task<int> ExecuteAsync(TextWriter output, CancellationToken cancellationToken)
+    {
+        List<IHost> silos = [];
+        IPEndPoint primary = new(IPAddress.Loopback, PortBase);
+        try
+        {
+            for (int r = 0; r < Spec.WorldSize; r++)
+            {
+                IHost silo = EpA2AHosts.BuildSilo(new SiloSettings
+                {
+                    Group = Group,
+                    Rank = r,
+                    SiloPort = PortBase + r,
+                    GatewayPort = PortBase + 100 + r,
+                    Primary = primary,
+                });
+                await silo.StartAsync(cancellationToken);
+                silos.Add(silo);
+            }
+
+            using IHost clientHost = EpA2AHosts.BuildClient(ClusteringKind.Localhost, [.. Enumerable.Range(0, Spec.WorldSize).Select(r => PortBase + 100 + r)], null);
+            await clientHost.StartAsync(cancellationToken);
+            IClusterClient client = clientHost.Services.GetRequiredService<IClusterClient>();
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a local: {Spec.WorldSize} silos (CPU backend), {Spec.WorldSize / (Spec.LocalWorldSize ?? Spec.WorldSize)} node(s), hidden {Spec.Hidden}, top-{Spec.TopK} of {Spec.NumExperts} experts, {Spec.TokenType}, seed {Seed}"));
+            int failures = Spec.TokenType switch
+            {
+                TokenType.BFloat16 => await RunStepsAsync<BFloat16>(client, output, cancellationToken),
+                TokenType.Float16 => await RunStepsAsync<Half>(client, output, cancellationToken),
+                _ => await RunStepsAsync<float>(client, output, cancellationToken),
+            };
+            await clientHost.StopAsync(cancellationToken);
+            return failures == 0 ? 0 : 1;
+        }
+        finally
+        {
+            foreach (IHost silo in Enumerable.Reverse(silos))
+            {
+                await silo.StopAsync(CancellationToken.None);
+                silo.Dispose();
+            }
+        }
+    }
+
+    private async Task<int> RunStepsAsync<T>(IClusterClient client, TextWriter output, CancellationToken cancellationToken)
+        where T : unmanaged
+    {
+        ExpertLayerClient layer = new(client, Group, "layer0");
+        await layer.ConfigureAsync(Spec);
+        IReadOnlyList<RankInfo> placement = await layer.Coordinator.DescribeGroupAsync();
+        foreach (RankInfo info in placement)
+        {
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  rank {info.Rank} on silo {info.Silo} ({info.Backend})"));
+        }
+
+        Random rng = new(Seed);
+        PhaseTable table = new();
+        int failures = 0;
+        for (int s = 0; s < Steps; s++)
+        {
+            (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(layer, Spec, rng, Drop, Skewed, Weighted, cancellationToken);
+            bool ok = worst <= 1.0;
+            failures += ok ? 0 : 1;
+            int rows = report.Ranks.Sum(r => r.ReceivedRows);
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  step {report.Step}: {rows} rows received, {(ok ? "matches the reference" : $"MISMATCH (worst {worst:0.00}x tolerance)")}, {roundTrip.TotalMilliseconds:0.0} ms"));
+            foreach (RankStepReport rank in report.Ranks)
+            {
+                foreach ((string phase, double micros) in rank.PhaseMicroseconds)
+                {
+                    table.Add(phase, micros);
+                }
+            }
+
+            table.Add("Coordinator step", report.CoordinatorMicroseconds);
+            table.Add("Client round trip", roundTrip.TotalMicroseconds);
+        }
+
+        output.WriteLine();
+        output.WriteLine("Per-phase latency over all ranks and steps (CPU backend, grain transport):");
+        output.Write(table.Render());
+        output.WriteLine(failures == 0 ? $"all {Steps} steps match the reference" : $"{failures} of {Steps} steps did NOT match the reference");
+        return failures;
+    }
+}

@@ -1,0 +1,49 @@
+using EpA2A.Config;
+using EpA2A.Experts;
+using EpA2A.Grains;
+using EpA2A.Numerics;
+using EpA2A.Reference;
+
+namespace EpA2A.Silo.Commands;
+
+/// <summary>Draws a random step, runs it through the grains, and compares the result with the reference.</summary>
+internal static class StepChecker
+{
+    /// <summary>Runs one checked step; returns its report and the largest deviation from the reference (in units of the tolerance).</summary>
+    public static async Task<(StepReport Report, double WorstRatio, TimeSpan RoundTrip)> RunAsync<T>(
+        ExpertLayerClient client, LayerSpec spec, Random rng, double drop, bool skewed, bool weighted, CancellationToken cancellationToken)
+        where T : unmanaged
+    {
+        EpConfig config = spec.ToConfig(0);
+        int[] counts = [.. Enumerable.Range(0, spec.WorldSize).Select(_ => rng.Next(1, spec.MaxTokens + 1))];
+        RankInput<T>[] inputs = RoutingGenerator.Draw<T>(config, counts, drop, skewed, weighted, rng);
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        StepOutcome<T> outcome = await client.StepAsync(
+            [.. inputs.Select(i => new RankStepInput<T>(i.Tokens, i.Count, i.ExpertIds, i.Weights))], weighted, cancellationToken);
+        TimeSpan roundTrip = System.Diagnostics.Stopwatch.GetElapsedTime(start);
+
+        ReferenceStep<T> dispatched = ReferenceAllToAll.Dispatch(config, inputs);
+        T[][] expertOutputs = [.. dispatched.PerRank.Select((d, r) =>
+            DeterministicExperts.ApplyToBlocks<T>(d.Output, spec.Hidden, r * config.ExpertsPerRank, d.ExpertRowStarts, d.RowsPerLocalExpert))];
+        T[][] expected = ReferenceAllToAll.Combine(config, inputs, dispatched, expertOutputs, weighted);
+        double worst = 0;
+        float relative = spec.TokenType switch { TokenType.BFloat16 => 1f / 128f, TokenType.Float16 => 1f / 1024f, _ => 1e-6f };
+        for (int r = 0; r < spec.WorldSize; r++)
+        {
+            if (expected[r].Length != outcome.Outputs[r].Length)
+            {
+                throw new InvalidOperationException($"rank {r}: combined output has {outcome.Outputs[r].Length} elements, the reference {expected[r].Length}");
+            }
+
+            for (int i = 0; i < expected[r].Length; i++)
+            {
+                float want = TokenConvert.ToSingle(expected[r][i]);
+                float got = TokenConvert.ToSingle(outcome.Outputs[r][i]);
+                double ratio = Math.Abs(want - got) / ((Math.Abs(want) * relative) + 1e-3);
+                worst = double.IsNaN(ratio) ? double.PositiveInfinity : Math.Max(worst, ratio);
+            }
+        }
+
+        return (outcome.Report, worst, roundTrip);
+    }
+}

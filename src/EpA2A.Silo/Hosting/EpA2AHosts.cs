@@ -1,0 +1,73 @@
+using System.Net;
+using EpA2A.Grains.Hosting;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using Orleans.Configuration;
+
+namespace EpA2A.Silo.Hosting;
+
+/// <summary>Builds the hosts the command line runs: a silo serving one rank, and a cluster client.</summary>
+public static class EpA2AHosts
+{
+    /// <summary>A silo host for one rank.</summary>
+    public static IHost BuildSilo(SiloSettings settings, LogLevel logLevel = LogLevel.Warning)
+    {
+        ArgumentNullException.ThrowIfNull(settings);
+        HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+        builder.Logging.SetMinimumLevel(logLevel);
+        builder.UseOrleans(silo =>
+        {
+            switch (settings.Clustering)
+            {
+                case ClusteringKind.Redis:
+                    silo.UseRedisClustering(settings.RedisConnection ?? throw new ArgumentException("Redis clustering needs a connection string", nameof(settings)));
+                    silo.ConfigureEndpoints(IPAddress.Loopback, settings.SiloPort, settings.GatewayPort);
+                    break;
+                default:
+                    silo.UseLocalhostClustering(settings.SiloPort, settings.GatewayPort, settings.Primary);
+                    break;
+            }
+
+            silo.Configure<ClusterOptions>(o =>
+            {
+                o.ClusterId = settings.ClusterId;
+                o.ServiceId = settings.ServiceId;
+            });
+            silo.AddEpA2ARank(o =>
+            {
+                o.Group = settings.Group;
+                o.Rank = settings.Rank;
+                o.Gpu = settings.Gpu;
+                o.Backend = settings.Backend;
+            });
+        });
+        return builder.Build();
+    }
+
+    /// <summary>A cluster client host that reaches the silos' gateways.</summary>
+    public static IHost BuildClient(ClusteringKind clustering, IReadOnlyList<int> gatewayPorts, string? redis, string clusterId = "epa2a", string serviceId = "epa2a")
+    {
+        ArgumentNullException.ThrowIfNull(gatewayPorts);
+        HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+        builder.Logging.SetMinimumLevel(LogLevel.Warning);
+        builder.UseOrleansClient(client =>
+        {
+            if (clustering == ClusteringKind.Redis)
+            {
+                client.UseRedisClustering(redis ?? throw new ArgumentException("Redis clustering needs a connection string", nameof(redis)));
+            }
+            else
+            {
+                client.UseLocalhostClustering([.. gatewayPorts]);
+            }
+
+            client.Configure<ClusterOptions>(o =>
+            {
+                o.ClusterId = clusterId;
+                o.ServiceId = serviceId;
+            });
+            client.AddActivityPropagation();
+        });
+        return builder.Build();
+    }
+}

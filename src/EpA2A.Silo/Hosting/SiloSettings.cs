@@ -1,0 +1,50 @@
+using System.Net;
+
+namespace EpA2A.Silo.Hosting;
+
+/// <summary>How membership is found: one host (localhost) or a Redis store shared by several hosts.</summary>
+public enum ClusteringKind
+{
+    /// <summary>Development clustering on one host; silo 0's endpoint is the primary.</summary>
+    Localhost = 0,
+
+    /// <summary>Membership in Redis (several processes or hosts).</summary>
+    Redis = 1,
+}
+
+/// <summary>Everything a silo of EpA2A needs to start.</summary>
+public sealed record SiloSettings
+{
+    /// <summary>The group the silo's rank belongs to.</summary>
+    public string Group { get; init; } = "default";
+
+    /// <summary>The rank it serves.</summary>
+    public required int Rank { get; init; }
+
+    /// <summary>"cpu" or "cuda".</summary>
+    public string Backend { get; init; } = "cpu";
+
+    /// <summary>GPU index (CUDA backend).</summary>
+    public int? Gpu { get; init; }
+
+    /// <summary>Silo-to-silo port.</summary>
+    public required int SiloPort { get; init; }
+
+    /// <summary>Client gateway port.</summary>
+    public required int GatewayPort { get; init; }
+
+    /// <summary>The primary silo's endpoint (localhost clustering).</summary>
+    public IPEndPoint? Primary { get; init; }
+
+    /// <summary>Which membership.</summary>
+    public ClusteringKind Clustering { get; init; } = ClusteringKind.Localhost;
+
+    /// <summary>Redis connection string (Redis clustering).</summary>
+    public string? RedisConnection { get; init; }
+
+    /// <summary>Orleans cluster id: silos and clients of one deployment share it.</summary>
+    public string ClusterId { get; init; } = "epa2a";
+
+    /// <summary>Orleans service id.</summary>
+    public string ServiceId { get; init; } = "epa2a";
+}
