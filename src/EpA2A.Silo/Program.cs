@@ -1,4 +1,5 @@
 using System.CommandLine;
+
 using EpA2A.Silo.Commands;
 
 RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts serving, hosted by Orleans.")

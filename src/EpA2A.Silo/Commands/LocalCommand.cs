@@ -1,10 +1,12 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Net;
+
 using EpA2A.Config;
 using EpA2A.Grains;
 using EpA2A.Numerics;
 using EpA2A.Silo.Hosting;
+
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 
@@ -81,14 +83,16 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
         {
             for (int r = 0; r < Spec.WorldSize; r++)
             {
-                IHost silo = EpA2AHosts.BuildSilo(new SiloSettings
-                {
-                    Group = Group,
-                    Rank = r,
-                    SiloPort = PortBase + r,
-                    GatewayPort = PortBase + 100 + r,
-                    Primary = primary,
-                });
+                IHost silo = EpA2AHosts.BuildSilo(
+                    new SiloSettings
+                    {
+                        Group = Group,
+                        Rank = r,
+                        SiloPort = PortBase + r,
+                        GatewayPort = PortBase + 100 + r,
+                        Primary = primary,
+                    },
+                    Microsoft.Extensions.Logging.LogLevel.Error);
                 await silo.StartAsync(cancellationToken);
                 silos.Add(silo);
             }

@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Net;
+
 using EpA2A.Silo.Hosting;
+
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 

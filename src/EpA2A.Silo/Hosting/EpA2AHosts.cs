@@ -1,7 +1,10 @@
 using System.Net;
+
 using EpA2A.Grains.Hosting;
+
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+
 using Orleans.Configuration;
 
 namespace EpA2A.Silo.Hosting;
@@ -49,7 +52,7 @@ public static class EpA2AHosts
     {
         ArgumentNullException.ThrowIfNull(gatewayPorts);
         HostApplicationBuilder builder = Host.CreateApplicationBuilder();
-        builder.Logging.SetMinimumLevel(LogLevel.Warning);
+        builder.Logging.SetMinimumLevel(LogLevel.Error);
         builder.UseOrleansClient(client =>
         {
             if (clustering == ClusteringKind.Redis)
