@@ -1,0 +1,271 @@
+// Device-side context and helpers shared by every kernel: the layer's view passed by value, bounded waits
+// that record who waited for what, error records, and typed row loads/stores.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "epa2a.h"
+
+namespace epa2a {
+
+constexpr int kThreads = 256;  // threads per block of the token kernels
+constexpr int kChunk = 1024;   // (token, k) entries per counting chunk
+constexpr int kSlots = 5;      // barrier / signal slots (EPA2A_SLOT_*)
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Everything a kernel needs, by value. Pointers are this rank's unless named peer_*.
+struct DevCtx {
+  int W, L, N, E, Epr, K, H;
+  int me, node, lrank;
+  int row_bytes, out_rows, max_tokens, align, local_combine, has_weights, has_scatter, n;
+  int meta_bytes, rec_bytes;
+  int64_t timeout_ns;
+  uint64_t epoch;   // dispatch step
+  uint64_t cepoch;  // combine call
+  // symmetric
+  char* out;
+  float* out_w;
+  int4* origin;
+  int* lcsrc;
+  float* partial;
+  int* table;       // [W][E + 2]: counts per expert, dropped, tokens
+  int* my_counts;   // [E + 2]
+  uint64_t* sig;    // [kSlots][W]
+  char* x_send;     // [max_tokens][rec_bytes]
+  char* x_recv;     // [N][max_tokens][rec_bytes]
+  uint64_t* x_sig;  // [N][max_tokens]
+  float* c_stage;   // [N][max_tokens][H]
+  float* c_recv;    // [N][max_tokens][H]
+  uint64_t* c_sig;  // [N][max_tokens]
+  // local
+  const char* tokens;
+  const int* ids;
+  const float* wts;
+  const int* user_scatter;
+  int* send_row;
+  int* scatter;
+  int* chunk_hist;   // [chunks][E + 1]
+  int* send_base;    // [E]
+  int* expert_rows;  // [E]
+  int* estart;       // [E]
+  int* dinfo;        // see info offsets
+  int* lc_head;      // [out_rows]
+  char* const* peer_out;
+  float* const* peer_w;
+  int4* const* peer_origin;
+  int* const* peer_lcsrc;
+  float* const* peer_partial;
+  // status
+  int* fatal;
+  int* claim;
+  epa2a_status* status;   // host-mapped
+  const int* abort_flag;  // host-mapped
+  int* hinfo;             // host-mapped
+};
+
+// Offsets into dinfo / hinfo.
+__host__ __device__ inline int info_recv(int) {
+  return 0;
+}
+__host__ __device__ inline int info_tokens(int W) {
+  return W;
+}
+__host__ __device__ inline int info_offset(int W) {
+  return 2 * W;
+}
+__host__ __device__ inline int info_rows(int W, int) {
+  return 3 * W;
+}
+__host__ __device__ inline int info_padded(int W, int Epr) {
+  return 3 * W + Epr;
+}
+__host__ __device__ inline int info_start(int W, int Epr) {
+  return 3 * W + 2 * Epr;
+}
+__host__ __device__ inline int info_len(int W, int Epr) {
+  return 3 * W + 3 * Epr;
+}
+
+__host__ __device__ inline int round_up(int v, int m) {
+  return (v + m - 1) / m * m;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ bool failed(const DevCtx& c) {
+  return *(volatile int*)c.fatal != 0;
+}
+
+// The first error of a layer wins the record; a fatal one also stops every later kernel and wait.
+__device__ inline void record_error(const DevCtx& c, int code, int phase, int peer, int index, int value,
+                                    int64_t expected, int64_t observed, int64_t waited_ns, bool fatal) {
+  if (fatal) {
+    *(volatile int*)c.fatal = 1;
+    __threadfence();
+  }
+  if (atomicCAS(c.claim, 0, 1) == 0) {
+    volatile epa2a_status* s = c.status;
+    s->phase = phase;
+    s->rank = c.me;
+    s->peer = peer;
+    s->index = index;
+    s->value = value;
+    s->expected = expected;
+    s->observed = observed;
+    s->waited_ns = waited_ns;
+    __threadfence_system();
+    s->code = code;
+    __threadfence_system();
+  }
+}
+
+// Waits until *sig >= expect. Gives up at the layer's deadline or on abort, recording who waited for what;
+// returns silently false when another thread of this rank already failed.
+__device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_t expect, int peer, int phase,
+                                   int index) {
+  uint64_t v = ld_acquire_sys(sig);
+  if (v >= expect) return true;
+  const uint64_t t0 = global_ns();
+  for (unsigned spins = 1;; ++spins) {
+    v = ld_acquire_sys(sig);
+    if (v >= expect) return true;
+    if (failed(c)) return false;
+    if ((spins & 63u) == 0) {
+      const uint64_t dt = global_ns() - t0;
+      if (*(volatile const int*)c.abort_flag) {
+        record_error(c, EPA2A_ERR_ABORTED, phase, peer, index, -1, (int64_t)expect, (int64_t)v, (int64_t)dt,
+                     true);
+        return false;
+      }
+      if ((int64_t)dt > c.timeout_ns) {
+        record_error(c, EPA2A_ERR_TIMEOUT, phase, peer, index, -1, (int64_t)expect, (int64_t)v, (int64_t)dt,
+                     true);
+        return false;
+      }
+      __nanosleep(100);
+    }
+  }
+}
+
+// Token element types as raw bits, so that loads and stores stay plain integer moves.
+template <int TK>
+struct Tok;
+template <>
+struct Tok<EPA2A_TOKEN_BF16> {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float to(bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  static __device__ __forceinline__ bits from(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+template <>
+struct Tok<EPA2A_TOKEN_FP16> {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float to(bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ bits from(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+template <>
+struct Tok<EPA2A_TOKEN_FP32> {
+  using bits = unsigned int;
+  static __device__ __forceinline__ float to(bits b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ bits from(float f) { return __float_as_uint(f); }
+};
+
+__device__ __forceinline__ unsigned short ldcg_bits(const unsigned short* p) {
+  return __ldcg(p);
+}
+__device__ __forceinline__ unsigned int ldcg_bits(const unsigned int* p) {
+  return __ldcg(p);
+}
+
+// acc[0..G) += scale * row[0..G), row of token type TK, bypassing L1 (peers write these rows).
+template <int TK, int G>
+__device__ __forceinline__ void acc_row(const typename Tok<TK>::bits* p, float scale, float* acc) {
+  using B = typename Tok<TK>::bits;
+  if constexpr (G * sizeof(B) == 16) {
+    int4 raw = __ldcg(reinterpret_cast<const int4*>(p));
+    const B* v = reinterpret_cast<const B*>(&raw);
+#pragma unroll
+    for (int i = 0; i < G; ++i) acc[i] += scale * Tok<TK>::to(v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < G; ++i) acc[i] += scale * Tok<TK>::to(ldcg_bits(p + i));
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void acc_f32(const float* p, float scale, float* acc) {
+  if constexpr (G % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < G / 4; ++i) {
+      float4 v = __ldcg(reinterpret_cast<const float4*>(p) + i);
+      acc[4 * i + 0] += scale * v.x;
+      acc[4 * i + 1] += scale * v.y;
+      acc[4 * i + 2] += scale * v.z;
+      acc[4 * i + 3] += scale * v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < G; ++i) acc[i] += scale * __ldcg(p + i);
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void store_f32(float* p, const float* acc) {
+  if constexpr (G % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < G / 4; ++i)
+      reinterpret_cast<float4*>(p)[i] =
+          make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < G; ++i) p[i] = acc[i];
+  }
+}
+
+template <int TK, int G>
+__device__ __forceinline__ void store_row(typename Tok<TK>::bits* p, const float* acc) {
+  using B = typename Tok<TK>::bits;
+  if constexpr (G * sizeof(B) == 16) {
+    int4 raw;
+    B* v = reinterpret_cast<B*>(&raw);
+#pragma unroll
+    for (int i = 0; i < G; ++i) v[i] = Tok<TK>::from(acc[i]);
+    *reinterpret_cast<int4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < G; ++i) p[i] = Tok<TK>::from(acc[i]);
+  }
+}
+
+// Copies `bytes` (a multiple of sizeof(V)) with a whole warp; src may be written by a peer (L1 bypassed).
+template <typename V>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
+  V* d = reinterpret_cast<V*>(dst);
+  const V* s = reinterpret_cast<const V*>(src);
+  const int units = bytes / (int)sizeof(V);
+  for (int u = lane; u < units; u += 32) d[u] = __ldcg(s + u);
+}
+
+template <typename V>
+__device__ __forceinline__ void warp_zero(void* dst, int bytes, int lane) {
+  V* d = reinterpret_cast<V*>(dst);
+  const int units = bytes / (int)sizeof(V);
+  const V z{};
+  for (int u = lane; u < units; u += 32) d[u] = z;
+}
+
+}  // namespace epa2a

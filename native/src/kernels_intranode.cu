@@ -1,0 +1,303 @@
+// Intra-node kernels: direct peer stores for dispatch (warp per token, vector copies), the layer barrier,
+// local-combine expansion and padding, the local-combine pre-sum, and the pulling combine.
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "internal.h"
+
+namespace epa2a {
+
+// A warp's view of one token's K entries: lane k < K holds entry k.
+struct Entry {
+  int e = -1, row = -1, d = -1;
+  float w = 1.f;
+  bool valid = false;
+};
+
+__device__ __forceinline__ Entry load_entry(const DevCtx& c, int t, int lane, int phase) {
+  Entry x;
+  if (lane < c.K) {
+    const int i = t * c.K + lane;
+    x.e = c.ids[i];
+    x.row = c.send_row[i];
+    if (c.has_weights) x.w = c.wts[i];
+    if (x.e >= 0 && x.e < c.E && x.row >= 0) {
+      x.d = x.e / c.Epr;
+      if (x.row >= c.out_rows) {
+        record_error(c, EPA2A_ERR_BAD_ROW, phase, x.d, i, x.row, 0, 0, 0, true);
+      } else {
+        x.valid = true;
+      }
+    }
+  }
+  if (!x.valid) x.row = -1;
+  return x;
+}
+
+// Local combine: the entry with the smallest row among this token's entries for the same rank is the one
+// that crosses; `next` chains the token's rows on that rank in row order.
+__device__ __forceinline__ void same_rank_links(const Entry& x, int K, int& primary, int& next) {
+  primary = x.row;
+  next = -1;
+  for (int kk = 0; kk < K; ++kk) {
+    const int r2 = __shfl_sync(kFullMask, x.row, kk);
+    const int d2 = __shfl_sync(kFullMask, x.d, kk);
+    if (x.valid && r2 >= 0 && d2 == x.d) {
+      if (r2 < primary) primary = r2;
+      if (r2 > x.row && (next < 0 || r2 < next)) next = r2;
+    }
+  }
+}
+
+template <typename V>
+__global__ void dispatch_kernel(DevCtx c) {
+  if (failed(c)) return;
+  const int lane = threadIdx.x & 31;
+  const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int nw = (gridDim.x * blockDim.x) >> 5;
+  for (int t = gw; t < c.n; t += nw) {
+    const Entry x = load_entry(c, t, lane, EPA2A_PHASE_DISPATCH);
+    const bool here = x.valid && x.d / c.L == c.node;  // this node; other nodes go through internode_send
+    int primary = x.row, next = -1;
+    if (c.local_combine) same_rank_links(x, c.K, primary, next);
+    const bool crosses = here && primary == x.row;
+    if (here) {
+      c.peer_origin[x.d][x.row] = make_int4(c.me, t, lane, c.local_combine ? next : -1);
+      c.peer_w[x.d][x.row] = x.w;
+      if (!crosses) c.peer_lcsrc[x.d][x.row] = primary;  // `here` holds: x.d is a node peer
+    }
+    const char* src = c.tokens + (size_t)t * c.row_bytes;
+    for (int kk = 0; kk < c.K; ++kk) {
+      if (!__shfl_sync(kFullMask, (int)crosses, kk)) continue;
+      const int r2 = __shfl_sync(kFullMask, x.row, kk);
+      const int d2 = __shfl_sync(kFullMask, x.d, kk);
+      warp_copy<V>(c.peer_out[d2] + (size_t)r2 * c.row_bytes, src, c.row_bytes, lane);
+    }
+  }
+}
+
+// Signals every rank of [first, first + count), then waits for each of them, with the layer's deadline.
+__global__ void barrier_kernel(DevCtx c, int slot, uint64_t epoch, int first, int count) {
+  if (failed(c)) return;
+  __threadfence_system();
+  uint64_t* base = c.sig + (size_t)slot * c.W;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int p = first + i;
+    if (p != c.me) nvshmemx_signal_op(base + c.me, epoch, NVSHMEM_SIGNAL_SET, p);
+  }
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int p = first + i;
+    if (p != c.me) wait_signal(c, base + p, epoch, p, EPA2A_PHASE_BARRIER, slot);
+  }
+}
+
+// After the dispatch barrier: copy each local-combine row from the row that crossed, and fill padding rows.
+template <typename V>
+__global__ void expand_kernel(DevCtx c) {
+  if (failed(c)) return;
+  const int W = c.W, Epr = c.Epr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+  const int recv = c.dinfo[info_recv(W) + c.me];
+  if (c.local_combine) {
+    const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int nw = (gridDim.x * blockDim.x) >> 5;
+    for (int r = gw; r < recv; r += nw) {
+      const int s = __ldcg(c.lcsrc + r);
+      if (s >= 0) {
+        if (s < recv && s != r) {
+          warp_copy<V>(c.out + (size_t)r * c.row_bytes, c.out + (size_t)s * c.row_bytes, c.row_bytes, lane);
+        } else if (lane == 0) {
+          record_error(c, EPA2A_ERR_BAD_ROW, EPA2A_PHASE_EXPAND, -1, r, s, 0, 0, 0, true);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) {
+        c.lc_head[r] = s < 0 ? 1 : 0;
+        c.lcsrc[r] = -1;  // reset for the next step
+      }
+    }
+  }
+  for (int j = blockIdx.x; j < Epr; j += gridDim.x) {
+    const int rows = c.dinfo[info_rows(W, Epr) + j];
+    const int padded = c.dinfo[info_padded(W, Epr) + j];
+    const int start = c.dinfo[info_start(W, Epr) + j];
+    for (int r = start + rows + warp; r < start + padded; r += wpb) {
+      if (r >= c.out_rows) break;
+      warp_zero<V>(c.out + (size_t)r * c.row_bytes, c.row_bytes, lane);
+      if (lane == 0) {
+        c.out_w[r] = 0.f;
+        c.origin[r] = make_int4(-1, -1, -1, -1);  // presum skips rows whose origin is -1
+      }
+    }
+  }
+}
+
+// Local combine, on the expert rank: one fp32 partial per (source token, this rank), at the row that crossed.
+template <int TK, int G>
+__global__ void presum_kernel(DevCtx c, int weighted) {
+  using B = typename Tok<TK>::bits;
+  if (failed(c)) return;
+  const int lane = threadIdx.x & 31;
+  const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int nw = (gridDim.x * blockDim.x) >> 5;
+  const int recv = c.dinfo[info_recv(c.W) + c.me];
+  const int H = c.H;
+  for (int r = gw; r < recv; r += nw) {
+    if (!c.lc_head[r] || c.origin[r].x < 0) continue;
+    // Lane i holds the i-th row of the chain.
+    int my_row = -1, len = 0;
+    float my_w = 0.f;
+    for (int q = r; q >= 0 && q < recv && len < c.K; ++len) {
+      if (lane == len) {
+        my_row = q;
+        my_w = weighted ? c.out_w[q] : 1.f;
+      }
+      q = c.origin[q].w;
+    }
+    for (int g0 = 0; g0 * G < H; g0 += 32) {
+      const int g = g0 + lane;
+      const bool active = g * G < H;
+      float acc[G];
+#pragma unroll
+      for (int i = 0; i < G; ++i) acc[i] = 0.f;
+      for (int i = 0; i < len; ++i) {
+        const int q = __shfl_sync(kFullMask, my_row, i);
+        const float w = __shfl_sync(kFullMask, my_w, i);
+        if (active)
+          acc_row<TK, G>(reinterpret_cast<const B*>(c.out + (size_t)q * c.row_bytes) + g * G, w, acc);
+      }
+      if (active) store_f32<G>(c.partial + (size_t)r * H + g * G, acc);
+    }
+  }
+}
+
+// Intra-node combine: each token pulls its rows (or, with local combine, one partial per rank) and sums in
+// fp32, rounding once.
+template <int TK, int G>
+__global__ void combine_kernel(DevCtx c, void* out, int weighted) {
+  using B = typename Tok<TK>::bits;
+  if (failed(c)) return;
+  const int lane = threadIdx.x & 31;
+  const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int nw = (gridDim.x * blockDim.x) >> 5;
+  const int H = c.H;
+  for (int t = gw; t < c.n; t += nw) {
+    const Entry x = load_entry(c, t, lane, EPA2A_PHASE_COMBINE);
+    int primary = x.row, next = -1;
+    if (c.local_combine) same_rank_links(x, c.K, primary, next);
+    const bool use = x.valid && primary == x.row;
+    const float scale = weighted && !c.local_combine ? x.w : 1.f;
+    B* dst = reinterpret_cast<B*>(out) + (size_t)t * H;
+    for (int g0 = 0; g0 * G < H; g0 += 32) {
+      const int g = g0 + lane;
+      const bool active = g * G < H;
+      float acc[G];
+#pragma unroll
+      for (int i = 0; i < G; ++i) acc[i] = 0.f;
+      for (int kk = 0; kk < c.K; ++kk) {
+        const int u = __shfl_sync(kFullMask, (int)use, kk);
+        const int r2 = __shfl_sync(kFullMask, x.row, kk);
+        const int d2 = __shfl_sync(kFullMask, x.d, kk);
+        const float s2 = __shfl_sync(kFullMask, scale, kk);
+        if (!u || !active) continue;
+        if (c.local_combine) {
+          acc_f32<G>(c.peer_partial[d2] + (size_t)r2 * H + g * G, 1.f, acc);
+        } else {
+          acc_row<TK, G>(reinterpret_cast<const B*>(c.peer_out[d2] + (size_t)r2 * c.row_bytes) + g * G, s2,
+                         acc);
+        }
+      }
+      if (active) store_row<TK, G>(dst + g * G, acc);
+    }
+  }
+}
+
+cudaError_t launch_dispatch(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s) {
+  if (c.n <= 0) return cudaSuccess;
+  switch (vec_bytes) {
+    case 16:
+      dispatch_kernel<int4><<<blocks, kThreads, 0, s>>>(c);
+      break;
+    case 8:
+      dispatch_kernel<int2><<<blocks, kThreads, 0, s>>>(c);
+      break;
+    case 4:
+      dispatch_kernel<int><<<blocks, kThreads, 0, s>>>(c);
+      break;
+    default:
+      dispatch_kernel<short><<<blocks, kThreads, 0, s>>>(c);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_barrier(const DevCtx& c, int slot, uint64_t epoch, int first, int count, cudaStream_t s) {
+  barrier_kernel<<<1, 128, 0, s>>>(c, slot, epoch, first, count);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_expand(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s) {
+  switch (vec_bytes) {
+    case 16:
+      expand_kernel<int4><<<blocks, kThreads, 0, s>>>(c);
+      break;
+    case 8:
+      expand_kernel<int2><<<blocks, kThreads, 0, s>>>(c);
+      break;
+    case 4:
+      expand_kernel<int><<<blocks, kThreads, 0, s>>>(c);
+      break;
+    default:
+      expand_kernel<short><<<blocks, kThreads, 0, s>>>(c);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+template <int TK>
+static cudaError_t presum_typed(const DevCtx& c, int blocks, bool wide, int weighted, cudaStream_t s) {
+  constexpr int kWide = 16 / sizeof(typename Tok<TK>::bits);
+  if (wide)
+    presum_kernel<TK, kWide><<<blocks, kThreads, 0, s>>>(c, weighted);
+  else
+    presum_kernel<TK, 1><<<blocks, kThreads, 0, s>>>(c, weighted);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_presum(const DevCtx& c, int blocks, int token_type, bool wide, int weighted,
+                          cudaStream_t s) {
+  switch (token_type) {
+    case EPA2A_TOKEN_BF16:
+      return presum_typed<EPA2A_TOKEN_BF16>(c, blocks, wide, weighted, s);
+    case EPA2A_TOKEN_FP16:
+      return presum_typed<EPA2A_TOKEN_FP16>(c, blocks, wide, weighted, s);
+    default:
+      return presum_typed<EPA2A_TOKEN_FP32>(c, blocks, wide, weighted, s);
+  }
+}
+
+template <int TK>
+static cudaError_t combine_typed(const DevCtx& c, void* out, int blocks, bool wide, int weighted,
+                                 cudaStream_t s) {
+  constexpr int kWide = 16 / sizeof(typename Tok<TK>::bits);
+  if (wide)
+    combine_kernel<TK, kWide><<<blocks, kThreads, 0, s>>>(c, out, weighted);
+  else
+    combine_kernel<TK, 1><<<blocks, kThreads, 0, s>>>(c, out, weighted);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine(const DevCtx& c, void* out, int blocks, int token_type, bool wide, int weighted,
+                           cudaStream_t s) {
+  if (c.n <= 0) return cudaSuccess;
+  switch (token_type) {
+    case EPA2A_TOKEN_BF16:
+      return combine_typed<EPA2A_TOKEN_BF16>(c, out, blocks, wide, weighted, s);
+    case EPA2A_TOKEN_FP16:
+      return combine_typed<EPA2A_TOKEN_FP16>(c, out, blocks, wide, weighted, s);
+    default:
+      return combine_typed<EPA2A_TOKEN_FP32>(c, out, blocks, wide, weighted, s);
+  }
+}
+
+}  // namespace epa2a
