@@ -1,0 +1,68 @@
+using System.Runtime.InteropServices;
+
+namespace EpA2A.Backends.Cuda;
+
+/// <summary>epa2a_layer_config: the same on every rank except the rank. 64 bytes.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct NativeLayerConfig
+{
+    public long TimeoutNs;
+    public int MaxTokens;
+    public int Hidden;
+    public int TopK;
+    public int NumExperts;
+    public int Rank;
+    public int WorldSize;
+    public int LocalWorldSize;
+    public int TokenBytes;
+    public int TokenType;
+    public int NumSms;
+    public int EnableLocalCombine;
+    public int ExpertAlignment;
+    public int Capacity;
+    public int Reserved;
+}
+
+/// <summary>epa2a_status: the first device error of a layer. 48 bytes.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct NativeStatus
+{
+    public int Code;
+    public int Phase;
+    public int Rank;
+    public int Peer;
+    public int Index;
+    public int Value;
+    public long Expected;
+    public long Observed;
+    public long WaitedNs;
+}
+
+/// <summary>epa2a_layer_buffers: device pointers a layer owns.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct NativeLayerBuffers
+{
+    public nint Output;
+    public nint Weights;
+    public nint RowOrigin;
+    public nint ScatterRows;
+    public int OutputRows;
+    public int Reserved;
+}
+
+/// <summary>Status codes of libepa2a.</summary>
+internal enum NativeCode
+{
+    Ok = 0,
+    InvalidArgument = 1,
+    Cuda = 2,
+    Nvshmem = 3,
+    NotInitialized = 4,
+    State = 5,
+    Capacity = 6,
+    Timeout = 7,
+    Aborted = 8,
+    BadExpertId = 9,
+    BadScatterIndex = 10,
+    BadRow = 11,
+}
