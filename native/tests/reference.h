@@ -18,7 +18,8 @@ struct Case {
   bool skew = false;  // every token picks experts of rank 0 first (forces growth)
   double drop = 0.0;
   uint64_t seed = 1;
-  int iters = 5;
+  int verify_iters = 2;  // steps checked against the model (and against each other: determinism)
+  int time_iters = 10;   // steps timed back to back after a barrier, not checked
   int64_t timeout_ns = 5000000000LL;
   bool fault = false;  // the last rank never arrives at the first step
   int tbytes() const { return type == 2 ? 4 : 2; }

@@ -81,10 +81,12 @@ struct Result {
   bool pass = false;
   int recv_max = 0;
   double disp_us = 0, comb_us = 0, max_err = 0;
+  double disp_bytes = 0, comb_bytes = 0;  // bytes read + written by all ranks in one step
   std::string msg;
 };
 
-std::vector<ref::Case> cases_for(int W, uint64_t seed) {
+// Group "big": the configurations the Python original documents, on 8 ranks.
+std::vector<ref::Case> cases_for(int W, bool big, uint64_t seed) {
   std::vector<ref::Case> v;
   auto add = [&](ref::Case c) {
     c.W = W;
@@ -93,6 +95,35 @@ std::vector<ref::Case> cases_for(int W, uint64_t seed) {
     v.push_back(c);
   };
   ref::Case c;
+  if (big) {
+    auto large = [](ref::Case& x) {
+      x.verify_iters = 1;
+      x.time_iters = 5;
+      x.timeout_ns = 60000000000LL;
+    };
+    c = {};
+    c.name = "8192x7168 top-8 E256";
+    c.L = 0, c.E = 256, c.K = 8, c.H = 7168, c.max_tokens = 8192;
+    large(c);
+    add(c);
+    c = {};
+    c.name = "4096x6144 top-6 drop.3 scatter+weights";
+    c.L = 0, c.E = 256, c.K = 6, c.H = 6144, c.max_tokens = 4096, c.drop = 0.3, c.scatter = c.weights = true;
+    large(c);
+    add(c);
+    c = {};
+    c.name = "32768x1536 top-8 E384 drop.3 lc";
+    c.L = 0, c.E = 384, c.K = 8, c.H = 1536, c.max_tokens = 32768, c.drop = 0.3, c.local_combine = 1;
+    c.capacity = 1;
+    large(c);
+    add(c);
+    c = {};
+    c.name = "4096x7168 top-8 E256 inter L=2";
+    c.L = 2, c.E = 256, c.K = 8, c.H = 7168, c.max_tokens = 4096, c.weights = c.weighted = true;
+    large(c);
+    add(c);
+    return v;
+  }
   if (W == 2) {
     c = {};
     c.name = "intra bf16";
@@ -132,9 +163,11 @@ std::vector<ref::Case> cases_for(int W, uint64_t seed) {
     add(c);
     c = {};
     c.name = "fault: rank 3 never arrives";
-    c.L = 0, c.E = 8, c.K = 2, c.H = 256, c.max_tokens = 64, c.fault = true, c.iters = 1;
+    c.L = 0, c.E = 8, c.K = 2, c.H = 256, c.max_tokens = 64, c.fault = true, c.verify_iters = 1,
+    c.time_iters = 0;
     c.timeout_ns = 300000000LL;
     add(c);
+
   } else {
     c = {};
     c.name = "intra bf16";
@@ -160,7 +193,8 @@ std::vector<ref::Case> cases_for(int W, uint64_t seed) {
 
 // One or more dispatch + combine steps on an existing layer, each checked against the CPU model.
 void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
-               std::vector<ref::RankInput>& in, const ref::Plan& plan, int iters, Result& res) {
+               std::vector<ref::RankInput>& in, const ref::Plan& plan, int verify_iters, int time_iters,
+               Result& res) {
   const ref::RankInput& mine = in[rank];
   const int tb = c.tbytes(), K = c.K, H = c.H, n = mine.n, epr = c.E / c.W;
   const size_t rb = (size_t)H * tb;
@@ -197,7 +231,7 @@ void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
   std::vector<uint8_t> got_rows((size_t)recv * rb), got_out((size_t)n * rb);
   std::vector<float> got_w(recv);
   std::vector<int32_t> got_origin((size_t)recv * 4), got_scatter((size_t)n * K);
-  for (int it = 0; it < iters; ++it) {
+  for (int it = 0; it < verify_iters; ++it) {
     CK(epa2a_event_record(ev[0], stream));
     CK(epa2a_dispatch_prepare(layer, d_tok.p, static_cast<const int32_t*>(d_ids.p),
                               c.weights ? static_cast<const float*>(d_w.p) : nullptr,
@@ -277,15 +311,51 @@ void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
     CK(epa2a_event_elapsed_ms(ev[2], ev[3], &ms));
     cts.push_back(ms * 1000.0);
   }
+  // Timed steps: ranks aligned by a layer barrier, nothing on the host between the phases but the size poll.
+  dts.clear();
+  cts.clear();
+  for (int it = 0; it < time_iters; ++it) {
+    CK(epa2a_layer_barrier(layer, 0, stream));
+    CK(epa2a_event_record(ev[0], stream));
+    CK(epa2a_dispatch_prepare(layer, d_tok.p, static_cast<const int32_t*>(d_ids.p),
+                              c.weights ? static_cast<const float*>(d_w.p) : nullptr,
+                              c.scatter ? static_cast<const int32_t*>(d_sc.p) : nullptr, n, stream));
+    int32_t mx = 0;
+    CK(epa2a_dispatch_wait_sizes(layer, 0, &mx));
+    CK(epa2a_dispatch_send(layer, stream));
+    CK(epa2a_dispatch_finish(layer, stream));
+    CK(epa2a_event_record(ev[1], stream));
+    CK(epa2a_combine(layer, c.zero_copy ? nullptr : d_exp.p, d_out.p, c.weighted ? 1 : 0, stream));
+    CK(epa2a_event_record(ev[2], stream));
+    CK(epa2a_layer_sync(layer, stream));
+    float ms = 0;
+    CK(epa2a_event_elapsed_ms(ev[0], ev[1], &ms));
+    dts.push_back(ms * 1000.0);
+    CK(epa2a_event_elapsed_ms(ev[1], ev[2], &ms));
+    cts.push_back(ms * 1000.0);
+  }
+  if (!c.zero_copy && time_iters > 0) {
+    // The timed steps computed the same function: their last combine must equal the checked one.
+    download(got_out.data(), d_out.p, got_out.size(), stream);
+    EXPECT(fnv(got_out.data(), got_out.size()) == hash_comb,
+           "timed combine output differs from the checked one");
+  }
   for (auto& e : ev) epa2a_event_destroy(e);
-  // Median over the iterations after the first (warm-up) when there are any.
   auto median = [](std::vector<double> v) {
-    if (v.size() > 1) v.erase(v.begin());
+    if (v.size() > 2) v.erase(v.begin());  // warm-up
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
   res.disp_us = median(dts);
   res.comb_us = median(cts);
+  // Bytes every rank together reads and writes in one step (the ceiling is this over the copy bandwidth).
+  double rows = 0, toks = 0;
+  for (int d = 0; d < c.W; ++d) {
+    toks += plan.tokens[d];
+    for (int j = 0; j < epr; ++j) rows += plan.rows[d][j];
+  }
+  res.disp_bytes = 2.0 * rows * (double)rb;
+  res.comb_bytes = (c.zero_copy ? 0.0 : 2.0 * rows * (double)rb) + rows * (double)rb + toks * (double)rb;
 }
 
 bool file_exists(const std::string& p) {
@@ -364,16 +434,16 @@ Result run_case(const ref::Case& c, int rank, void* stream, const std::string& d
       touch(dir + "/fault_" + std::to_string(rank));
     }
     CK(epa2a_layer_reset(g.l));
-    run_steps(c, g.l, rank, stream, in, plan, 1, res);  // the layer works again after the reset
+    run_steps(c, g.l, rank, stream, in, plan, 1, 0, res);  // the layer works again after the reset
     res.msg += "recovered after reset";
   } else {
-    run_steps(c, g.l, rank, stream, in, plan, c.iters, res);
+    run_steps(c, g.l, rank, stream, in, plan, c.verify_iters, c.time_iters, res);
   }
   res.pass = true;
   return res;
 }
 
-int child_main(int W, int rank, const std::string& dir, uint64_t seed) {
+int child_main(int W, bool big, int rank, const std::string& dir, uint64_t seed) {
   const std::string uid_path = dir + "/uid";
   int32_t uid_bytes = 0;
   if (epa2a_uid_size(&uid_bytes) != EPA2A_OK) return 2;
@@ -402,7 +472,7 @@ int child_main(int W, int rank, const std::string& dir, uint64_t seed) {
   void* stream = nullptr;
   if (epa2a_stream_create(&stream) != EPA2A_OK) return 6;
   std::ofstream out(dir + "/result_" + std::to_string(rank) + ".txt");
-  for (const ref::Case& c : cases_for(W, seed)) {
+  for (const ref::Case& c : cases_for(W, big, seed)) {
     Result r;
     try {
       r = run_case(c, rank, stream, dir);
@@ -416,7 +486,7 @@ int child_main(int W, int rank, const std::string& dir, uint64_t seed) {
     std::replace(msg.begin(), msg.end(), '|', '/');
     std::replace(msg.begin(), msg.end(), '\n', ' ');
     out << r.name << "|" << (r.pass ? 1 : 0) << "|" << r.recv_max << "|" << r.disp_us << "|" << r.comb_us
-        << "|" << r.max_err << "|" << msg << "\n";
+        << "|" << r.max_err << "|" << r.disp_bytes << "|" << r.comb_bytes << "|" << msg << "\n";
     out.flush();
   }
   epa2a_stream_destroy(stream);
@@ -427,30 +497,57 @@ int child_main(int W, int rank, const std::string& dir, uint64_t seed) {
 struct Row {
   std::string name;
   int W = 0, L = 0, type = 0, passed = 0, ranks = 0, recv_max = 0;
-  double disp_us = 0, comb_us = 0, max_err = 0;
+  double disp_us = 0, comb_us = 0, max_err = 0, disp_bytes = 0, comb_bytes = 0;
   std::string flags, msg;
 };
+
+// Device-to-device copy bandwidth (bytes read + written per second), the ceiling of a step on one GPU.
+double copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr, *e0 = nullptr, *e1 = nullptr;
+  if (epa2a_device_alloc(bytes, &a) || epa2a_device_alloc(bytes, &b) || epa2a_event_create(&e0) ||
+      epa2a_event_create(&e1))
+    return 0;
+  std::vector<double> t;
+  for (int i = 0; i < 12; ++i) {
+    epa2a_event_record(e0, nullptr);
+    epa2a_memcpy_async(b, a, bytes, nullptr);
+    epa2a_event_record(e1, nullptr);
+    epa2a_event_sync(e1);
+    float ms = 0;
+    epa2a_event_elapsed_ms(e0, e1, &ms);
+    if (i >= 2) t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  epa2a_device_free(a);
+  epa2a_device_free(b);
+  epa2a_event_destroy(e0);
+  epa2a_event_destroy(e1);
+  return 2.0 * bytes / (t[t.size() / 2] * 1e-3);
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int> groups = {2, 4, 8};
+  std::vector<std::string> groups = {"2", "4", "8"};
   if (argc > 1) {
     groups.clear();
     std::stringstream ss(argv[1]);
     std::string tok;
-    while (std::getline(ss, tok, ',')) groups.push_back(std::stoi(tok));
+    while (std::getline(ss, tok, ',')) groups.push_back(tok);
   }
   const uint64_t seed = argc > 2 ? std::stoull(argv[2]) : 42;
   std::vector<Row> rows;
   bool all_ok = true;
-  for (int W : groups) {
+  for (const std::string& group : groups) {
+    const bool big = group == "big";
+    const int W = big ? 8 : std::stoi(group);
     char tmpl[] = "/tmp/epa2a-smoke-XXXXXX";
     const std::string dir = mkdtemp(tmpl);
     std::vector<pid_t> pids;
     for (int r = 0; r < W; ++r) {
       const pid_t pid = fork();
-      if (pid == 0) _exit(child_main(W, r, dir, seed));
+      if (pid == 0) _exit(child_main(W, big, r, dir, seed));
       pids.push_back(pid);
     }
     const auto t0 = Clock::now();
@@ -465,8 +562,8 @@ int main(int argc, char** argv) {
           --left;
         }
       }
-      if (left > 0 && Clock::now() - t0 > std::chrono::seconds(150)) {
-        fprintf(stderr, "W=%d: ranks still running after 150 s: killing them\n", W);
+      if (left > 0 && Clock::now() - t0 > std::chrono::seconds(big ? 240 : 120)) {
+        fprintf(stderr, "W=%d: ranks still running past the group's limit: killing them\n", W);
         for (int r = 0; r < W; ++r)
           if (status[r] == -1) kill(pids[r], SIGKILL);
       }
@@ -474,7 +571,7 @@ int main(int argc, char** argv) {
     }
     std::map<std::string, Row> by_name;
     std::vector<std::string> order;
-    for (const ref::Case& c : cases_for(W, seed)) {
+    for (const ref::Case& c : cases_for(W, big, seed)) {
       Row row;
       row.name = c.name;
       row.W = W;
@@ -496,7 +593,7 @@ int main(int argc, char** argv) {
         std::stringstream ls(line);
         std::string x;
         while (std::getline(ls, x, '|')) p.push_back(x);
-        if (p.size() < 6 || !by_name.count(p[0])) continue;
+        if (p.size() < 8 || !by_name.count(p[0])) continue;
         Row& row = by_name[p[0]];
         row.ranks++;
         row.passed += p[1] == "1";
@@ -504,9 +601,11 @@ int main(int argc, char** argv) {
         if (r == 0) {
           row.disp_us = std::stod(p[3]);
           row.comb_us = std::stod(p[4]);
+          row.disp_bytes = std::stod(p[6]);
+          row.comb_bytes = std::stod(p[7]);
         }
         row.max_err = std::max(row.max_err, std::stod(p[5]));
-        const std::string m = p.size() > 6 ? p[6] : "";
+        const std::string m = p.size() > 8 ? p[8] : "";
         if ((p[1] != "1" && row.msg.find("FAIL") == std::string::npos) || (row.msg.empty() && !m.empty()))
           row.msg =
               (p[1] != "1" ? "FAIL rank " + std::to_string(r) + ": " : "rank " + std::to_string(r) + ": ") +
@@ -521,18 +620,27 @@ int main(int argc, char** argv) {
       rows.push_back(row);
     }
   }
+  const double bw = copy_bandwidth();  // the children are gone: CUDA in the parent is safe now
+  printf(
+      "\ncopy ceiling: %.2f TB/s (device-to-device, read + write); ceiling %% = (step bytes read + written "
+      "by all ranks / copy ceiling) / measured time\n",
+      bw / 1e12);
   const char* types[] = {"bf16", "fp16", "fp32"};
   printf(
-      "\n| case | W | L | type | flags | max recv rows | dispatch us (rank 0) | combine us (rank 0) | max "
-      "|err| | ranks ok |\n");
-  printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+      "\n| case | W | L | type | flags | max recv rows | dispatch us | ceiling %% | combine us | ceiling %% "
+      "| max "
+      "abs err | ranks ok |\n");
+  printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   int passed = 0, failed = 0;
   for (const Row& r : rows) {
     const bool ok = r.passed == r.ranks;
     (ok ? passed : failed)++;
-    printf("| %s | %d | %d | %s | %s | %d | %.1f | %.1f | %.3g | %d/%d %s |\n", r.name.c_str(), r.W, r.L,
-           types[r.type], r.flags.c_str(), r.recv_max, r.disp_us, r.comb_us, r.max_err, r.passed, r.ranks,
-           ok ? "PASS" : "FAIL");
+    auto pct = [&](double bytes, double us) {
+      return us > 0 && bw > 0 ? 100.0 * (bytes / bw) / (us * 1e-6) : 0.0;
+    };
+    printf("| %s | %d | %d | %s | %s | %d | %.1f | %.0f | %.1f | %.0f | %.3g | %d/%d %s |\n", r.name.c_str(),
+           r.W, r.L, types[r.type], r.flags.c_str(), r.recv_max, r.disp_us, pct(r.disp_bytes, r.disp_us),
+           r.comb_us, pct(r.comb_bytes, r.comb_us), r.max_err, r.passed, r.ranks, ok ? "PASS" : "FAIL");
   }
   printf("\n%d passed, %d failed\n", passed, failed);
   return all_ok ? 0 : 1;
