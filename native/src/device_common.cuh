@@ -132,18 +132,29 @@ __device__ inline void record_error(const DevCtx& c, int code, int phase, int pe
   }
 }
 
+__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Waits until *sig >= expect. Gives up at the layer's deadline or on abort, recording who waited for what;
-// returns silently false when another thread of this rank already failed.
+// returns silently false when another thread of this rank already failed. Polls with relaxed loads and a
+// short sleep (thousands of warps spinning with system-scope acquire loads slowed the senders tenfold), then
+// one acquire load of the signal orders the data it guards.
 __device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_t expect, int peer, int phase,
                                    int index) {
   uint64_t v = ld_acquire_sys(sig);
   if (v >= expect) return true;
   const uint64_t t0 = global_ns();
   for (unsigned spins = 1;; ++spins) {
-    v = ld_acquire_sys(sig);
-    if (v >= expect) return true;
+    v = ld_relaxed_sys(sig);
+    if (v >= expect) {
+      (void)ld_acquire_sys(sig);
+      return true;
+    }
     if (failed(c)) return false;
-    if ((spins & 63u) == 0) {
+    if ((spins & 15u) == 0) {
       const uint64_t dt = global_ns() - t0;
       if (*(volatile const int*)c.abort_flag) {
         record_error(c, EPA2A_ERR_ABORTED, phase, peer, index, -1, (int64_t)expect, (int64_t)v, (int64_t)dt,
@@ -155,8 +166,8 @@ __device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_
                      true);
         return false;
       }
-      __nanosleep(100);
     }
+    __nanosleep(spins < 8 ? 32 : 256);
   }
 }
 

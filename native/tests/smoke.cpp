@@ -224,7 +224,7 @@ void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
   const std::vector<uint8_t> want_out = ref::expected_combine(c, in, rank);
   upload(d_exp.p, expert.data(), expert.size(), stream);
 
-  void* ev[4];
+  void* ev[6];
   for (auto& e : ev) CK(epa2a_event_create(&e));
   std::vector<double> dts, cts;
   uint64_t hash_disp = 0, hash_comb = 0;
@@ -314,15 +314,19 @@ void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
   // Timed steps: ranks aligned by a layer barrier, nothing on the host between the phases but the size poll.
   dts.clear();
   cts.clear();
+  std::vector<double> prep, send, fin;
   for (int it = 0; it < time_iters; ++it) {
     CK(epa2a_layer_barrier(layer, 0, stream));
     CK(epa2a_event_record(ev[0], stream));
     CK(epa2a_dispatch_prepare(layer, d_tok.p, static_cast<const int32_t*>(d_ids.p),
                               c.weights ? static_cast<const float*>(d_w.p) : nullptr,
                               c.scatter ? static_cast<const int32_t*>(d_sc.p) : nullptr, n, stream));
+    CK(epa2a_event_record(ev[3], stream));
     int32_t mx = 0;
     CK(epa2a_dispatch_wait_sizes(layer, 0, &mx));
+    CK(epa2a_event_record(ev[4], stream));
     CK(epa2a_dispatch_send(layer, stream));
+    CK(epa2a_event_record(ev[5], stream));
     CK(epa2a_dispatch_finish(layer, stream));
     CK(epa2a_event_record(ev[1], stream));
     CK(epa2a_combine(layer, c.zero_copy ? nullptr : d_exp.p, d_out.p, c.weighted ? 1 : 0, stream));
@@ -333,6 +337,12 @@ void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
     dts.push_back(ms * 1000.0);
     CK(epa2a_event_elapsed_ms(ev[1], ev[2], &ms));
     cts.push_back(ms * 1000.0);
+    CK(epa2a_event_elapsed_ms(ev[0], ev[3], &ms));
+    prep.push_back(ms * 1000.0);
+    CK(epa2a_event_elapsed_ms(ev[4], ev[5], &ms));
+    send.push_back(ms * 1000.0);
+    CK(epa2a_event_elapsed_ms(ev[5], ev[1], &ms));
+    fin.push_back(ms * 1000.0);
   }
   if (!c.zero_copy && time_iters > 0) {
     // The timed steps computed the same function: their last combine must equal the checked one.
@@ -348,6 +358,12 @@ void run_steps(const ref::Case& c, epa2a_layer* layer, int rank, void* stream,
   };
   res.disp_us = median(dts);
   res.comb_us = median(cts);
+  if (time_iters > 0) {
+    char b[160];
+    snprintf(b, sizeof(b), "dispatch phases (median us): prepare %.1f, send %.1f, finish %.1f; ",
+             median(prep), median(send), median(fin));
+    res.msg += b;
+  }
   // Bytes every rank together reads and writes in one step (the ceiling is this over the copy bandwidth).
   double rows = 0, toks = 0;
   for (int d = 0; d < c.W; ++d) {
