@@ -7,6 +7,8 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "internal.h"
@@ -17,6 +19,38 @@ using epa2a::Step;
 namespace {
 
 constexpr int64_t kDefaultTimeoutNs = 10LL * 1000 * 1000 * 1000;
+
+// EPA2A_TRACE=1: synchronize after each kernel of the send and combine phases and print its time (debugging).
+bool trace_on() {
+  static const bool on = std::getenv("EPA2A_TRACE") != nullptr;
+  return on;
+}
+
+struct KernelTrace {
+  const char* phase;
+  int rank;
+  cudaStream_t s;
+  std::chrono::steady_clock::time_point t;
+  std::string line;
+  KernelTrace(const char* p, int r, cudaStream_t st) : phase(p), rank(r), s(st) {
+    if (trace_on()) {
+      cudaStreamSynchronize(s);
+      t = std::chrono::steady_clock::now();
+    }
+  }
+  void mark(const char* what) {
+    if (!trace_on()) return;
+    cudaStreamSynchronize(s);
+    const auto now = std::chrono::steady_clock::now();
+    char b[96];
+    snprintf(b, sizeof(b), " %s %.1f us", what, std::chrono::duration<double, std::micro>(now - t).count());
+    line += b;
+    t = now;
+  }
+  ~KernelTrace() {
+    if (trace_on()) fprintf(stderr, "epa2a trace rank %d %s:%s\n", rank, phase, line.c_str());
+  }
+};
 
 int check_layer(epa2a_layer* l, const char* fn) {
   if (!epa2a::runtime_ready()) return fail(EPA2A_ERR_NOT_INITIALIZED, fn, "epa2a_init has not succeeded");
@@ -327,6 +361,11 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
     free_all(l);
     return rc;
   }
+  if (trace_on() && c.N > 1) {
+    const int peer = ((c.node + 1) % c.N) * c.L + c.lrank;
+    fprintf(stderr, "epa2a trace rank %d: proxy rank %d load/store reachable: %s\n", c.me, peer,
+            nvshmem_ptr(c.x_recv, peer) ? "yes" : "no (puts go through the proxy)");
+  }
   // No rank may signal another before that rank's signals are zeroed.
   nvshmem_barrier_all();
   *layer = l;
@@ -619,17 +658,22 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   const bool wide = c.row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int tt = l->cfg.token_type;
   cudaError_t err = cudaSuccess;
+  KernelTrace tr("combine", c.me, s);
   if (c.local_combine) err = epa2a::launch_presum(c, l->num_sms, tt, c.row_bytes % 16 == 0, weighted, s);
+  tr.mark("copy-in+presum");
   if (err == cudaSuccess)
     err = epa2a::launch_barrier(c, EPA2A_SLOT_COMBINE_READY, c.cepoch, c.node * c.L, c.L, s);
+  tr.mark("barrier");
   if (err == cudaSuccess) {
     if (c.N == 1) {
       err = epa2a::launch_combine(c, out, l->num_sms, tt, wide, weighted, s);
     } else {
       err = epa2a::launch_combine_proxy(c, l->num_sms, tt, c.row_bytes % 16 == 0, weighted, s);
+      tr.mark("proxy");
       if (err == cudaSuccess) err = epa2a::launch_combine_final(c, out, l->num_sms, tt, wide, weighted, s);
     }
   }
+  tr.mark("pull/final");
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "combine kernels launch");
   // One combine per dispatch: the next dispatch's count exchange orders every peer's reads before reuse.
   l->step = Step::Idle;
