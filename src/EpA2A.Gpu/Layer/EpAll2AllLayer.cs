@@ -75,6 +75,10 @@ public sealed class EpAll2AllLayer : IDisposable
         int n = (int)input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
 
+        // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
+        // in, so only its own layout is valid for combine, even if it fails.
+        lastDispatchSequence = scope.Operation.Sequence;
+
         byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
         input.FlattenTo(MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
@@ -103,7 +107,6 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
 
             EpAllToAllLayout layout = BuildLayout(step, recv);
-            lastDispatchSequence = scope.Operation.Sequence;
             Tensor<T> output = View(Context.Output<T>(), recv, Config.Hidden);
             Tensor<float>? outWeights = weights is null ? null : Vector(Context.WeightBuffer, recv);
             clock.Lap(Phase.DispatchPostprocess, n, 0);
