@@ -69,13 +69,20 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         {
             MessageReader r = new(received[s], s);
             ThrowIfAborted(ref r, s);
+            bool agrees = true;
             for (int i = 0; i < ConfigWords; i++)
             {
                 int theirs = r.ReadInt();
                 if (theirs != mine[i])
                 {
                     problems.Add($"rank {s} has {FingerprintNames[i]} = {theirs}, rank {Rank} has {mine[i]}");
+                    agrees = false;
                 }
+            }
+
+            if (!agrees)
+            {
+                continue; // the rest is laid out by their config (NumExperts counts), not ours: don't read it
             }
 
             tokensPerRank[s] = r.ReadInt();
