@@ -614,10 +614,14 @@ EPA2A_API int epa2a_dispatch_send(epa2a_layer* layer, void* stream) {
         l->max_recv, c.out_rows, l->max_recv);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int vec = vec_bytes_for(c.row_bytes, c.tokens);
+  KernelTrace tr("send", c.me, s);
   cudaError_t err = epa2a::launch_dispatch(c, l->num_sms, vec, s);
+  tr.mark("dispatch");
   if (err == cudaSuccess && c.N > 1) err = epa2a::launch_internode_send(c, l->num_sms, vec, s);
+  tr.mark("internode_send");
   if (err == cudaSuccess && c.N > 1)
     err = epa2a::launch_forward(c, l->num_sms, vec_bytes_for(c.row_bytes), s);
+  tr.mark("forward");
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "dispatch kernels launch");
   l->step = Step::Sent;
   return EPA2A_OK;
