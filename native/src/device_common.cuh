@@ -139,22 +139,26 @@ __device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
 }
 
 // Waits until *sig >= expect. Gives up at the layer's deadline or on abort, recording who waited for what;
-// returns silently false when another thread of this rank already failed. Polls with relaxed loads and a
-// short sleep (thousands of warps spinning with system-scope acquire loads slowed the senders tenfold), then
-// one acquire load of the signal orders the data it guards.
+// returns silently false when another thread of this rank already failed. Polls with relaxed loads and an
+// exponential sleep up to 2 us, and checks the failure flag, abort flag and clock only every 8th poll:
+// thousands of warps polling neighbouring signals (and one failure word) slowed every other kernel on the GPU
+// tenfold. One acquire load of the signal then orders the data it guards.
 __device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_t expect, int peer, int phase,
                                    int index) {
   uint64_t v = ld_acquire_sys(sig);
   if (v >= expect) return true;
   const uint64_t t0 = global_ns();
+  unsigned sleep_ns = 32;
   for (unsigned spins = 1;; ++spins) {
+    __nanosleep(sleep_ns);
+    if (sleep_ns < 2048) sleep_ns *= 2;
     v = ld_relaxed_sys(sig);
     if (v >= expect) {
       (void)ld_acquire_sys(sig);
       return true;
     }
-    if (failed(c)) return false;
-    if ((spins & 15u) == 0) {
+    if ((spins & 7u) == 0) {
+      if (failed(c)) return false;
       const uint64_t dt = global_ns() - t0;
       if (*(volatile const int*)c.abort_flag) {
         record_error(c, EPA2A_ERR_ABORTED, phase, peer, index, -1, (int64_t)expect, (int64_t)v, (int64_t)dt,
@@ -167,7 +171,6 @@ __device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_
         return false;
       }
     }
-    __nanosleep(spins < 8 ? 32 : 256);
   }
 }
 
