@@ -12,11 +12,20 @@ internal interface IDispatchCombineBackend : IDisposable
     /// <summary>A short name for logs and tables ("cpu", "cuda").</summary>
     string Name { get; }
 
+    /// <summary>Copy-in: the step's inputs into the backend's send buffers (the CPU backend keeps the host copies).</summary>
+    ValueTask CopyInAsync(DispatchStep step);
+
     /// <summary>Preprocess: bincount this rank's ids, all-gather the counts, and return the plan every rank agrees on.</summary>
-    ValueTask<RoutingPlan> ExchangeCountsAsync(DispatchStep step);
+    ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step);
+
+    /// <summary>Output-size wait: grow the output buffers to hold <paramref name="maxRecvRows"/> (collective: the same value on every rank).</summary>
+    ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows);
 
     /// <summary>The dispatch kernel: move the tokens (and weights) into every destination's output rows.</summary>
     ValueTask DispatchTokensAsync(DispatchStep step);
+
+    /// <summary>Combine copy-in: the expert outputs into the backend's combine buffer.</summary>
+    ValueTask CopyInAsync(CombineStep step);
 
     /// <summary>The combine kernel: bring rows back and sum them (inside the node for the inter-node algorithm).</summary>
     ValueTask CombineWithinNodeAsync(CombineStep step);

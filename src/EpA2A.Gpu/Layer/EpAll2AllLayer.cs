@@ -69,6 +69,7 @@ public sealed class EpAll2AllLayer : IDisposable
         CancellationToken cancellationToken = default)
         where T : unmanaged
     {
+        ObjectDisposedException.ThrowIf(disposed, this);
         InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
         using Guard guard = Enter();
         PhaseClock clock = new(this);
@@ -91,15 +92,16 @@ public sealed class EpAll2AllLayer : IDisposable
             Weights = weights is null ? null : Flatten(weights),
             ScatterIndices = scatterIndices is null ? null : Flatten(scatterIndices),
         };
-        clock.Lap(Phase.DispatchCopyIn, n, tokens.Length);
 
         try
         {
+            await backend.CopyInAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.DispatchCopyIn, n, tokens.Length);
             step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
 
             // Every rank derives the same maximum from the same table, so growth is collective without a vote.
-            Context.ReallocateDispatchOutput(step.Plan.MaxRecvRows);
+            await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
             clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
 
             await backend.DispatchTokensAsync(step).ConfigureAwait(false);
@@ -134,6 +136,7 @@ public sealed class EpAll2AllLayer : IDisposable
         where T : unmanaged
     {
         options ??= CombineOptions.Unweighted;
+        ObjectDisposedException.ThrowIf(disposed, this);
         InputValidator.Combine(Config, expertOutput, layout, options);
         if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
         {
@@ -161,14 +164,23 @@ public sealed class EpAll2AllLayer : IDisposable
             Weighted = options.Weighted,
             Accumulator = new float[n * Config.Hidden],
         };
-        clock.Lap(Phase.CombineCopyIn, n, rows.Length);
         try
         {
+            await backend.CopyInAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.CombineCopyIn, n, rows.Length);
             await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, rows.Length);
             await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
             T[] result = new T[n * Config.Hidden];
-            TokenConvert.Round<T>(step.Accumulator, result);
+            if (step.Rounded is { } rounded)
+            {
+                MemoryMarshal.Cast<byte, T>(rounded).CopyTo(result);
+            }
+            else
+            {
+                TokenConvert.Round<T>(step.Accumulator, result);
+            }
+
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
             return Tensor.Create(result, [n, Config.Hidden]);
         }
@@ -239,7 +251,7 @@ public sealed class EpAll2AllLayer : IDisposable
 
     private EpAllToAllLayout BuildLayout(DispatchStep step, int recv)
     {
-        RoutingPlan plan = step.Plan!;
+        IRoutingPlan plan = step.Plan!;
         int epr = Config.ExpertsPerRank;
         int[] rowsPerExpert = new int[epr];
         int[] starts = new int[epr];

@@ -8,7 +8,7 @@ namespace EpA2A.Layer;
 /// receive size without another exchange (and so grow their buffers together).
 /// Row order on rank d: local expert, then source rank, then (inside a block) source token and k.
 /// </summary>
-public sealed class RoutingPlan
+public sealed class RoutingPlan : IRoutingPlan
 {
     private readonly int[] blockStart; // [dst rank][local expert][src rank], row offset inside dst's output
     private readonly int[] expertStart; // [dst rank][local expert]

@@ -73,7 +73,7 @@ internal sealed class DispatchStep
     public int[]? ScatterIndices { get; init; }
 
     /// <summary>Set by the preprocess phase.</summary>
-    public RoutingPlan? Plan { get; set; }
+    public IRoutingPlan? Plan { get; set; }
 
     /// <summary>Set by the dispatch phase: where each (token, k) landed, as a global row, -1 when dropped.</summary>
     public int[]? GlobalScatter { get; set; }
@@ -105,8 +105,8 @@ internal sealed class CombineStep
     /// <summary>[TokenCount, Hidden] fp32 sums; rounded once at the end.</summary>
     public required float[] Accumulator { get; init; }
 
-    /// <summary>Inter-node: fp32 partials received per node, summed by the cross-node phase.</summary>
-    public byte[][]? NodePartials { get; set; }
+    /// <summary>Set by a backend that rounds on its own (CUDA): [TokenCount, Hidden] of the token type, as bytes.</summary>
+    public byte[]? Rounded { get; set; }
 
     public EpConfig Config => Operation.Config;
 }

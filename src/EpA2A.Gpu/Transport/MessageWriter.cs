@@ -87,12 +87,14 @@ internal static class MessageStatus
     public const int Ok = 0;
     public const int Aborted = 1;
 
-    public static byte[] Abort(string reason)
+    /// <summary>An abort that names the rank responsible (forwarded unchanged, so receivers two hops away blame the right one).</summary>
+    public static byte[] Abort(int culprit, string reason)
     {
         byte[] text = Encoding.UTF8.GetBytes(reason);
-        byte[] message = new byte[8 + text.Length];
+        byte[] message = new byte[12 + text.Length];
         MessageWriter w = new(message);
         w.WriteInt(Aborted);
+        w.WriteInt(culprit);
         w.WriteInt(text.Length);
         w.WriteBytes(text);
         return message;

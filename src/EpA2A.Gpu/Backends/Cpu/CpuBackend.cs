@@ -25,7 +25,17 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
     private int RowBytes => config.Hidden * config.TokenBytes;
 
-    public async ValueTask<RoutingPlan> ExchangeCountsAsync(DispatchStep step)
+    public ValueTask CopyInAsync(DispatchStep step) => ValueTask.CompletedTask;
+
+    public ValueTask CopyInAsync(CombineStep step) => ValueTask.CompletedTask;
+
+    public ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
+    {
+        step.Context.ReallocateDispatchOutput(maxRecvRows);
+        return ValueTask.CompletedTask;
+    }
+
+    public async ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step)
     {
         OperationContext op = step.Operation;
         int e = config.NumExperts;
@@ -114,7 +124,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     public async ValueTask DispatchTokensAsync(DispatchStep step)
     {
         OperationContext op = step.Operation;
-        RoutingPlan plan = step.Plan ?? throw new InvalidOperationException("dispatch before preprocess");
+        RoutingPlan plan = step.Plan as RoutingPlan ?? throw new InvalidOperationException("dispatch before preprocess");
         int n = step.TokenCount;
         int k = config.TopK;
         (int[] rows, int[] global, string? abort) = AssignRows(step, plan);
@@ -126,7 +136,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         for (int i = 0; i < firstHop.Length; i++)
         {
             byte[] packet = abort is not null
-                ? MessageStatus.Abort(abort)
+                ? MessageStatus.Abort(Rank, abort)
                 : BuildTokenPacket(step, rows, t => TokenTargets(step.ExpertIds, t, k, i));
             await transport.SendAsync(firstHop[i], tokensTag, packet, op.Token).ConfigureAwait(false);
         }
@@ -258,7 +268,10 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         int status = reader.ReadInt();
         if (status == MessageStatus.Aborted)
         {
-            throw new EpStepAbortedException($"rank {source} aborted the operation: {reader.ReadString()}", source);
+            int culprit = reader.ReadInt();
+            string reason = reader.ReadString();
+            string via = culprit == source ? string.Empty : $" (forwarded by rank {source})";
+            throw new EpStepAbortedException($"rank {culprit} aborted the operation{via}: {reason}", culprit);
         }
 
         if (status != MessageStatus.Ok)
@@ -384,13 +397,15 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         int[] node = NodeRanks();
         MessageTag tag = op.Tag(ExchangePhase.DispatchForward);
         string? abort = null;
+        int culprit = -1;
         List<List<byte[]>> perRank = [.. node.Select(_ => new List<byte[]>())];
         for (int i = 0; i < sources.Length && abort is null; i++)
         {
             MessageReader r = new(packets[i], sources[i]);
             if (r.ReadInt() == MessageStatus.Aborted)
             {
-                abort = $"rank {sources[i]} aborted the operation: {r.ReadString()}";
+                culprit = r.ReadInt();
+                abort = r.ReadString();
                 break;
             }
 
@@ -439,7 +454,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             byte[] packet;
             if (abort is not null)
             {
-                packet = MessageStatus.Abort(abort);
+                packet = MessageStatus.Abort(culprit, abort);
             }
             else
             {
