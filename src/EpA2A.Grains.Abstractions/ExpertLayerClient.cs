@@ -30,6 +30,7 @@ public sealed class ExpertLayerClient
 {
     private readonly IGrainFactory grains;
     private readonly int chunkBytes;
+    private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
     private LayerSpec? configured;
 
     /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
@@ -69,12 +70,16 @@ public sealed class ExpertLayerClient
         where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(inputs);
-        LayerSpec? spec = await Coordinator.GetSpecAsync().ConfigureAwait(false);
+
+        // Every call below has a deadline: a grain on a dead silo would otherwise hold the caller until
+        // Orleans' response timeout, and a client must never wait longer than the step's own bound.
+        TimeSpan callBound = (configured?.StepTimeout ?? DefaultCallBound) + TimeSpan.FromSeconds(1);
+        LayerSpec? spec = await Coordinator.GetSpecAsync().WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
         if (spec is null && configured is not null)
         {
             // The coordinator's silo went away and it was activated anew without its state: configure it
             // again from what this client set up (which forms the group afresh).
-            await Coordinator.ConfigureAsync(configured).ConfigureAwait(false);
+            await Coordinator.ConfigureAsync(configured).WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
             spec = configured;
         }
 
@@ -84,26 +89,37 @@ public sealed class ExpertLayerClient
         }
 
         CheckInputs(spec, inputs);
+        callBound = spec.StepTimeout + TimeSpan.FromSeconds(1);
 
-        StepTicket ticket = await Coordinator.BeginStepAsync().ConfigureAwait(false);
+        // Beginning a step may re-form the group (a bounded wait for every rank inside the coordinator).
+        StepTicket ticket = await Coordinator.BeginStepAsync().WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
         Task[] staging = [.. inputs.Select((input, r) => StageAsync(r, ticket.Step, input))];
         try
         {
-            await Task.WhenAll(staging).WaitAsync(cancellationToken).ConfigureAwait(false);
+            await Task.WhenAll(staging).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is not OperationCanceledException)
+        catch (Exception e) when (e is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
         {
-            // A rank that cannot take its input (its silo is gone, or restarted without the layer) fails the
-            // step; the coordinator re-forms the group before the next one.
-            int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => x.t.IsFaulted).Select(x => x.r)];
-            string why = string.Join("; ", failed.Select(r => $"rank {r}: {staging[r].Exception!.GetBaseException().Message}"));
+            // A rank that cannot take its input in time (its silo is gone, or restarted without the layer)
+            // fails the step; the coordinator re-forms the group before the next one.
+            int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(staging[r].IsFaulted ? staging[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             string message = $"step {ticket.Step} of layer '{Layer}': staging the input failed on {why}";
-            await Coordinator.AbandonStepAsync(ticket, message).ConfigureAwait(false);
+            try
+            {
+                await Coordinator.AbandonStepAsync(ticket, message).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception abandon) when (abandon is TimeoutException or OrleansException)
+            {
+                // The coordinator is unreachable too; it re-forms the group when it is next activated.
+            }
+
             throw new GroupStepFailedException(message, ticket.Step, failed);
         }
 
-        StepReport report = await Coordinator.RunStepAsync(ticket, weighted).WaitAsync(cancellationToken).ConfigureAwait(false);
-        T[][] outputs = await Task.WhenAll(report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))).WaitAsync(cancellationToken).ConfigureAwait(false);
+        // The coordinator bounds the step itself (twice the step deadline plus a second); this is its backstop.
+        StepReport report = await Coordinator.RunStepAsync(ticket, weighted).WaitAsync((spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
+        T[][] outputs = await Task.WhenAll(report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
         return new StepOutcome<T>(outputs, report);
     }
 

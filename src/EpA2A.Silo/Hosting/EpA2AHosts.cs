@@ -36,6 +36,18 @@ public static class EpA2AHosts
                 o.ClusterId = settings.ClusterId;
                 o.ServiceId = settings.ServiceId;
             });
+
+            // A group cannot step without every rank, so a dead silo must be noticed in seconds, not the
+            // default tens of seconds: its rank is re-placed on a restarted silo only once it is declared dead.
+            silo.Configure<ClusterMembershipOptions>(o =>
+            {
+                o.ProbeTimeout = TimeSpan.FromSeconds(1);
+                o.NumMissedProbesLimit = 2;
+                o.NumVotesForDeathDeclaration = 1;
+                o.TableRefreshTimeout = TimeSpan.FromSeconds(2);
+                o.IAmAliveTablePublishTimeout = TimeSpan.FromSeconds(2);
+                o.DeathVoteExpirationTimeout = TimeSpan.FromSeconds(10);
+            });
             silo.AddEpA2ARank(o =>
             {
                 o.Group = settings.Group;

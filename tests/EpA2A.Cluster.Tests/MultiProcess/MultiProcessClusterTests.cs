@@ -1,0 +1,82 @@
+using System.Diagnostics;
+using System.Globalization;
+
+namespace EpA2A.Cluster.Tests.MultiProcess;
+
+/// <summary>
+/// A real cluster: four `epa2a silo` processes with Redis membership (redis-server on loopback) and an
+/// `epa2a drive` client process. A silo is SIGKILLed while the client steps; the client's next step fails
+/// within a bound naming the rank; a restarted silo process heals the group and steps succeed again.
+/// </summary>
+public sealed class MultiProcessClusterTests
+{
+    private static readonly TimeSpan Deadline = TimeSpan.FromSeconds(3);
+
+    [Fact]
+    public async Task A_sigkilled_silo_fails_the_step_naming_its_rank_and_a_restarted_process_heals_the_group()
+    {
+        string? redisServer = FindOnPath("redis-server");
+        Assert.SkipWhen(redisServer is null, "redis-server is not installed (.ci/run installs it)");
+        int redisPort = ChildProcess.FreePort();
+        int portBase = 20000 + (Random.Shared.Next(0, 40) * 200);
+        string clusterId = "mp-" + Guid.NewGuid().ToString("N")[..8];
+        string redis = string.Create(CultureInfo.InvariantCulture, $"127.0.0.1:{redisPort}");
+
+        using ChildProcess server = ChildProcess.Start("redis", redisServer!, "--port", redisPort.ToString(CultureInfo.InvariantCulture), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no");
+        await server.WaitForLineAsync(l => l.Contains("Ready to accept connections", StringComparison.Ordinal), TimeSpan.FromSeconds(20));
+
+        List<ChildProcess> silos = [];
+        try
+        {
+            for (int r = 0; r < 4; r++)
+            {
+                silos.Add(StartSilo(r, portBase, redis, clusterId));
+            }
+
+            foreach (ChildProcess silo in silos)
+            {
+                await silo.WaitForLineAsync(l => l.StartsWith("epa2a silo: rank", StringComparison.Ordinal), TimeSpan.FromSeconds(60));
+            }
+
+            using ChildProcess drive = ChildProcess.Epa2a(
+                "drive", "drive", "--world-size", "4", "--group", "mp", "--clustering", "redis", "--redis", redis, "--cluster-id", clusterId,
+                "--steps", "100000", "--continue-on-failure", "--interval-ms", "50", "--timeout-seconds", Deadline.TotalSeconds.ToString(CultureInfo.InvariantCulture));
+            await drive.WaitForLineAsync(l => l.StartsWith("step ", StringComparison.Ordinal) && l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(90));
+            await drive.WaitForLineAsync(l => l.StartsWith("step 3:", StringComparison.Ordinal), TimeSpan.FromSeconds(30));
+            Assert.DoesNotContain(drive.Lines, l => l.Contains("MISMATCH", StringComparison.Ordinal));
+
+            int before = drive.Lines.Count;
+            Stopwatch clock = Stopwatch.StartNew();
+            silos[2].Kill();
+            string failed = await drive.WaitForLineAsync(l => l.Contains("FAILED", StringComparison.Ordinal), (Deadline * 2) + TimeSpan.FromSeconds(10), skip: before);
+            TimeSpan detected = clock.Elapsed;
+            Assert.Contains("rank 2", failed, StringComparison.Ordinal);
+            Assert.True(detected < (Deadline * 2) + TimeSpan.FromSeconds(5), $"the first failed step ended {detected} after the kill: {failed}");
+
+            silos[2].Dispose();
+            silos[2] = StartSilo(2, portBase, redis, clusterId);
+            int afterRestart = drive.Lines.Count;
+            await drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(90), skip: afterRestart);
+            int healed = drive.Lines.Count;
+            await drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: healed);
+            Assert.DoesNotContain(drive.Lines, l => l.Contains("MISMATCH", StringComparison.Ordinal));
+            TestContext.Current.TestOutputHelper?.WriteLine($"failure seen {detected.TotalMilliseconds:0} ms after SIGKILL; client lines:\n{string.Join('\n', drive.Lines.Skip(before - 1))}");
+        }
+        finally
+        {
+            foreach (ChildProcess silo in silos)
+            {
+                silo.Dispose();
+            }
+        }
+    }
+
+    private static ChildProcess StartSilo(int rank, int portBase, string redis, string clusterId) => ChildProcess.Epa2a(
+        $"silo{rank}", "silo", "--rank", rank.ToString(CultureInfo.InvariantCulture), "--world-size", "4", "--group", "mp",
+        "--clustering", "redis", "--redis", redis, "--cluster-id", clusterId, "--port-base", portBase.ToString(CultureInfo.InvariantCulture));
+
+    private static string? FindOnPath(string name) =>
+        (Environment.GetEnvironmentVariable("PATH") ?? string.Empty).Split(':')
+            .Select(d => Path.Combine(d, name))
+            .FirstOrDefault(File.Exists);
+}
