@@ -5,6 +5,7 @@ using EpA2A.Backends;
 using EpA2A.Backends.Cpu;
 using EpA2A.Config;
 using EpA2A.Numerics;
+using EpA2A.Telemetry;
 using EpA2A.Transport;
 
 namespace EpA2A.Layer;
@@ -19,6 +20,7 @@ public sealed class EpAll2AllLayer : IDisposable
 {
     private readonly IDispatchCombineBackend backend;
     private readonly EpLayerOptions options;
+    private readonly LayerTelemetry telemetry;
     private readonly object identity = new();
     private long sequence;
     private long lastDispatchSequence = -1;
@@ -31,6 +33,7 @@ public sealed class EpAll2AllLayer : IDisposable
         this.backend = backend;
         this.options = options;
         Context = DispatchCombineContext.Create(config, options.Capacity);
+        telemetry = new LayerTelemetry(config, backend.Name, options.LayerName, Context);
     }
 
     /// <summary>The layer's configuration.</summary>
@@ -70,11 +73,20 @@ public sealed class EpAll2AllLayer : IDisposable
         where T : unmanaged
     {
         ObjectDisposedException.ThrowIf(disposed, this);
-        InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
+        try
+        {
+            InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
+        }
+        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Dispatch))
+        {
+            throw; // never reached: the filter counts the rejection and declines
+        }
+
         using Guard guard = Enter();
         PhaseClock clock = new(this);
         int n = (int)input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
+        using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
 
         // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
         // in, so only its own layout is valid for combine, even if it fails.
@@ -109,10 +121,15 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
 
             EpAllToAllLayout layout = BuildLayout(step, recv);
+            telemetry.Received(layout);
             Tensor<T> output = View(Context.Output<T>(), recv, Config.Hidden);
             Tensor<float>? outWeights = weights is null ? null : Vector(Context.WeightBuffer, recv);
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DispatchResult<T>(output, outWeights, layout);
+        }
+        catch (Exception e) when (trace.Failed(e))
+        {
+            throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
@@ -137,14 +154,24 @@ public sealed class EpAll2AllLayer : IDisposable
     {
         options ??= CombineOptions.Unweighted;
         ObjectDisposedException.ThrowIf(disposed, this);
-        InputValidator.Combine(Config, expertOutput, layout, options);
+        try
+        {
+            InputValidator.Combine(Config, expertOutput, layout, options);
+        }
+        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Combine))
+        {
+            throw; // never reached: the filter counts the rejection and declines
+        }
+
         if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
         {
+            telemetry.Rejected(LayerOperation.Combine);
             throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
         }
 
         if (layout.DispatchSequence != lastDispatchSequence)
         {
+            telemetry.Rejected(LayerOperation.Combine);
             throw new ArgumentException($"layout is from operation {layout.DispatchSequence}, but this layer's latest dispatch is operation {lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
         }
 
@@ -152,6 +179,7 @@ public sealed class EpAll2AllLayer : IDisposable
         PhaseClock clock = new(this);
         using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
+        using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
         expertOutput.FlattenTo(MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
@@ -184,6 +212,10 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
             return Tensor.Create(result, [n, Config.Hidden]);
         }
+        catch (Exception e) when (trace.Failed(e))
+        {
+            throw; // never reached: the filter counts the failure, marks the span and declines
+        }
         finally
         {
             backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
@@ -196,10 +228,15 @@ public sealed class EpAll2AllLayer : IDisposable
         using Guard guard = Enter();
         PhaseClock clock = new(this);
         using OperationScope scope = NewOperation(cancellationToken);
+        using OperationTrace trace = telemetry.Begin(LayerOperation.Barrier, scope.Operation.Sequence, 0);
         try
         {
             await backend.BarrierAsync(scope.Operation, intraNodeOnly).ConfigureAwait(false);
             clock.Lap(Phase.Barrier, 0, 0);
+        }
+        catch (Exception e) when (trace.Failed(e))
+        {
+            throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
@@ -327,10 +364,16 @@ public sealed class EpAll2AllLayer : IDisposable
     {
         private long start = Stopwatch.GetTimestamp();
 
-        public void Lap(Phase phase, long tokens, long bytes)
+        /// <summary>
+        /// Ends a phase. <paramref name="gpuElapsed"/> is the seam for the CUDA backend: the GPU time of the
+        /// phase's kernels from CUDA events, recorded as epa2a.phase.gpu.duration and on the phase's span.
+        /// </summary>
+        public void Lap(Phase phase, long tokens, long bytes, TimeSpan? gpuElapsed = null)
         {
             long now = Stopwatch.GetTimestamp();
-            layer.options.Observer?.OnPhase(layer.Config.Rank, phase, Stopwatch.GetElapsedTime(start, now), tokens, bytes);
+            TimeSpan elapsed = Stopwatch.GetElapsedTime(start, now);
+            layer.options.Observer?.OnPhase(layer.Config.Rank, phase, elapsed, tokens, bytes);
+            layer.telemetry.PhaseEnded(phase, elapsed, tokens, bytes, gpuElapsed);
             start = now;
         }
     }

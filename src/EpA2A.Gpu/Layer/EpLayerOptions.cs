@@ -15,6 +15,9 @@ public sealed record EpLayerOptions
     /// <summary>Receives phase timings; null for none.</summary>
     public IPhaseObserver? Observer { get; init; }
 
+    /// <summary>The layer's name in metrics and spans (the `layer` tag); null for "layer".</summary>
+    public string? LayerName { get; init; }
+
     /// <summary>The defaults.</summary>
     public static EpLayerOptions Default { get; } = new();
 }
