@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using EpA2A.Telemetry;
 using Microsoft.Extensions.Logging;
 
 namespace EpA2A.Grains.Coordination;
@@ -58,7 +59,45 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         return Task.CompletedTask;
     }
 
+    /// <summary>
+    /// Runs a step on every rank. Traced as "epa2a.step" (the parent of every rank's "epa2a.rank.step", through
+    /// Orleans activity propagation) and timed on the epa2a.step.duration histogram.
+    /// </summary>
     public async Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted)
+    {
+        ArgumentNullException.ThrowIfNull(ticket);
+        using Activity? span = EpTelemetry.Source.StartActivity("epa2a.step");
+        span?.SetTag(EpTelemetry.Tags.SpanGroup, Key.Group);
+        span?.SetTag(EpTelemetry.Tags.SpanLayer, Key.Layer);
+        span?.SetTag(EpTelemetry.Tags.SpanStep, ticket.Step);
+        span?.SetTag(EpTelemetry.Tags.SpanEpoch, ticket.Epoch);
+        long start = Stopwatch.GetTimestamp();
+        string outcome = "failed";
+        try
+        {
+            StepReport report = await RunStepCoreAsync(ticket, weighted).ConfigureAwait(true);
+            outcome = "ok";
+            return report;
+        }
+        catch (Exception e) when (span is not null)
+        {
+            span.SetStatus(ActivityStatusCode.Error, e.Message);
+            span.AddException(e);
+            throw;
+        }
+        finally
+        {
+            if (EpTelemetry.StepDuration.Enabled)
+            {
+                EpTelemetry.StepDuration.Record(
+                    Stopwatch.GetElapsedTime(start).TotalSeconds,
+                    new KeyValuePair<string, object?>(EpTelemetry.Tags.Layer, Key.Layer),
+                    new KeyValuePair<string, object?>(EpTelemetry.Tags.Outcome, outcome));
+            }
+        }
+    }
+
+    private async Task<StepReport> RunStepCoreAsync(StepTicket ticket, bool weighted)
     {
         ArgumentNullException.ThrowIfNull(ticket);
         LayerSpec s = RequireSpec();

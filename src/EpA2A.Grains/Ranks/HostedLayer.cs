@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Diagnostics;
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
 using EpA2A.Config;
@@ -6,6 +7,7 @@ using EpA2A.Errors;
 using EpA2A.Experts;
 using EpA2A.Layer;
 using EpA2A.Numerics;
+using EpA2A.Telemetry;
 using EpA2A.Transport;
 
 namespace EpA2A.Grains.Ranks;
@@ -29,7 +31,7 @@ internal sealed class HostedLayer : IDisposable
         Epoch = epoch;
         Config = config;
         Mailbox = new RankMailbox();
-        Layer = EpAll2AllLayer.CreateCpu(config, transportFor(Mailbox), new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases });
+        Layer = EpAll2AllLayer.CreateCpu(config, transportFor(Mailbox), new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name });
     }
 
     public string Name { get; }
@@ -121,8 +123,31 @@ internal sealed class HostedLayer : IDisposable
         }
     }
 
-    /// <summary>Dispatch, experts, combine; runs off the Orleans scheduler.</summary>
+    /// <summary>
+    /// Dispatch, experts, combine; runs off the Orleans scheduler. Traced as "epa2a.rank.step", a child of the
+    /// coordinator's grain call (Orleans activity propagation), and the parent of the layer's spans.
+    /// </summary>
     public async Task<RankStepReport> RunStepAsync(StepTicket ticket, bool weighted, IExpertCompute compute)
+    {
+        using Activity? span = EpTelemetry.Source.StartActivity("epa2a.rank.step");
+        span?.SetTag(EpTelemetry.Tags.SpanRank, Config.Rank);
+        span?.SetTag(EpTelemetry.Tags.SpanLayer, Name);
+        span?.SetTag(EpTelemetry.Tags.SpanStep, ticket.Step);
+        span?.SetTag(EpTelemetry.Tags.SpanEpoch, ticket.Epoch);
+        RankStepReport report = await RunStepCoreAsync(ticket, weighted, compute).ConfigureAwait(false);
+        if (span is not null)
+        {
+            span.SetTag(EpTelemetry.Tags.SpanRows, report.ReceivedRows);
+            if (!report.Succeeded)
+            {
+                span.SetStatus(ActivityStatusCode.Error, report.Error);
+            }
+        }
+
+        return report;
+    }
+
+    private async Task<RankStepReport> RunStepCoreAsync(StepTicket ticket, bool weighted, IExpertCompute compute)
     {
         StagedInput input;
         using CancellationTokenSource cts = new();
