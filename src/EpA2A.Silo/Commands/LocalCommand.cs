@@ -6,7 +6,9 @@ using EpA2A.Config;
 using EpA2A.Grains;
 using EpA2A.Numerics;
 using EpA2A.Silo.Hosting;
+using EpA2A.Silo.Telemetry;
 
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 
@@ -37,10 +39,12 @@ internal static class LocalCommand
         Option<int> portBase = new("--port-base") { Description = "First silo port; gateways start 100 above", DefaultValueFactory = _ => 11111 };
         Option<double> timeout = new("--timeout-seconds") { Description = "Step deadline", DefaultValueFactory = _ => 30 };
 
+        TelemetryCommandOptions telemetry = new();
         Command command = new("local", "Start a local cluster of silos (CPU backend) and run checked steps through the grains.")
         {
             ranks, local, steps, maxTokens, hidden, topK, experts, tokenType, drop, skewed, weighted, localCombine, seed, portBase, timeout,
         };
+        telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
         {
             LayerSpec spec = new LayerSpec
@@ -55,7 +59,10 @@ internal static class LocalCommand
                 EnableLocalCombine = p.GetValue(localCombine),
                 StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
             }.Validated();
-            LocalRun run = new(spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase));
+            LocalRun run = new(spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase))
+            {
+                Telemetry = telemetry.ToConfiguration(p),
+            };
             return await run.ExecuteAsync(Console.Out, ct);
         });
         return command;
@@ -75,6 +82,11 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
 {
     public const string Group = "local";
 
+    public const string LayerName = "layer0";
+
+    /// <summary>EpA2A:Telemetry settings from the command line; the process has one pipeline (one Prometheus port: the base).</summary>
+    public IReadOnlyDictionary<string, string?> Telemetry { get; init; } = new Dictionary<string, string?>();
+
     public async Task<int> ExecuteAsync(TextWriter output, CancellationToken cancellationToken)
     {
         List<IHost> silos = [];
@@ -91,13 +103,23 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
                         SiloPort = PortBase + r,
                         GatewayPort = PortBase + 100 + r,
                         Primary = primary,
+                        OwnsTelemetry = false,
                     },
                     Microsoft.Extensions.Logging.LogLevel.Error);
                 await silo.StartAsync(cancellationToken);
                 silos.Add(silo);
             }
 
-            using IHost clientHost = EpA2AHosts.BuildClient(ClusteringKind.Localhost, [.. Enumerable.Range(0, Spec.WorldSize).Select(r => PortBase + 100 + r)], null);
+            // Listeners are process-wide, so the client host carries the one telemetry pipeline of all these silos.
+            using IHost clientHost = EpA2AHosts.BuildClient(
+                ClusteringKind.Localhost,
+                [.. Enumerable.Range(0, Spec.WorldSize).Select(r => PortBase + 100 + r)],
+                null,
+                configure: b =>
+                {
+                    b.Configuration.AddInMemoryCollection(Telemetry);
+                    b.AddEpA2ATelemetry(instance: $"{Group}/all-ranks");
+                });
             await clientHost.StartAsync(cancellationToken);
             IClusterClient client = clientHost.Services.GetRequiredService<IClusterClient>();
             output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a local: {Spec.WorldSize} silos (CPU backend), {Spec.WorldSize / (Spec.LocalWorldSize ?? Spec.WorldSize)} node(s), hidden {Spec.Hidden}, top-{Spec.TopK} of {Spec.NumExperts} experts, {Spec.TokenType}, seed {Seed}"));
@@ -123,7 +145,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
     private async Task<int> RunStepsAsync<T>(IClusterClient client, TextWriter output, CancellationToken cancellationToken)
         where T : unmanaged
     {
-        ExpertLayerClient layer = new(client, Group, "layer0");
+        ExpertLayerClient layer = new(client, Group, LayerName);
         await layer.ConfigureAsync(Spec);
         IReadOnlyList<RankInfo> placement = await layer.Coordinator.DescribeGroupAsync();
         foreach (RankInfo info in placement)
@@ -132,7 +154,8 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
         }
 
         Random rng = new(Seed);
-        PhaseTable table = new();
+        using PhaseMetricsCollector phases = new(LayerName);
+        List<double> roundTrips = [];
         int failures = 0;
         for (int s = 0; s < Steps; s++)
         {
@@ -141,20 +164,24 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
             failures += ok ? 0 : 1;
             int rows = report.Ranks.Sum(r => r.ReceivedRows);
             output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  step {report.Step}: {rows} rows received, {(ok ? "matches the reference" : $"MISMATCH (worst {worst:0.00}x tolerance)")}, {roundTrip.TotalMilliseconds:0.0} ms"));
-            foreach (RankStepReport rank in report.Ranks)
-            {
-                foreach ((string phase, double micros) in rank.PhaseMicroseconds)
-                {
-                    table.Add(phase, micros);
-                }
-            }
+            roundTrips.Add(roundTrip.TotalMicroseconds);
+        }
 
-            table.Add("Coordinator step", report.CoordinatorMicroseconds);
-            table.Add("Client round trip", roundTrip.TotalMicroseconds);
+        // The table is read from the EpA2A meter's own measurements (epa2a.phase.duration, epa2a.step.duration):
+        // the numbers an exporter sends to Prometheus, unbucketed. Only the client's round trip is timed here.
+        PhaseTable table;
+        lock (phases.Table)
+        {
+            table = phases.Table.Copy();
+        }
+
+        foreach (double micros in roundTrips)
+        {
+            table.Add("client round trip", micros);
         }
 
         output.WriteLine();
-        output.WriteLine("Per-phase latency over all ranks and steps (CPU backend, grain transport):");
+        output.WriteLine("Per-phase latency over all ranks and steps from the EpA2A meter (CPU backend, grain transport):");
         output.Write(table.Render());
         output.WriteLine(failures == 0 ? $"all {Steps} steps match the reference" : $"{failures} of {Steps} steps did NOT match the reference");
         return failures;

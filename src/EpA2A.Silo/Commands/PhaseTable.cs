@@ -19,6 +19,17 @@ internal sealed class PhaseTable
         list.Add(micros);
     }
 
+    public PhaseTable Copy()
+    {
+        PhaseTable copy = new();
+        foreach ((string phase, List<double> values) in samples)
+        {
+            copy.samples[phase] = [.. values];
+        }
+
+        return copy;
+    }
+
     public string Render()
     {
         StringBuilder sb = new();

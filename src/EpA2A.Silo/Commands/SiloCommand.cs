@@ -24,10 +24,12 @@ internal static class SiloCommand
         Option<string?> redis = new("--redis") { Description = "Redis connection string (with --clustering redis)" };
         Option<string> clusterId = new("--cluster-id") { Description = "Orleans cluster id", DefaultValueFactory = _ => "epa2a" };
 
+        TelemetryCommandOptions telemetry = new();
         Command command = new("silo", "Run one silo serving one rank until Ctrl-C.")
         {
             rank, world, group, backend, gpu, portBase, clustering, redis, clusterId,
         };
+        telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
         {
             int r = p.GetValue(rank);
@@ -64,6 +66,7 @@ internal static class SiloCommand
                     Clustering = kind,
                     RedisConnection = p.GetValue(redis),
                     ClusterId = p.GetValue(clusterId)!,
+                    Configuration = telemetry.ToConfiguration(p),
                 },
                 LogLevel.Information);
             await silo.StartAsync(ct);

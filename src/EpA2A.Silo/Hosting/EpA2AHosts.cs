@@ -1,7 +1,9 @@
 using System.Net;
 
 using EpA2A.Grains.Hosting;
+using EpA2A.Silo.Telemetry;
 
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
@@ -18,6 +20,12 @@ public static class EpA2AHosts
         ArgumentNullException.ThrowIfNull(settings);
         HostApplicationBuilder builder = Host.CreateApplicationBuilder();
         builder.Logging.SetMinimumLevel(logLevel);
+        builder.Configuration.AddInMemoryCollection(settings.Configuration);
+        if (settings.OwnsTelemetry)
+        {
+            builder.AddEpA2ATelemetry(portOffset: settings.Rank, instance: $"{settings.Group}/rank-{settings.Rank}");
+        }
+
         builder.UseOrleans(silo =>
         {
             switch (settings.Clustering)
@@ -59,12 +67,13 @@ public static class EpA2AHosts
         return builder.Build();
     }
 
-    /// <summary>A cluster client host that reaches the silos' gateways.</summary>
-    public static IHost BuildClient(ClusteringKind clustering, IReadOnlyList<int> gatewayPorts, string? redis, string clusterId = "epa2a", string serviceId = "epa2a")
+    /// <summary>A cluster client host that reaches the silos' gateways; <paramref name="configure"/> adds to the host (e.g. telemetry).</summary>
+    public static IHost BuildClient(ClusteringKind clustering, IReadOnlyList<int> gatewayPorts, string? redis, string clusterId = "epa2a", string serviceId = "epa2a", Action<IHostApplicationBuilder>? configure = null)
     {
         ArgumentNullException.ThrowIfNull(gatewayPorts);
         HostApplicationBuilder builder = Host.CreateApplicationBuilder();
         builder.Logging.SetMinimumLevel(LogLevel.Error);
+        configure?.Invoke(builder);
         builder.UseOrleansClient(client =>
         {
             if (clustering == ClusteringKind.Redis)

@@ -47,4 +47,13 @@ public sealed record SiloSettings
 
     /// <summary>Orleans service id.</summary>
     public string ServiceId { get; init; } = "epa2a";
+
+    /// <summary>Settings layered over appsettings.json and the environment (e.g. EpA2A:Telemetry:PrometheusPortBase).</summary>
+    public IReadOnlyDictionary<string, string?> Configuration { get; init; } = new Dictionary<string, string?>();
+
+    /// <summary>
+    /// Whether this silo builds its process' telemetry pipeline from EpA2A:Telemetry (its Prometheus port is the
+    /// base plus its rank). Listeners are process-wide: of several silos in one process, at most one may.
+    /// </summary>
+    public bool OwnsTelemetry { get; init; } = true;
 }
