@@ -38,4 +38,7 @@ internal interface IDispatchCombineBackend : IDisposable
 
     /// <summary>Drops per-operation state of operations before <paramref name="sequence"/> (the resets of postprocess).</summary>
     void Reset(long epoch, long sequence);
+
+    /// <summary>After a failed operation, brings this rank back to a clean state; collective where the backend needs it (CUDA).</summary>
+    ValueTask RecoverAsync() => ValueTask.CompletedTask;
 }

@@ -3,6 +3,7 @@ using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
 using EpA2A.Backends;
 using EpA2A.Backends.Cpu;
+using EpA2A.Backends.Cuda;
 using EpA2A.Config;
 using EpA2A.Numerics;
 using EpA2A.Telemetry;
@@ -45,6 +46,8 @@ public sealed class EpAll2AllLayer : IDisposable
     /// <summary>The backend's name ("cpu", "cuda").</summary>
     public string BackendName => backend.Name;
 
+    internal IDispatchCombineBackend Backend => backend;
+
     /// <summary>A layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
     public static EpAll2AllLayer CreateCpu(EpConfig config, IRankTransport transport, EpLayerOptions? options = null)
     {
@@ -53,6 +56,25 @@ public sealed class EpAll2AllLayer : IDisposable
         options ??= EpLayerOptions.Default;
         ValidateOptions(options);
         return new EpAll2AllLayer(config, new CpuBackend(config, transport), options);
+    }
+
+    /// <summary>
+    /// A layer on the CUDA + NVSHMEM backend (libepa2a). Collective: every rank of the group calls it at the same time
+    /// (it creates the symmetric buffers), and blocks until all have. Dispose is collective too.
+    /// </summary>
+    /// <exception cref="ArgumentException">The config's rank or world size differs from the runtime's.</exception>
+    public static EpAll2AllLayer CreateCuda(EpConfig config, NvshmemRuntime runtime, EpLayerOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(runtime);
+        options ??= EpLayerOptions.Default;
+        ValidateOptions(options);
+        if (config.Rank != runtime.Rank || config.WorldSize != runtime.WorldSize)
+        {
+            throw new ArgumentException($"EpConfig is rank {config.Rank} of {config.WorldSize}, but the NVSHMEM runtime is rank {runtime.Rank} of {runtime.WorldSize}", nameof(config));
+        }
+
+        return new EpAll2AllLayer(config, CudaBackend.Create(config, runtime, options), options);
     }
 
     /// <summary>
@@ -244,6 +266,126 @@ public sealed class EpAll2AllLayer : IDisposable
         }
     }
 
+    /// <summary>
+    /// Dispatch from device buffers (CUDA backend; the in-process hot path): no host copies. Shapes and element types
+    /// are checked here; ids and scatter indices are device data that the kernels bounds-check.
+    /// </summary>
+    /// <returns>Device views of the layer's output rows and weights (valid until the next dispatch), and the layout.</returns>
+    /// <exception cref="NotSupportedException">The backend has no device buffers (CPU).</exception>
+    public async ValueTask<DeviceDispatchResult<T>> DispatchOnDeviceAsync<T>(
+        DeviceTensor<T> input,
+        DeviceTensor<int> expertIds,
+        DeviceTensor<float>? weights = null,
+        DeviceTensor<int>? scatterIndices = null,
+        CancellationToken cancellationToken = default)
+        where T : unmanaged
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        IDeviceDispatchCombineBackend device = DeviceBackend();
+        DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
+        using Guard guard = Enter();
+        PhaseClock clock = new(this);
+        int n = input.Lengths[0];
+        using OperationScope scope = NewOperation(cancellationToken);
+        lastDispatchSequence = scope.Operation.Sequence;
+        DispatchStep step = new()
+        {
+            Operation = scope.Operation,
+            Context = Context,
+            TokenCount = n,
+            Tokens = [],
+            ExpertIds = [],
+            Weights = weights is null ? null : [],
+            ScatterIndices = scatterIndices is null ? null : [],
+            DeviceInputs = new DeviceStepInputs(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, scatterIndices?.Pointer ?? 0),
+        };
+
+        try
+        {
+            await backend.CopyInAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.DispatchCopyIn, n, 0);
+            step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
+            await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
+            clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
+            await backend.DispatchTokensAsync(step).ConfigureAwait(false);
+            int recv = step.Plan.RecvRows(Config.Rank);
+            clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
+            EpAllToAllLayout layout = BuildLayout(step, recv);
+            DeviceTensor<T> output = new(device.DeviceOutput, [recv, Config.Hidden], this);
+            DeviceTensor<float>? outWeights = weights is null ? null : new(device.DeviceWeights, [recv], this);
+            clock.Lap(Phase.DispatchPostprocess, n, 0);
+            return new DeviceDispatchResult<T>(output, outWeights, layout);
+        }
+        finally
+        {
+            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+        }
+    }
+
+    /// <summary>
+    /// Combine from device buffers (CUDA backend): expert outputs [layout.RecvRows, Hidden] on the device (the
+    /// dispatch output itself is fine) to a device result [n, Hidden] that the layer owns, valid until the next combine.
+    /// </summary>
+    /// <exception cref="NotSupportedException">The backend has no device buffers (CPU).</exception>
+    public async ValueTask<DeviceTensor<T>> CombineOnDeviceAsync<T>(
+        DeviceTensor<T> expertOutput,
+        EpAllToAllLayout layout,
+        CombineOptions? options = null,
+        CancellationToken cancellationToken = default)
+        where T : unmanaged
+    {
+        options ??= CombineOptions.Unweighted;
+        ObjectDisposedException.ThrowIf(disposed, this);
+        DeviceBackend();
+        DeviceTensorValidator.Combine(Config, expertOutput, layout, options);
+        if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch || layout.DispatchSequence != lastDispatchSequence)
+        {
+            throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
+        }
+
+        using Guard guard = Enter();
+        PhaseClock clock = new(this);
+        using OperationScope scope = NewOperation(cancellationToken);
+        int n = layout.NumDispatchTokens;
+        CombineStep step = new()
+        {
+            Operation = scope.Operation,
+            Layout = layout,
+            ExpertOutput = [],
+            SourceWeights = layout.SourceWeights,
+            RowWeights = null,
+            Weighted = options.Weighted,
+            Accumulator = [],
+            DeviceExpertOutput = expertOutput.Pointer,
+        };
+        try
+        {
+            await backend.CopyInAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.CombineCopyIn, n, 0);
+            await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.CombineKernel, n, expertOutput.ByteLength);
+            await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
+            clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
+            return new DeviceTensor<T>(step.DeviceResult, [n, Config.Hidden], this);
+        }
+        finally
+        {
+            backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
+        }
+    }
+
+    /// <summary>
+    /// After a failed operation (deadline, abort), brings the group back to a clean state. Collective on the CUDA
+    /// backend: every rank calls it together (libepa2a's reset waits in an NVSHMEM barrier without a deadline, so
+    /// the coordinator calls it only once every rank is known to be there); a no-op on the CPU backend.
+    /// </summary>
+    public async ValueTask RecoverAsync()
+    {
+        using Guard guard = Enter();
+        await backend.RecoverAsync().ConfigureAwait(false);
+    }
+
     /// <summary>Releases every buffer (the original's finalize). Later calls throw <see cref="ObjectDisposedException"/>.</summary>
     public void Dispose()
     {
@@ -255,6 +397,9 @@ public sealed class EpAll2AllLayer : IDisposable
         disposed = true;
         backend.Dispose();
     }
+
+    private IDeviceDispatchCombineBackend DeviceBackend() => backend as IDeviceDispatchCombineBackend
+        ?? throw new NotSupportedException($"the {backend.Name} backend has no device buffers: use the Tensor<T> overloads");
 
     private static void ValidateOptions(EpLayerOptions options)
     {

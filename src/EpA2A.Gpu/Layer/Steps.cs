@@ -21,6 +21,19 @@ internal sealed class OperationContext(EpConfig config, long epoch, long sequenc
     /// <summary>Cancelled at the deadline or by the caller.</summary>
     public CancellationToken Token { get; } = token;
 
+    /// <summary>When the operation (and its deadline) started, as a <see cref="System.Diagnostics.Stopwatch"/> timestamp.</summary>
+    public long StartTimestamp { get; } = System.Diagnostics.Stopwatch.GetTimestamp();
+
+    /// <summary>Time left before the deadline (zero once it has passed).</summary>
+    public TimeSpan Remaining
+    {
+        get
+        {
+            TimeSpan left = Timeout - System.Diagnostics.Stopwatch.GetElapsedTime(StartTimestamp);
+            return left > TimeSpan.Zero ? left : TimeSpan.Zero;
+        }
+    }
+
     public MessageTag Tag(ExchangePhase phase) => new(Epoch, Sequence, phase);
 
     /// <summary>
@@ -72,6 +85,9 @@ internal sealed class DispatchStep
     /// <summary>[TokenCount, TopK] global rows or null.</summary>
     public int[]? ScatterIndices { get; init; }
 
+    /// <summary>Device pointers of the inputs on the in-process device path (CUDA); null when they are the host arrays above.</summary>
+    public DeviceStepInputs? DeviceInputs { get; init; }
+
     /// <summary>Set by the preprocess phase.</summary>
     public IRoutingPlan? Plan { get; set; }
 
@@ -108,5 +124,14 @@ internal sealed class CombineStep
     /// <summary>Set by a backend that rounds on its own (CUDA): [TokenCount, Hidden] of the token type, as bytes.</summary>
     public byte[]? Rounded { get; set; }
 
+    /// <summary>Device path (CUDA): the expert outputs' device pointer (0 on the host path, where <see cref="ExpertOutput"/> holds them).</summary>
+    public nint DeviceExpertOutput { get; init; }
+
+    /// <summary>Device path: set by the backend to the device rows [TokenCount, Hidden] it combined into (owned by the layer).</summary>
+    public nint DeviceResult { get; set; }
+
     public EpConfig Config => Operation.Config;
 }
+
+/// <summary>Device pointers of a dispatch's inputs (0 for an absent optional one).</summary>
+internal sealed record DeviceStepInputs(nint Tokens, nint ExpertIds, nint Weights, nint ScatterIndices);

@@ -35,6 +35,24 @@ internal static partial class NativeMethods
     internal static partial int epa2a_finalize();
 
     [LibraryImport(Library)]
+    internal static partial int epa2a_rank(out int rank, out int worldSize);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_sym_malloc(nuint bytes, out nint ptr);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_sym_free(nint ptr);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_sym_peer_ptr(nint ptr, int peer, out nint peerPtr);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_barrier_all(nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_barrier_node(nint stream);
+
+    [LibraryImport(Library)]
     internal static partial int epa2a_stream_create(out nint stream);
 
     [LibraryImport(Library)]

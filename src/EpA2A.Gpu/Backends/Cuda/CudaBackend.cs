@@ -1,0 +1,459 @@
+using System.Runtime.InteropServices;
+using EpA2A.Config;
+using EpA2A.Layer;
+using static EpA2A.Backends.Cuda.NativeMethods;
+
+namespace EpA2A.Backends.Cuda;
+
+/// <summary>
+/// The CUDA + NVSHMEM backend: each phase of the layer's flow is a libepa2a call on the process's
+/// <see cref="GpuWorker"/>. Copy-in uploads host inputs into device staging sized for MaxTokens (allocated once);
+/// preprocess launches the counting kernels and polls the pinned receive sizes with the operation's deadline;
+/// growth is libepa2a's collective grow; the dispatch kernel sends, finishes and (host path) downloads rows,
+/// weights, scatter rows and row origins; combine runs on the device and rounds there. A cancelled or expired
+/// operation aborts the layer's device waits. After a failed step (timeout, abort) the layer refuses new steps
+/// until every rank has called <see cref="RecoverAsync"/> together (libepa2a's collective reset).
+/// </summary>
+internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDispatchCombineBackend
+{
+    /// <summary>The host poll of receive sizes ends this long after the step deadline, so a device wait (which names the peer) reports first.</summary>
+    private const long HostPollGraceNs = 100_000_000;
+
+    private const int EvPrepareStart = 0;
+    private const int EvPrepareEnd = 1;
+    private const int EvSendStart = 2;
+    private const int EvFinishEnd = 3;
+    private const int EvCombineStart = 4;
+    private const int EvCombineEnd = 5;
+
+    private readonly EpConfig config;
+    private readonly GpuWorker worker;
+    private readonly IGpuPhaseObserver? gpuObserver;
+    private readonly int capacityFactor;
+    private readonly CudaStreamHandle stream;
+    private readonly CudaEventHandle[] events;
+    private readonly DeviceMemoryHandle stagedTokens;
+    private readonly DeviceMemoryHandle stagedIds;
+    private readonly DeviceMemoryHandle stagedWeights;
+    private readonly DeviceMemoryHandle stagedScatter;
+    private readonly DeviceMemoryHandle combined;
+    private readonly CudaLayerHandle layer;
+    private NativeLayerBuffers buffers;
+    private volatile bool needsRecovery;
+    private bool combineReady;
+    private int abortRequested;
+    private ArgumentException? pendingInputError;
+    private bool disposed;
+
+    private CudaBackend(EpConfig config, NvshmemRuntime runtime, EpLayerOptions options)
+    {
+        this.config = config;
+        worker = runtime.Worker;
+        gpuObserver = options.Observer as IGpuPhaseObserver;
+        capacityFactor = options.Capacity;
+        long rowBytes = (long)config.Hidden * config.TokenBytes;
+        long slots = (long)config.MaxTokens * config.TopK;
+
+        // Everything local first: a rank that fails here must not leave its peers holding a collective layer.
+        List<GpuHandle> made = [];
+        try
+        {
+            stream = Keep(made, CudaStreamHandle.Create(worker));
+            events = [.. Enumerable.Range(0, 6).Select(_ => Keep(made, CudaEventHandle.Create(worker)))];
+            stagedTokens = Keep(made, DeviceMemoryHandle.Allocate(worker, config.MaxTokens * rowBytes));
+            stagedIds = Keep(made, DeviceMemoryHandle.Allocate(worker, slots * 4));
+            stagedWeights = Keep(made, DeviceMemoryHandle.Allocate(worker, slots * 4));
+            stagedScatter = Keep(made, DeviceMemoryHandle.Allocate(worker, slots * 4));
+            combined = Keep(made, DeviceMemoryHandle.Allocate(worker, config.MaxTokens * rowBytes));
+            NativeLayerConfig native = new()
+            {
+                TimeoutNs = options.StepTimeout.Ticks * 100,
+                MaxTokens = config.MaxTokens,
+                Hidden = config.Hidden,
+                TopK = config.TopK,
+                NumExperts = config.NumExperts,
+                Rank = config.Rank,
+                WorldSize = config.WorldSize,
+                LocalWorldSize = config.LocalWorldSize,
+                TokenBytes = config.TokenBytes,
+                TokenType = (int)config.TokenType,
+                NumSms = config.NumSms,
+                EnableLocalCombine = config.EnableLocalCombine ? 1 : 0,
+                ExpertAlignment = config.ExpertAlignment,
+                Capacity = options.Capacity,
+            };
+            layer = CudaLayerHandle.Create(worker, native);
+        }
+        catch
+        {
+            foreach (GpuHandle h in made)
+            {
+                h.Dispose();
+            }
+
+            throw;
+        }
+
+        Check(epa2a_layer_get_buffers(layer.Pointer, out buffers), "epa2a_layer_get_buffers");
+    }
+
+    public string Name => "cuda";
+
+    public nint DeviceOutput => buffers.Output;
+
+    public nint DeviceWeights => buffers.Weights;
+
+    /// <summary>Creates the layer's device state on the worker (collective: every rank calls it together).</summary>
+    public static CudaBackend Create(EpConfig config, NvshmemRuntime runtime, EpLayerOptions options)
+    {
+        runtime.ThrowIfDisposed();
+        return runtime.Worker.Run(() => new CudaBackend(config, runtime, options));
+    }
+
+    public async ValueTask CopyInAsync(DispatchStep step)
+    {
+        ThrowIfUnusable();
+        if (step.DeviceInputs is not null)
+        {
+            return; // the kernels read the caller's device buffers directly
+        }
+
+        int n = step.TokenCount;
+        int slots = n * config.TopK;
+        await OnWorkerAsync(step.Operation, () =>
+        {
+            Upload(stagedTokens.Pointer, step.Tokens.AsSpan(0, n * RowBytes));
+            Upload(stagedIds.Pointer, MemoryMarshal.AsBytes(step.ExpertIds.AsSpan(0, slots)));
+            if (step.Weights is { } w)
+            {
+                Upload(stagedWeights.Pointer, MemoryMarshal.AsBytes(w.AsSpan(0, slots)));
+            }
+
+            if (step.ScatterIndices is { } s)
+            {
+                Upload(stagedScatter.Pointer, MemoryMarshal.AsBytes(s.AsSpan(0, slots)));
+            }
+
+            Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
+            return true;
+        }).ConfigureAwait(false);
+    }
+
+    public async ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step)
+    {
+        ThrowIfUnusable();
+        OperationContext op = step.Operation;
+        ThrowIfCancelledBeforeStart(op);
+        combineReady = false;
+        pendingInputError = null;
+        DeviceStepInputs inputs = step.DeviceInputs ?? new DeviceStepInputs(
+            stagedTokens.Pointer,
+            stagedIds.Pointer,
+            step.Weights is null ? 0 : stagedWeights.Pointer,
+            step.ScatterIndices is null ? 0 : stagedScatter.Pointer);
+        int n = step.TokenCount;
+        return await OnWorkerAsync(op, () =>
+        {
+            Record(EvPrepareStart);
+            Check(epa2a_dispatch_prepare(layer.Pointer, inputs.Tokens, inputs.ExpertIds, inputs.Weights, inputs.ScatterIndices, n, stream.Pointer), "epa2a_dispatch_prepare");
+            Record(EvPrepareEnd);
+            long remainingNs = Math.Max(1, op.Remaining.Ticks * 100);
+            int status = epa2a_dispatch_wait_sizes(layer.Pointer, remainingNs + HostPollGraceNs, out _);
+            if (status is (int)NativeCode.BadExpertId or (int)NativeCode.BadScatterIndex)
+            {
+                // The bad entries were dropped and every rank is sized: finish the step with the others (so no
+                // peer waits for this rank), then report the input error.
+                pendingInputError = InputError(new NativeCallException("epa2a_dispatch_wait_sizes", (NativeCode)status, LastError()));
+            }
+            else
+            {
+                Check(status, "epa2a_dispatch_wait_sizes");
+            }
+
+            int w = config.WorldSize;
+            int epr = config.ExpertsPerRank;
+            int[] recv = new int[w];
+            int[] tokens = new int[w];
+            int[] rows = new int[epr];
+            int[] padded = new int[epr];
+            int[] starts = new int[epr];
+            unsafe
+            {
+                fixed (int* pr = recv, pt = tokens, pe = rows, pp = padded, ps = starts)
+                {
+                    Check(epa2a_dispatch_get_layout(layer.Pointer, pr, pt, pe, pp, ps), "epa2a_dispatch_get_layout");
+                }
+            }
+
+            return (IRoutingPlan)new DeviceRoutingPlan(config, recv, tokens, rows, starts);
+        }).ConfigureAwait(false);
+    }
+
+    public async ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
+    {
+        if (step.DeviceInputs is null)
+        {
+            step.Context.ReallocateDispatchOutput(maxRecvRows);
+        }
+
+        if (maxRecvRows <= buffers.OutputRows)
+        {
+            return;
+        }
+
+        // The same rounding as the host context, from the same maximum: every rank grows to the same rows.
+        long target = (long)(maxRecvRows + DispatchCombineContext.GrowthGranularity - 1) / DispatchCombineContext.GrowthGranularity
+            * DispatchCombineContext.GrowthGranularity * capacityFactor;
+        int rows = (int)Math.Clamp(target, maxRecvRows, int.MaxValue / Math.Max(1, RowBytes));
+        await OnWorkerAsync(step.Operation, () =>
+        {
+            Check(epa2a_layer_grow_output(layer.Pointer, Math.Max(rows, maxRecvRows)), "epa2a_layer_grow_output");
+            Check(epa2a_layer_get_buffers(layer.Pointer, out buffers), "epa2a_layer_get_buffers");
+            return true;
+        }).ConfigureAwait(false);
+    }
+
+    public async ValueTask DispatchTokensAsync(DispatchStep step)
+    {
+        int recv = step.Plan!.RecvRows(config.Rank);
+        int slots = step.TokenCount * config.TopK;
+        bool host = step.DeviceInputs is null;
+        (int[]? scatter, RowOrigins origins) = await OnWorkerAsync(step.Operation, () =>
+        {
+            Record(EvSendStart);
+            Check(epa2a_dispatch_send(layer.Pointer, stream.Pointer), "epa2a_dispatch_send");
+            Check(epa2a_dispatch_finish(layer.Pointer, stream.Pointer), "epa2a_dispatch_finish");
+            Record(EvFinishEnd);
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            ReportDispatchGpuTimes(step.TokenCount);
+            if (!host)
+            {
+                return ((int[]?)null, new RowOrigins(0));
+            }
+
+            Download(MemoryMarshal.CreateSpan(ref MemoryMarshal.GetArrayDataReference(step.Context.OutputBuffer), recv * RowBytes), buffers.Output);
+            if (step.Weights is not null)
+            {
+                Download(MemoryMarshal.AsBytes(step.Context.WeightBuffer.AsSpan(0, recv)), buffers.Weights);
+            }
+
+            int[] origin = new int[recv * 4];
+            Download(MemoryMarshal.AsBytes(origin.AsSpan()), buffers.RowOrigin);
+            int[] global = new int[slots];
+            Download(MemoryMarshal.AsBytes(global.AsSpan()), buffers.ScatterRows);
+            RowOrigins o = new(recv);
+            for (int r = 0; r < recv; r++)
+            {
+                o.Source[r] = origin[4 * r];
+                o.Token[r] = origin[(4 * r) + 1];
+                o.K[r] = origin[(4 * r) + 2];
+            }
+
+            return (global, o);
+        }).ConfigureAwait(false);
+
+        step.GlobalScatter = scatter ?? [];
+        step.Origins = origins;
+        combineReady = true;
+        if (pendingInputError is { } bad)
+        {
+            pendingInputError = null;
+            throw bad;
+        }
+    }
+
+    public async ValueTask CopyInAsync(CombineStep step)
+    {
+        ThrowIfUnusable();
+        ThrowIfCancelledBeforeStart(step.Operation);
+        if (!combineReady)
+        {
+            throw new InvalidOperationException(
+                $"rank {config.Rank}: the CUDA backend runs one combine per dispatch (libepa2a keeps the dispatch's routing on the device until its combine); dispatch again before the next combine");
+        }
+
+        if (step.DeviceExpertOutput != 0)
+        {
+            return; // epa2a_combine copies the caller's rows in on the stream
+        }
+
+        int bytes = step.Layout.RecvRows * RowBytes;
+        await OnWorkerAsync(step.Operation, () =>
+        {
+            Upload(buffers.Output, step.ExpertOutput.AsSpan(0, bytes));
+            Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
+            return true;
+        }).ConfigureAwait(false);
+    }
+
+    public async ValueTask CombineWithinNodeAsync(CombineStep step)
+    {
+        int n = step.Layout.NumDispatchTokens;
+        combineReady = false; // consumed even if it fails: libepa2a leaves the dispatch state behind
+        byte[]? rounded = await OnWorkerAsync(step.Operation, () =>
+        {
+            Record(EvCombineStart);
+            Check(epa2a_combine(layer.Pointer, step.DeviceExpertOutput, combined.Pointer, step.Weighted ? 1 : 0, stream.Pointer), "epa2a_combine");
+            Record(EvCombineEnd);
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            ReportGpuTime(Phase.CombineKernel, EvCombineStart, EvCombineEnd, n);
+            if (step.DeviceExpertOutput != 0)
+            {
+                return null;
+            }
+
+            byte[] result = new byte[n * RowBytes];
+            Download(result, combined.Pointer);
+            return result;
+        }).ConfigureAwait(false);
+        if (rounded is null)
+        {
+            step.DeviceResult = combined.Pointer;
+        }
+        else
+        {
+            step.Rounded = rounded;
+        }
+    }
+
+    /// <summary>libepa2a's combine already summed across nodes (proxy partials) and rounded once.</summary>
+    public ValueTask CombineAcrossNodesAsync(CombineStep step) => ValueTask.CompletedTask;
+
+    public async ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly)
+    {
+        ThrowIfUnusable();
+        ThrowIfCancelledBeforeStart(operation);
+        await OnWorkerAsync(operation, () =>
+        {
+            Check(epa2a_layer_barrier(layer.Pointer, intraNodeOnly ? 1 : 0, stream.Pointer), "epa2a_layer_barrier");
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            return true;
+        }).ConfigureAwait(false);
+    }
+
+    /// <summary>Operations are ordered by libepa2a's own epochs: nothing to drop per operation.</summary>
+    public void Reset(long epoch, long sequence)
+    {
+    }
+
+    /// <summary>
+    /// libepa2a's collective reset: waits for every rank's kernels to end, clears signals, status and the abort
+    /// flag everywhere. Every rank of the group must call it (NVSHMEM's barrier inside has no deadline).
+    /// </summary>
+    public async ValueTask RecoverAsync()
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        await worker.RunAsync(() => Check(epa2a_layer_reset(layer.Pointer), "epa2a_layer_reset")).ConfigureAwait(false);
+        Volatile.Write(ref abortRequested, 0);
+        needsRecovery = false;
+        combineReady = false;
+        pendingInputError = null;
+    }
+
+    /// <summary>Fills the receive buffers (device output rows and weights, and their host copies) with NaN bytes.</summary>
+    public async Task PoisonReceiveBuffersAsync(DispatchCombineContext context)
+    {
+        ThrowIfUnusable();
+        MemoryMarshal.CreateSpan(ref MemoryMarshal.GetArrayDataReference(context.OutputBuffer), context.OutputBuffer.Length * config.TokenBytes).Fill(0xFF);
+        context.WeightBuffer.AsSpan().Fill(float.NaN);
+        await worker.RunAsync(() =>
+        {
+            Check(epa2a_memset_async(buffers.Output, 0xFF, (nuint)((long)buffers.OutputRows * RowBytes), stream.Pointer), "epa2a_memset_async");
+            Check(epa2a_memset_async(buffers.Weights, 0xFF, (nuint)((long)buffers.OutputRows * 4), stream.Pointer), "epa2a_memset_async");
+            Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
+        }).ConfigureAwait(false);
+    }
+
+    /// <summary>Collective: every rank disposes its layer together (libepa2a's destroy is an NVSHMEM barrier).</summary>
+    public void Dispose()
+    {
+        if (disposed)
+        {
+            return;
+        }
+
+        disposed = true;
+        layer.MarkCollectiveRelease();
+        layer.Dispose();
+        foreach (GpuHandle h in new GpuHandle[] { stagedTokens, stagedIds, stagedWeights, stagedScatter, combined })
+        {
+            h.Dispose();
+        }
+
+        foreach (CudaEventHandle e in events)
+        {
+            e.Dispose();
+        }
+
+        stream.Dispose();
+    }
+
+    private int RowBytes => config.Hidden * config.TokenBytes;
+
+    private static T Keep<T>(List<GpuHandle> made, T handle)
+        where T : GpuHandle
+    {
+        made.Add(handle);
+        return handle;
+    }
+
+    private void ThrowIfUnusable()
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        if (needsRecovery)
+        {
+            throw new InvalidOperationException(
+                $"rank {config.Rank}: an earlier step failed on the device; every rank must call RecoverAsync together before the next step");
+        }
+    }
+
+    private void Record(int ev) => Check(epa2a_event_record(events[ev].Pointer, stream.Pointer), "epa2a_event_record");
+
+    private void ReportDispatchGpuTimes(int tokens)
+    {
+        ReportGpuTime(Phase.DispatchPreprocess, EvPrepareStart, EvPrepareEnd, tokens);
+        ReportGpuTime(Phase.DispatchOutputSizeWait, EvPrepareEnd, EvSendStart, tokens);
+        ReportGpuTime(Phase.DispatchKernel, EvSendStart, EvFinishEnd, tokens);
+    }
+
+    private void ReportGpuTime(Phase phase, int from, int to, int tokens)
+    {
+        if (gpuObserver is null)
+        {
+            return;
+        }
+
+        Check(epa2a_event_elapsed_ms(events[from].Pointer, events[to].Pointer, out float ms), "epa2a_event_elapsed_ms");
+        gpuObserver.OnGpuPhase(config.Rank, phase, TimeSpan.FromTicks((long)(ms * TimeSpan.TicksPerMillisecond)), tokens);
+    }
+
+    private unsafe void Upload(nint device, ReadOnlySpan<byte> host)
+    {
+        if (host.IsEmpty)
+        {
+            return;
+        }
+
+        fixed (byte* p = host)
+        {
+            Check(epa2a_memcpy_async(device, (nint)p, (nuint)host.Length, stream.Pointer), "epa2a_memcpy_async");
+
+            // The copy reads pageable memory that stays pinned only inside this block.
+            Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
+        }
+    }
+
+    private unsafe void Download(Span<byte> host, nint device)
+    {
+        if (host.IsEmpty)
+        {
+            return;
+        }
+
+        fixed (byte* p = host)
+        {
+            Check(epa2a_memcpy_async((nint)p, device, (nuint)host.Length, stream.Pointer), "epa2a_memcpy_async");
+            Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
+        }
+    }
+}

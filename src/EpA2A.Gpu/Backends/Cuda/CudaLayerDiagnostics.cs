@@ -1,0 +1,21 @@
+using EpA2A.Layer;
+
+namespace EpA2A.Backends.Cuda;
+
+/// <summary>Test hooks for CUDA layers (the GPU suite poisons outputs before each checked step).</summary>
+public static class CudaLayerDiagnostics
+{
+    /// <summary>
+    /// Fills a CUDA layer's receive buffers (the symmetric output rows and weights, and the host copies the
+    /// Tensor API returns) with 0xFF bytes, a NaN in bf16, fp16 and fp32, so that a check can tell every row and
+    /// weight a step wrote from a stale one. Call it between steps only.
+    /// </summary>
+    /// <exception cref="ArgumentException">The layer is not on the CUDA backend.</exception>
+    public static Task PoisonReceiveBuffersAsync(EpAll2AllLayer layer)
+    {
+        ArgumentNullException.ThrowIfNull(layer);
+        CudaBackend cuda = layer.Backend as CudaBackend
+            ?? throw new ArgumentException($"layer is on the {layer.BackendName} backend, not cuda", nameof(layer));
+        return cuda.PoisonReceiveBuffersAsync(layer.Context);
+    }
+}
