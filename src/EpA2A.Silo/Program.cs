@@ -7,6 +7,7 @@ RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts
     LocalCommand.Create(),
     SiloCommand.Create(),
     StepCommand.Create(),
+    GpuCheckCommand.Create(),
     DriveCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();
