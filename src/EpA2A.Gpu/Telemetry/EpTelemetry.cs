@@ -132,6 +132,23 @@ public static class EpTelemetry
     public static Counter<long> InputsRejected { get; } = Meter.CreateCounter<long>(
         "epa2a.inputs.rejected", "{operation}", "Operations refused on this rank for bad input, before anything was sent");
 
+    /// <summary>
+    /// Records a phase's GPU time (CUDA events) on <see cref="PhaseGpuDuration"/> with the layer's tags: the hook for a
+    /// backend that measures kernels after the phase's host-side span has ended.
+    /// </summary>
+    public static void RecordGpuPhase(int rank, string? layer, string backend, Phase phase, TimeSpan gpuElapsed)
+    {
+        if (PhaseGpuDuration.Enabled)
+        {
+            PhaseGpuDuration.Record(
+                gpuElapsed.TotalSeconds,
+                new KeyValuePair<string, object?>(Tags.Rank, rank),
+                new KeyValuePair<string, object?>(Tags.Layer, string.IsNullOrEmpty(layer) ? "layer" : layer),
+                new KeyValuePair<string, object?>(Tags.Backend, backend),
+                new KeyValuePair<string, object?>(Tags.Phase, PhaseName(phase)));
+        }
+    }
+
     /// <summary>The tag value of a phase (also the suffix of its span name "epa2a.&lt;phase&gt;").</summary>
     public static string PhaseName(Phase phase) => phase switch
     {

@@ -99,7 +99,7 @@ internal sealed class LayerTelemetry
 
         if (phase is Phase.DispatchKernel or Phase.CombineKernel && EpTelemetry.Tokens.Enabled)
         {
-            EpTelemetry.Tokens.Add(tokens, Tags(EpTelemetry.Tags.Operation, OperationNames[(int)operation]));
+            EpTelemetry.Tokens.Add(tokens, Tags(EpTelemetry.Tags.Operation, OperationNames[phase == Phase.DispatchKernel ? 0 : 1]));
         }
 
         if (phase == Phase.DispatchOutputSizeWait && context.Reallocations != seenReallocations)
@@ -195,6 +195,17 @@ internal sealed class LayerTelemetry
         return false;
     }
 
+    /// <summary>Ends the operation's span; phases after it (an operation not opened with <see cref="Begin"/>) get no span.</summary>
+    internal void End(Activity? operationSpan)
+    {
+        if (ReferenceEquals(span, operationSpan))
+        {
+            span = null;
+        }
+
+        operationSpan?.Dispose();
+    }
+
     private static string[] ByPhase(Func<Phase, string> name)
     {
         Phase[] phases = Enum.GetValues<Phase>();
@@ -228,5 +239,5 @@ internal readonly struct OperationTrace(LayerTelemetry telemetry, Activity? span
     /// <summary>Records the failure (counter, span status). Returns false, so it can be an exception filter.</summary>
     public bool Failed(Exception error) => telemetry.Failed(span, error);
 
-    public void Dispose() => span?.Dispose();
+    public void Dispose() => telemetry.End(span);
 }
