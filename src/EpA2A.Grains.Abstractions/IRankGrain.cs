@@ -13,6 +13,12 @@ public interface IRankGrain : IGrainWithStringKey
     [AlwaysInterleave]
     Task<RankInfo> DescribeAsync();
 
+    /// <summary>Rank 0 of a CUDA group: a fresh NVSHMEM unique id that every rank joins with.</summary>
+    Task<byte[]> CreateUniqueIdAsync();
+
+    /// <summary>Joins the group's NVSHMEM job (collective: every rank at once, with the same id).</summary>
+    Task InitializeGpuAsync(byte[] uniqueId, int worldSize);
+
     /// <summary>Creates (or re-creates, for a new epoch) the layer's buffers with this rank's configuration.</summary>
     Task CreateLayerAsync(string layer, LayerSpec spec, long epoch);
 

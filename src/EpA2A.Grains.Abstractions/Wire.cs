@@ -55,7 +55,8 @@ public sealed record RankInfo(
     [property: Id(2)] string Silo,
     [property: Id(3)] int? Gpu,
     [property: Id(4)] string Backend,
-    [property: Id(5)] int ProcessId);
+    [property: Id(5)] int ProcessId,
+    [property: Id(6)] bool GpuInitialized = false);
 
 /// <summary>The identity of a step: its number and the group incarnation it runs in.</summary>
 [GenerateSerializer]

@@ -181,6 +181,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         LayerSpec s = RequireSpec();
         long newEpoch = epoch + 1;
         (int Rank, IRankGrain Grain)[] ranks = Ranks(s);
+        await BootstrapGpusAsync(s, ranks).ConfigureAwait(true);
         Task[] creates = [.. ranks.Select(r => r.Grain.CreateLayerAsync(Key.Layer, s, newEpoch))];
         Task all = Task.WhenAll(creates);
         await Task.WhenAny(all, Task.Delay(s.StepTimeout)).ConfigureAwait(true);
@@ -205,6 +206,50 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         formed = true;
         LogFormed(logger, Key.Layer, Key.Group, s.WorldSize, epoch);
     }
+
+    /// <summary>
+    /// On the CUDA backend every rank must join one NVSHMEM job before layers (symmetric buffers) exist:
+    /// rank 0 makes the unique id, this grain hands it to every rank, and all initialize together.
+    /// </summary>
+    private async Task BootstrapGpusAsync(LayerSpec s, (int Rank, IRankGrain Grain)[] ranks)
+    {
+        Task<RankInfo>[] describe = [.. ranks.Select(r => r.Grain.DescribeAsync())];
+        await Task.WhenAny(Task.WhenAll(describe), Task.Delay(s.StepTimeout)).ConfigureAwait(true);
+        int[] silent = [.. ranks.Where((_, i) => !describe[i].IsCompletedSuccessfully).Select(r => r.Rank)];
+        if (silent.Length > 0)
+        {
+            string why = string.Join("; ", silent.Select(r => $"rank {r}: {(describe[r].IsFaulted ? describe[r].Exception!.GetBaseException().Message : "no answer")}"));
+            throw new GroupStepFailedException($"group '{Key.Group}' could not form layer '{Key.Layer}': {why}", nextStep + 1, silent);
+        }
+
+        RankInfo[] infos = [.. describe.Select(d => d.Result)];
+        int[] cuda = [.. infos.Where(i => string.Equals(i.Backend, "cuda", StringComparison.OrdinalIgnoreCase)).Select(i => i.Rank)];
+        if (cuda.Length == 0 || infos.All(i => i.GpuInitialized))
+        {
+            return;
+        }
+
+        if (cuda.Length != infos.Length)
+        {
+            int[] cpu = [.. infos.Select(i => i.Rank).Except(cuda)];
+            throw new GroupStepFailedException($"group '{Key.Group}' mixes backends: ranks {string.Join(", ", cuda)} run cuda, ranks {string.Join(", ", cpu)} do not", nextStep + 1, cpu);
+        }
+
+        byte[] uid = await ranks[0].Grain.CreateUniqueIdAsync().WaitAsync(s.StepTimeout).ConfigureAwait(true);
+        Task[] joins = [.. ranks.Select(r => r.Grain.InitializeGpuAsync(uid, s.WorldSize))];
+        await Task.WhenAny(Task.WhenAll(joins), Task.Delay(TimeSpan.FromSeconds(90))).ConfigureAwait(true);
+        int[] failed = [.. ranks.Where((_, i) => !joins[i].IsCompletedSuccessfully).Select(r => r.Rank)];
+        if (failed.Length > 0)
+        {
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(joins[r].IsFaulted ? joins[r].Exception!.GetBaseException().Message : "did not join within 90 s")}"));
+            throw new GroupStepFailedException($"group '{Key.Group}' could not bootstrap NVSHMEM: {why}", nextStep + 1, failed);
+        }
+
+        LogBootstrapped(logger, Key.Group, s.WorldSize);
+    }
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "group {Group}: {World} ranks joined NVSHMEM")]
+    private static partial void LogBootstrapped(ILogger logger, string group, int world);
 
     private async Task AbortAllAsync((int Rank, IRankGrain Grain)[] ranks, string reason)
     {

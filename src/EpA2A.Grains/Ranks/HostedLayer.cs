@@ -24,14 +24,14 @@ internal sealed class HostedLayer : IDisposable
     private (long Step, byte[] Bytes)? output;
     private CancellationTokenSource? running;
 
-    public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<RankMailbox, IRankTransport> transportFor)
+    public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create)
     {
         Name = name;
         Spec = spec;
         Epoch = epoch;
         Config = config;
         Mailbox = new RankMailbox();
-        Layer = EpAll2AllLayer.CreateCpu(config, transportFor(Mailbox), new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name });
+        Layer = create(config, new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name }, Mailbox);
     }
 
     public string Name { get; }

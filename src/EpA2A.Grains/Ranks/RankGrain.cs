@@ -18,13 +18,18 @@ internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
         RuntimeIdentity,
         runtime.Options.Gpu,
         runtime.Options.Backend,
-        Environment.ProcessId));
+        Environment.ProcessId,
+        runtime.GpuInitialized));
+
+    public Task<byte[]> CreateUniqueIdAsync() => Task.Run(runtime.CreateUniqueId);
+
+    public Task InitializeGpuAsync(byte[] uniqueId, int worldSize) =>
+        runtime.InitializeGpuAsync(uniqueId, worldSize, TimeSpan.FromSeconds(60));
 
     public Task CreateLayerAsync(string layer, LayerSpec spec, long epoch)
     {
         ArgumentNullException.ThrowIfNull(spec);
-        runtime.CreateLayer(layer, spec.Validated(), epoch, Rank);
-        return Task.CompletedTask;
+        return runtime.CreateLayerAsync(layer, spec.Validated(), epoch, Rank);
     }
 
     public Task DropLayerAsync(string layer)

@@ -1,6 +1,8 @@
 using System.Collections.Concurrent;
+using EpA2A.Backends.Cuda;
 using EpA2A.Experts;
 using EpA2A.Grains.Hosting;
+using EpA2A.Layer;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 
@@ -14,6 +16,7 @@ namespace EpA2A.Grains.Ranks;
 public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrainFactory grains, IExpertCompute compute, ILogger<RankRuntime> logger) : IDisposable
 {
     private readonly ConcurrentDictionary<string, HostedLayer> layers = new();
+    private NvshmemRuntime? gpu;
 
     /// <summary>The silo's rank options.</summary>
     public RankSiloOptions Options { get; } = options.Value;
@@ -21,19 +24,61 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
     /// <summary>Layers hosted now.</summary>
     public int LayerCount => layers.Count;
 
+    /// <summary>True once this rank has joined its group's NVSHMEM job (CUDA backend).</summary>
+    public bool GpuInitialized => gpu is not null;
+
+    private bool IsCuda => string.Equals(Options.Backend, "cuda", StringComparison.OrdinalIgnoreCase);
+
+    internal byte[] CreateUniqueId()
+    {
+        RequireCuda();
+        if (Options.Rank != 0)
+        {
+            throw new InvalidOperationException($"rank {Options.Rank} asked for the NVSHMEM unique id; rank 0 makes it");
+        }
+
+        return NvshmemRuntime.CreateUniqueId();
+    }
+
+    /// <summary>Joins NVSHMEM; the blocking collective runs on the runtime's GPU thread, never on the Orleans scheduler.</summary>
+    internal async Task InitializeGpuAsync(byte[] uniqueId, int worldSize, TimeSpan bound)
+    {
+        RequireCuda();
+        if (gpu is not null)
+        {
+            return;
+        }
+
+        using CancellationTokenSource cts = new(bound);
+        gpu = await NvshmemRuntime.InitializeAsync(uniqueId, Options.Rank, worldSize, Options.Gpu ?? 0, cts.Token).WaitAsync(bound).ConfigureAwait(false);
+        LogGpu(logger, Options.Rank, worldSize, Options.Gpu ?? 0);
+    }
+
     internal HostedLayer? Find(string layer) => layers.GetValueOrDefault(layer);
 
     internal HostedLayer Get(string layer) =>
         layers.GetValueOrDefault(layer) ?? throw new InvalidOperationException($"rank {Options.Rank} of group '{Options.Group}' hosts no layer '{layer}' (not configured, or its silo restarted)");
 
-    internal void CreateLayer(string name, LayerSpec spec, long epoch, int rank)
+    /// <summary>Creates the layer: on the CUDA backend a collective (every rank at once), run off the scheduler.</summary>
+    internal async Task CreateLayerAsync(string name, LayerSpec spec, long epoch, int rank)
     {
         if (rank != Options.Rank)
         {
             throw new InvalidOperationException($"this silo serves rank {Options.Rank}, but was asked to host rank {rank}");
         }
 
-        HostedLayer layer = new(name, spec, epoch, spec.ToConfig(rank), mailbox => new GrainRankTransport(grains, Options.Group, name, rank, Options.ChunkBytes, mailbox));
+        HostedLayer layer;
+        if (IsCuda)
+        {
+            NvshmemRuntime runtime = gpu ?? throw new InvalidOperationException($"rank {rank} has not joined NVSHMEM: the coordinator initializes the GPU before creating layers");
+            layer = await Task.Run(() => new HostedLayer(name, spec, epoch, spec.ToConfig(rank), (config, options, _) => EpAll2AllLayer.CreateCuda(config, runtime, options))).ConfigureAwait(false);
+        }
+        else
+        {
+            layer = new HostedLayer(name, spec, epoch, spec.ToConfig(rank), (config, options, mailbox) =>
+                EpAll2AllLayer.CreateCpu(config, new GrainRankTransport(grains, Options.Group, name, rank, Options.ChunkBytes, mailbox), options));
+        }
+
         if (layers.TryGetValue(name, out HostedLayer? old))
         {
             old.Abort();
@@ -73,7 +118,19 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
         }
 
         layers.Clear();
+        gpu?.Dispose();
     }
+
+    private void RequireCuda()
+    {
+        if (!IsCuda)
+        {
+            throw new InvalidOperationException($"rank {Options.Rank} runs the '{Options.Backend}' backend, not cuda");
+        }
+    }
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "rank {Rank} joined NVSHMEM: {World} ranks, GPU {Gpu}")]
+    private static partial void LogGpu(ILogger logger, int rank, int world, int gpu);
 
     [LoggerMessage(Level = LogLevel.Information, Message = "layer {Layer} created on rank {Rank}, epoch {Epoch}")]
     private static partial void LogCreated(ILogger logger, string layer, int rank, long epoch);
