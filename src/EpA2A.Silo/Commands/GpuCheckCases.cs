@@ -27,9 +27,13 @@ internal sealed record GpuCheckCase(
     bool UseAot = false,
     int Capacity = 2,
     bool Fault = false,
-    bool Large = false)
+    bool Large = false,
+    bool RandomTokens = false)
 {
-    /// <summary>Large cases give every rank MaxTokens tokens and skip the in-process CPU group (too big for every process).</summary>
+    /// <summary>
+    /// Large cases give every rank MaxTokens tokens (rank 0 only with <see cref="RandomTokens"/>; the others then draw
+    /// from [MaxTokens/2, MaxTokens]) and skip the in-process CPU group (too big for every process).
+    /// </summary>
     public bool CompareWithCpu => !Large;
 
     public TimeSpan Timeout => Fault ? TimeSpan.FromMilliseconds(300) : TimeSpan.FromSeconds(Large ? 60 : 20);
@@ -77,8 +81,9 @@ internal sealed record GpuCheckCase(
         new("inter", "inter L=4 fp32 align8 weighted", 8, 4, 4, 32, 512, 128, TokenType.Float32, Alignment: 8, Weights: true, Weighted: true),
         new("big", "8192x7168 top-8 E256", 8, 8, 8, 256, 7168, 8192, Large: true),
         new("big", "4096x6144 top-6 drop.3 scatter+weights", 8, 8, 6, 256, 6144, 4096, Drop: 0.3, Weights: true, Weighted: true, Scatter: true, Large: true),
-        new("big", "32768x1536 top-8 E384 drop.3 local-combine", 8, 8, 8, 384, 1536, 32768, LocalCombine: true, Drop: 0.3, Capacity: 1, Large: true),
         new("big", "8192x7168 top-8 E256 UseAot", 8, 8, 8, 256, 7168, 8192, UseAot: true, Large: true),
+        new("big", "32768x1536 top-8 E384 drop.3 local-combine, ranks 1-7 fewer tokens", 8, 8, 8, 384, 1536, 32768, LocalCombine: true, Drop: 0.3, Capacity: 1, Large: true, RandomTokens: true),
+        new("big", "32768x1536 top-8 E384 drop.3 local-combine", 8, 8, 8, 384, 1536, 32768, LocalCombine: true, Drop: 0.3, Capacity: 1, Large: true),
     ];
 
     /// <summary>Every group (w1, one rank, is not in the default run).</summary>
@@ -87,9 +92,9 @@ internal sealed record GpuCheckCase(
     /// <summary>What `--groups all` runs, in order.</summary>
     public static IReadOnlyList<string> DefaultGroups { get; } = ["w2", "w4", "w8", "inter", "big"];
 
-    /// <summary>The cases of <paramref name="group"/>, optionally only those whose name contains <paramref name="filter"/>.</summary>
+    /// <summary>The cases of <paramref name="group"/>, optionally only those whose name contains one of <paramref name="filter"/>'s comma-separated parts.</summary>
     public static GpuCheckCase[] Of(string group, string? filter) =>
-        [.. All.Where(c => c.Group == group && (string.IsNullOrEmpty(filter) || c.Name.Contains(filter, StringComparison.OrdinalIgnoreCase)))];
+        [.. All.Where(c => c.Group == group && (string.IsNullOrEmpty(filter) || filter.Split(',').Any(f => c.Name.Contains(f, StringComparison.OrdinalIgnoreCase))))];
 
     /// <summary>The data seed of a case: the same on every rank, different per case.</summary>
     public int Seed(int runSeed) => (runSeed * 131) + All.ToList().IndexOf(this);

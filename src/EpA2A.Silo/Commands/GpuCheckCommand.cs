@@ -28,7 +28,7 @@ internal static class GpuCheckCommand
     public static Command Create()
     {
         Option<string> groups = new("--groups") { Description = "Comma-separated groups to run: w1, w2, w4, w8, inter, big (all: every group but w1)", DefaultValueFactory = _ => "all" };
-        Option<string?> filter = new("--filter") { Description = "Only cases whose name contains this" };
+        Option<string?> filter = new("--filter") { Description = "Only cases whose name contains one of these comma-separated strings" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where gpu-check.json and gpu-check.md go (default: $OUT, else ./gpu-check-results)" };
         Option<int> seed = new("--seed") { Description = "Seed of the random inputs", DefaultValueFactory = _ => 42 };
         Option<int> gpus = new("--gpus") { Description = "GPUs to spread the ranks over (rank r uses device r mod N)", DefaultValueFactory = _ => 1 };
@@ -231,6 +231,8 @@ internal static class GpuCheckCommand
             psi.ArgumentList.Add(filter);
         }
 
+        // Non-concurrent GC: no background collection competes with the rank's spinning GPU thread in a timed step.
+        psi.Environment["DOTNET_gcConcurrent"] = "0";
         Process p = new() { StartInfo = psi };
         void Append(object? sender, DataReceivedEventArgs e)
         {

@@ -62,12 +62,15 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
 {
     private const string UidFile = "uid";
 
+    private readonly List<GpuCheckRankResult> results = [];
+
+    private string ResultPath => Path.Combine(dir, $"result_{rank}.json");
+
     public async Task<int> RunAsync(CancellationToken ct)
     {
         byte[] uid = await ExchangeUniqueIdAsync(ct).ConfigureAwait(false);
         using NvshmemRuntime runtime = await NvshmemRuntime.InitializeAsync(uid, rank, world, rank % Math.Max(1, gpus), ct).ConfigureAwait(false);
-        List<GpuCheckRankResult> results = [];
-        string path = Path.Combine(dir, $"result_{rank}.json");
+        string path = ResultPath;
         foreach (GpuCheckCase c in GpuCheckCase.Of(group, filter))
         {
             GpuCheckRankResult r;
@@ -223,22 +226,17 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
     {
         EpConfig config = c.Config(rank);
         Random rng = new(c.Seed(seed));
-        int[] counts = [.. Enumerable.Range(0, world).Select(_ => c.Large ? c.MaxTokens : rng.Next((c.MaxTokens / 2) + 1, c.MaxTokens + 1))];
+        int[] counts = [.. Enumerable.Range(0, world).Select(r => c.Large && (!c.RandomTokens || r == 0) ? c.MaxTokens : rng.Next((c.MaxTokens / 2) + 1, c.MaxTokens + 1))];
         RankInput<T>[] inputs = RoutingGenerator.Draw<T>(config, counts, c.Drop, c.Skewed, c.Weights, rng);
         if (c.Scatter)
         {
             inputs = WithShuffledScatter(config, inputs, rng);
         }
 
-        RankInput<T> mine = inputs[rank];
-        int n = mine.Count;
-        int h = c.Hidden;
-        int k = c.TopK;
         ReferencePlacement place = ReferenceRankView.Place(config, inputs);
         ReferenceDispatch<T> want = ReferenceRankView.DispatchTo(config, inputs, place, rank);
         T[] wantCombine = ReferenceRankView.CombineFor(config, inputs, place, rank, DeterministicExperts.Apply, c.Weighted);
-        int recv = want.Rows;
-        double rowBytes = (double)h * config.TokenBytes;
+        double rowBytes = (double)c.Hidden * config.TokenBytes;
         double rows = place.RowsPerLocalExpert.Sum(r => r.Sum());
         double dispatchBytes = 2 * rows * rowBytes;
         double combineBytes = (3 * rows * rowBytes) + (counts.Sum() * rowBytes);
@@ -246,6 +244,48 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         GpuPhaseTimes times = new();
         EpLayerOptions options = new() { StepTimeout = c.Timeout, Capacity = c.Capacity, Observer = times };
         using EpAll2AllLayer layer = EpAll2AllLayer.CreateCuda(config, runtime, options);
+        try
+        {
+            return await RunStepsAsync(c, runtime, layer, times, inputs, place, want, wantCombine, dispatchBytes, combineBytes).ConfigureAwait(false);
+        }
+        catch (Exception e) when (ReportBeforeDispose(c, e))
+        {
+            throw; // not reached: the filter reports and declines
+        }
+    }
+
+    /// <summary>
+    /// Writes a failure before the layer's collective dispose runs, which may wait forever for a rank that crashed;
+    /// an exception filter runs before the stack unwinds.
+    /// </summary>
+    private bool ReportBeforeDispose(GpuCheckCase c, Exception e)
+    {
+        List<GpuCheckRankResult> now = [.. results, new GpuCheckRankResult { Name = c.Name, Pass = false, Message = $"{e.GetType().Name}: {e.Message}" }];
+        File.WriteAllText(ResultPath, JsonSerializer.Serialize(new GpuCheckRankReport(rank, 0, now)));
+        log.WriteLine($"[{group} rank {rank}] {c.Name}: FAIL (before dispose) {e.GetType().Name}: {e.Message}");
+        log.Flush();
+        return false;
+    }
+
+    private async Task<GpuCheckRankResult> RunStepsAsync<T>(
+        GpuCheckCase c,
+        NvshmemRuntime runtime,
+        EpAll2AllLayer layer,
+        GpuPhaseTimes times,
+        RankInput<T>[] inputs,
+        ReferencePlacement place,
+        ReferenceDispatch<T> want,
+        T[] wantCombine,
+        double dispatchBytes,
+        double combineBytes)
+        where T : unmanaged
+    {
+        RankInput<T> mine = inputs[rank];
+        int n = mine.Count;
+        int h = c.Hidden;
+        int k = c.TopK;
+        int recv = want.Rows;
+        EpConfig config = layer.Config;
         string message = string.Empty;
         if (c.Fault)
         {
@@ -316,7 +356,10 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         await DeviceCopies.DownloadAsync(runtime, dCombined, dComb).ConfigureAwait(false);
         RequireBitwise<T>(combined, dComb, "combine (device API) vs combine (host API): deterministic");
 
-        // 3. Timed device steps, every one aligned by a layer barrier first.
+        // 3. Timed device steps, every one aligned by a layer barrier first; no garbage collection in between if it
+        //    can be helped (a rank paused by the GC stalls every peer that waits for it).
+        GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
+        GC.WaitForPendingFinalizers();
         List<double> dispGpu = [], combGpu = [], prep = [], wait = [], send = [], dispCall = [], combCall = [];
         DeviceTensor<T>? last = null;
         for (int it = 0; it < c.TimedSteps + 1; it++)
