@@ -282,11 +282,20 @@ public sealed class EpAll2AllLayer : IDisposable
     {
         ObjectDisposedException.ThrowIf(disposed, this);
         IDeviceDispatchCombineBackend device = DeviceBackend();
-        DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
+        try
+        {
+            DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
+        }
+        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Dispatch))
+        {
+            throw; // never reached: the filter counts the rejection and declines
+        }
+
         using Guard guard = Enter();
         PhaseClock clock = new(this);
         int n = input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
+        using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
         lastDispatchSequence = scope.Operation.Sequence;
         DispatchStep step = new()
         {
@@ -312,10 +321,15 @@ public sealed class EpAll2AllLayer : IDisposable
             int recv = step.Plan.RecvRows(Config.Rank);
             clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
             EpAllToAllLayout layout = BuildLayout(step, recv);
+            telemetry.Received(layout);
             DeviceTensor<T> output = new(device.DeviceOutput, [recv, Config.Hidden], this);
             DeviceTensor<float>? outWeights = weights is null ? null : new(device.DeviceWeights, [recv], this);
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DeviceDispatchResult<T>(output, outWeights, layout);
+        }
+        catch (Exception e) when (trace.Failed(e))
+        {
+            throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
@@ -338,9 +352,18 @@ public sealed class EpAll2AllLayer : IDisposable
         options ??= CombineOptions.Unweighted;
         ObjectDisposedException.ThrowIf(disposed, this);
         DeviceBackend();
-        DeviceTensorValidator.Combine(Config, expertOutput, layout, options);
+        try
+        {
+            DeviceTensorValidator.Combine(Config, expertOutput, layout, options);
+        }
+        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Combine))
+        {
+            throw; // never reached: the filter counts the rejection and declines
+        }
+
         if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch || layout.DispatchSequence != lastDispatchSequence)
         {
+            telemetry.Rejected(LayerOperation.Combine);
             throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
         }
 
@@ -348,6 +371,7 @@ public sealed class EpAll2AllLayer : IDisposable
         PhaseClock clock = new(this);
         using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
+        using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
         CombineStep step = new()
         {
             Operation = scope.Operation,
@@ -368,6 +392,10 @@ public sealed class EpAll2AllLayer : IDisposable
             await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
             return new DeviceTensor<T>(step.DeviceResult, [n, Config.Hidden], this);
+        }
+        catch (Exception e) when (trace.Failed(e))
+        {
+            throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
