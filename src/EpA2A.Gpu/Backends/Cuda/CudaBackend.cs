@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using EpA2A.Config;
 using EpA2A.Layer;
+using EpA2A.Telemetry;
 using static EpA2A.Backends.Cuda.NativeMethods;
 
 namespace EpA2A.Backends.Cuda;
@@ -29,6 +30,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
     private readonly EpConfig config;
     private readonly GpuWorker worker;
     private readonly IGpuPhaseObserver? gpuObserver;
+    private readonly string? layerName;
     private readonly int capacityFactor;
     private readonly CudaStreamHandle stream;
     private readonly CudaEventHandle[] events;
@@ -50,6 +52,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         this.config = config;
         worker = runtime.Worker;
         gpuObserver = options.Observer as IGpuPhaseObserver;
+        layerName = options.LayerName;
         capacityFactor = options.Capacity;
         long rowBytes = (long)config.Hidden * config.TokenBytes;
         long slots = (long)config.MaxTokens * config.TopK;
@@ -418,13 +421,15 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
 
     private void ReportGpuTime(Phase phase, int from, int to, int tokens)
     {
-        if (gpuObserver is null)
+        if (gpuObserver is null && !EpTelemetry.PhaseGpuDuration.Enabled)
         {
             return;
         }
 
         Check(epa2a_event_elapsed_ms(events[from].Pointer, events[to].Pointer, out float ms), "epa2a_event_elapsed_ms");
-        gpuObserver.OnGpuPhase(config.Rank, phase, TimeSpan.FromTicks((long)(ms * TimeSpan.TicksPerMillisecond)), tokens);
+        TimeSpan gpu = TimeSpan.FromTicks((long)(ms * TimeSpan.TicksPerMillisecond));
+        EpTelemetry.RecordGpuPhase(config.Rank, layerName, Name, phase, gpu);
+        gpuObserver?.OnGpuPhase(config.Rank, phase, gpu, tokens);
     }
 
     private unsafe void Upload(nint device, ReadOnlySpan<byte> host)
