@@ -32,6 +32,7 @@ public sealed class ExpertLayerClient
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
     private LayerSpec? configured;
+    private int busy;
 
     /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
     public ExpertLayerClient(IGrainFactory grains, string group, string layer, int chunkBytes = 1 << 20)
@@ -65,11 +66,31 @@ public sealed class ExpertLayerClient
     /// <summary>
     /// One step: dispatch, experts, combine on every rank. Inputs are checked here against the layer's
     /// configuration before anything is sent; the ranks check the rest before anything moves between them.
+    /// Steps of one layer do not overlap: a second step on this client while one is in flight is an
+    /// <see cref="InvalidOperationException"/>, and so is a step while another caller's step is in progress.
     /// </summary>
     public async Task<StepOutcome<T>> StepAsync<T>(IReadOnlyList<RankStepInput<T>> inputs, bool weighted = false, CancellationToken cancellationToken = default)
         where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(inputs);
+        if (Interlocked.CompareExchange(ref busy, 1, 0) != 0)
+        {
+            throw new InvalidOperationException($"a step of layer '{Layer}' is already in flight on this client; steps of one layer must not overlap");
+        }
+
+        try
+        {
+            return await StepCoreAsync(inputs, weighted, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Volatile.Write(ref busy, 0);
+        }
+    }
+
+    private async Task<StepOutcome<T>> StepCoreAsync<T>(IReadOnlyList<RankStepInput<T>> inputs, bool weighted, CancellationToken cancellationToken)
+        where T : unmanaged
+    {
 
         // Every call below has a deadline: a grain on a dead silo would otherwise hold the caller until
         // Orleans' response timeout, and a client must never wait longer than the step's own bound.
@@ -137,13 +158,18 @@ public sealed class ExpertLayerClient
             throw new ArgumentException($"inputs have elements of {typeof(T).Name}; the layer's TokenType is {spec.TokenType}", nameof(inputs));
         }
 
-        bool weights = inputs[0].Weights is not null;
-        bool scatter = inputs[0].ScatterIndices is not null;
+        bool weights = inputs[0]?.Weights is not null;
+        bool scatter = inputs[0]?.ScatterIndices is not null;
         for (int r = 0; r < inputs.Count; r++)
         {
             RankStepInput<T> i = inputs[r] ?? throw new ArgumentException($"input of rank {r} is null", nameof(inputs));
-            int slots = i.Count * spec.TopK;
+            if (i.Tokens is null || i.ExpertIds is null)
+            {
+                throw new ArgumentException($"rank {r}: Tokens and ExpertIds must not be null", nameof(inputs));
+            }
+
             Require(i.Count >= 0 && i.Count <= spec.MaxTokens, r, $"Count = {i.Count} must be in [0, MaxTokens = {spec.MaxTokens}]", nameof(inputs));
+            int slots = i.Count * spec.TopK;
             Require(i.Tokens.Length == (long)i.Count * spec.Hidden, r, $"Tokens has {i.Tokens.Length} elements, expected Count*Hidden = {(long)i.Count * spec.Hidden}", nameof(inputs));
             Require(i.ExpertIds.Length == slots, r, $"ExpertIds has {i.ExpertIds.Length} elements, expected Count*TopK = {slots}", nameof(inputs));
             Require((i.Weights is not null) == weights, r, "weights must be given for every rank or for none", nameof(inputs));

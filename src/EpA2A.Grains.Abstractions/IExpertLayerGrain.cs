@@ -13,10 +13,16 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     /// <summary>The configuration, or null before <see cref="ConfigureAsync"/>.</summary>
     Task<LayerSpec?> GetSpecAsync();
 
+    /// <summary>Where this coordinator lives (silo, process) and the state of its group.</summary>
+    Task<CoordinatorInfo> DescribeAsync();
+
     /// <summary>Where every rank lives.</summary>
     Task<IReadOnlyList<RankInfo>> DescribeGroupAsync();
 
-    /// <summary>Reserves the next step (re-forming the group first if the last step failed).</summary>
+    /// <summary>
+    /// Reserves the next step (re-forming the group first if the last step failed). Refused with
+    /// <see cref="InvalidOperationException"/> while another step is begun and not yet run or abandoned.
+    /// </summary>
     Task<StepTicket> BeginStepAsync();
 
     /// <summary>Gives up a step that could not start (a rank could not take its input); the next step re-forms the group.</summary>

@@ -56,7 +56,21 @@ public sealed record RankInfo(
     [property: Id(3)] int? Gpu,
     [property: Id(4)] string Backend,
     [property: Id(5)] int ProcessId,
-    [property: Id(6)] bool GpuInitialized = false);
+    [property: Id(6)] bool GpuInitialized = false,
+    [property: Id(7)] int StepsInFlight = 0);
+
+/// <summary>Where a layer's coordinator lives, and its group's state.</summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record CoordinatorInfo(
+    [property: Id(0)] string Group,
+    [property: Id(1)] string Layer,
+    [property: Id(2)] string Silo,
+    [property: Id(3)] int ProcessId,
+    [property: Id(4)] long Epoch,
+    [property: Id(5)] long LastStep,
+    [property: Id(6)] bool Formed,
+    [property: Id(7)] long? StepInProgress);
 
 /// <summary>The identity of a step: its number and the group incarnation it runs in.</summary>
 [GenerateSerializer]

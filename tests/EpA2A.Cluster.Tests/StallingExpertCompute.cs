@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Numerics.Tensors;
 using EpA2A.Config;
 using EpA2A.Experts;
@@ -6,13 +7,16 @@ using EpA2A.Layer;
 namespace EpA2A.Cluster.Tests;
 
 /// <summary>
-/// The built-in experts, except that on layers named "stall-*" rank 1 takes far longer than the step
-/// deadline: a real straggler inside a real step, so the other ranks' combine waits must end by themselves.
+/// The built-in experts, with two faults: on layers named "stall-*" rank 1 takes far longer than the step
+/// deadline (a real straggler inside a real step, so the other ranks' combine waits must end by themselves);
+/// on layers named "wrongrows-*" rank 2's first step returns one row too many (combine input of the wrong row
+/// count, from a buggy expert plugin).
 /// </summary>
 public sealed class StallingExpertCompute : IExpertCompute
 {
     public static readonly TimeSpan Stall = TimeSpan.FromSeconds(60);
     private readonly DeterministicExpertCompute inner = new();
+    private readonly ConcurrentDictionary<string, bool> wrongOnce = new();
 
     public async ValueTask<Tensor<T>> ComputeAsync<T>(string layer, EpConfig config, DispatchResult<T> dispatched, CancellationToken cancellationToken)
         where T : unmanaged
@@ -22,6 +26,14 @@ public sealed class StallingExpertCompute : IExpertCompute
             await Task.Delay(Stall, cancellationToken);
         }
 
-        return await inner.ComputeAsync(layer, config, dispatched, cancellationToken);
+        Tensor<T> output = await inner.ComputeAsync(layer, config, dispatched, cancellationToken);
+        if (layer.StartsWith("wrongrows-", StringComparison.Ordinal) && config.Rank == 2 && wrongOnce.TryAdd(layer, true))
+        {
+            T[] rows = new T[(int)output.FlattenedLength + config.Hidden];
+            output.FlattenTo(rows);
+            return Tensor.Create(rows, [(int)output.Lengths[0] + 1, config.Hidden]);
+        }
+
+        return output;
     }
 }

@@ -8,6 +8,7 @@ public sealed class RankMailbox
 {
     private readonly Lock gate = new();
     private readonly Dictionary<(int Source, MessageTag Tag), TaskCompletionSource<byte[]>> slots = [];
+    private long floor;
 
     /// <summary>Messages held, delivered or awaited (for leak checks).</summary>
     public int Count
@@ -17,6 +18,21 @@ public sealed class RankMailbox
             lock (gate)
             {
                 return slots.Count;
+            }
+        }
+    }
+
+    /// <summary>
+    /// The operation the latest <see cref="DiscardBefore"/> kept messages from: the operation in progress or the
+    /// next one. A transport that accepts messages from outside uses it to refuse operations far ahead.
+    /// </summary>
+    public long Floor
+    {
+        get
+        {
+            lock (gate)
+            {
+                return floor;
             }
         }
     }
@@ -49,6 +65,7 @@ public sealed class RankMailbox
     {
         lock (gate)
         {
+            floor = sequence;
             foreach ((int Source, MessageTag Tag) key in slots.Keys.ToArray())
             {
                 if (key.Tag.Epoch < epoch || (key.Tag.Epoch == epoch && key.Tag.Sequence < sequence))

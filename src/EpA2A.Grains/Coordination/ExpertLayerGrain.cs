@@ -17,6 +17,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     private long epoch;
     private long nextStep;
     private bool formed;
+    private (StepTicket Ticket, long Began)? pending;
 
     private (string Group, string Layer) Key => GrainKeys.ParseLayer(this.GetPrimaryKeyString());
 
@@ -25,10 +26,21 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         ArgumentNullException.ThrowIfNull(newSpec);
         spec = newSpec.Validated();
         formed = false;
+        pending = null;
         await FormAsync().ConfigureAwait(true);
     }
 
     public Task<LayerSpec?> GetSpecAsync() => Task.FromResult(spec);
+
+    public Task<CoordinatorInfo> DescribeAsync() => Task.FromResult(new CoordinatorInfo(
+        Key.Group,
+        Key.Layer,
+        RuntimeIdentity,
+        Environment.ProcessId,
+        epoch,
+        nextStep,
+        formed,
+        pending?.Ticket.Step));
 
     public async Task<IReadOnlyList<RankInfo>> DescribeGroupAsync()
     {
@@ -36,20 +48,44 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         return await Task.WhenAll(Ranks(s).Select(r => r.Grain.DescribeAsync())).ConfigureAwait(true);
     }
 
+    /// <summary>
+    /// Steps of a layer do not overlap: while one is begun and not yet run or abandoned, another caller's begin is
+    /// refused (before anything is staged). A begun step that is never run is given up after its bound.
+    /// </summary>
     public async Task<StepTicket> BeginStepAsync()
     {
-        RequireSpec();
+        LayerSpec s = RequireSpec();
+        if (pending is { } p)
+        {
+            TimeSpan age = Stopwatch.GetElapsedTime(p.Began);
+            TimeSpan bound = (s.StepTimeout * 2) + TimeSpan.FromSeconds(1);
+            if (age < bound)
+            {
+                throw new InvalidOperationException(
+                    $"step {p.Ticket.Step} of layer '{Key.Layer}' is in progress (begun {age.TotalSeconds:0.0} s ago): steps of one layer must not overlap; a begun step that is never run is given up after {bound.TotalSeconds:0.#} s");
+            }
+
+            pending = null;
+        }
+
         if (!formed)
         {
             await FormAsync().ConfigureAwait(true);
         }
 
-        return new StepTicket(++nextStep, epoch);
+        StepTicket ticket = new(++nextStep, epoch);
+        pending = (ticket, Stopwatch.GetTimestamp());
+        return ticket;
     }
 
     public Task AbandonStepAsync(StepTicket ticket, string reason)
     {
         ArgumentNullException.ThrowIfNull(ticket);
+        if (pending?.Ticket == ticket)
+        {
+            pending = null;
+        }
+
         if (ticket.Epoch == epoch)
         {
             formed = false;
@@ -66,6 +102,13 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     public async Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted)
     {
         ArgumentNullException.ThrowIfNull(ticket);
+        if (pending?.Ticket != ticket)
+        {
+            throw new InvalidOperationException(
+                $"step {ticket.Step} (epoch {ticket.Epoch}) of layer '{Key.Layer}' is not the step in progress ({(pending is { } p ? $"step {p.Ticket.Step}" : "none")}): a step runs once, after BeginStepAsync");
+        }
+
+        pending = null;
         using Activity? span = EpTelemetry.Source.StartActivity("epa2a.step");
         span?.SetTag(EpTelemetry.Tags.SpanGroup, Key.Group);
         span?.SetTag(EpTelemetry.Tags.SpanLayer, Key.Layer);

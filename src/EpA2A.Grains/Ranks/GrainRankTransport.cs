@@ -1,3 +1,4 @@
+using EpA2A.Errors;
 using EpA2A.Transport;
 using Orleans.Concurrency;
 
@@ -28,7 +29,18 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
             sends[i] = peer.DeliverAsync(layer, chunk);
         }
 
-        await Task.WhenAll(sends).WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await Task.WhenAll(sends).WaitAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // The peer's silo is gone: the step fails because of that peer, not this rank (unless the peer judged
+            // this rank's message malformed).
+            Exception cause = e.GetBaseException();
+            int blamed = cause is InvalidDataException ? rank : destination;
+            throw new EpStepFailedException($"rank {rank} could not deliver {tag} to rank {destination}: {cause.Message}", blamed, e);
+        }
     }
 
     public ValueTask<byte[]> ReceiveAsync(int source, MessageTag tag, CancellationToken cancellationToken) =>

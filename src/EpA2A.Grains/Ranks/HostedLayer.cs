@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
@@ -18,11 +17,12 @@ namespace EpA2A.Grains.Ranks;
 /// </summary>
 internal sealed class HostedLayer : IDisposable
 {
-    private readonly ConcurrentDictionary<(int Source, MessageTag Tag), Reassembly> partial = new();
+    private readonly MessageAssembler assembler;
     private readonly Lock gate = new();
     private StagedInput? staged;
     private (long Step, byte[] Bytes)? output;
     private CancellationTokenSource? running;
+    private bool aborted;
 
     public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create)
     {
@@ -31,6 +31,7 @@ internal sealed class HostedLayer : IDisposable
         Epoch = epoch;
         Config = config;
         Mailbox = new RankMailbox();
+        assembler = new MessageAssembler(config, Mailbox);
         Layer = create(config, new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name }, Mailbox);
     }
 
@@ -48,34 +49,27 @@ internal sealed class HostedLayer : IDisposable
 
     public PhaseRecorder Phases { get; } = new();
 
-    /// <summary>Stores a chunk; a message whose chunks are all in goes to the mailbox.</summary>
+    /// <summary>
+    /// Stores a chunk; a message whose chunks are all in goes to the mailbox. A chunk of another epoch (a late
+    /// message of an earlier incarnation of the group) is dropped before anything is allocated; a malformed one
+    /// is an <see cref="InvalidDataException"/> (see <see cref="MessageAssembler"/>).
+    /// </summary>
     public void Deliver(TransportChunk chunk)
     {
+        ArgumentNullException.ThrowIfNull(chunk);
         if (chunk.Epoch != Epoch)
         {
-            return; // a message of an earlier incarnation of the group: nobody waits for it any more
+            return; // nobody waits for it any more
         }
 
-        MessageTag tag = new(chunk.Epoch, chunk.Sequence, (ExchangePhase)chunk.Phase);
-        if (chunk.Count == 1)
-        {
-            Mailbox.Post(chunk.Source, tag, chunk.Data.Value);
-            return;
-        }
-
-        Reassembly r = partial.GetOrAdd((chunk.Source, tag), _ => new Reassembly(chunk.TotalBytes, chunk.Count));
-        if (r.Add(chunk))
-        {
-            partial.TryRemove((chunk.Source, tag), out _);
-            Mailbox.Post(chunk.Source, tag, r.Buffer);
-        }
+        assembler.Deliver(chunk);
     }
 
     public void BeginInput(StepInputHeader header)
     {
         if (header.Tokens < 0 || header.Tokens > Config.MaxTokens)
         {
-            throw new ArgumentException($"rank {Config.Rank}: step {header.Step} announces {header.Tokens} tokens, more than MaxTokens = {Config.MaxTokens}", nameof(header));
+            throw new ArgumentException($"rank {Config.Rank}: step {header.Step} announces {header.Tokens} tokens; a rank dispatches 0 to MaxTokens = {Config.MaxTokens}", nameof(header));
         }
 
         lock (gate)
@@ -106,19 +100,25 @@ internal sealed class HostedLayer : IDisposable
                 throw new InvalidOperationException($"rank {Config.Rank}: no combined output for step {step}");
             }
 
-            if (offset < 0 || count < 0 || offset + count > o.Bytes.Length)
+            if (offset < 0 || count < 0 || (long)offset + count > o.Bytes.Length)
             {
-                throw new ArgumentOutOfRangeException(nameof(offset), $"slice [{offset}, {offset + count}) is outside the {o.Bytes.Length}-byte output");
+                throw new ArgumentOutOfRangeException(nameof(offset), $"slice [{offset}, {(long)offset + count}) is outside the {o.Bytes.Length}-byte output");
             }
 
             return o.Bytes[offset..(offset + count)];
         }
     }
 
+    /// <summary>
+    /// Ends the running step at once. An aborted layer runs no further step: the coordinator aborts only failed
+    /// steps and re-forms the group (a new layer) before the next, so an abort that arrives before its step has
+    /// started must still end that step.
+    /// </summary>
     public void Abort()
     {
         lock (gate)
         {
+            aborted = true;
             running?.Cancel();
         }
     }
@@ -153,6 +153,11 @@ internal sealed class HostedLayer : IDisposable
         using CancellationTokenSource cts = new();
         lock (gate)
         {
+            if (aborted)
+            {
+                return Failed($"rank {Config.Rank}: step {ticket.Step} aborted by the coordinator", null);
+            }
+
             if (staged is null || staged.Header.Step != ticket.Step)
             {
                 return Failed($"rank {Config.Rank} has no input for step {ticket.Step}", Config.Rank);
@@ -224,30 +229,4 @@ internal sealed class HostedLayer : IDisposable
 
     private RankStepReport Failed(string error, int? blamed) =>
         new(Config.Rank, false, error, blamed, 0, 0, Phases.Snapshot());
-
-    private sealed class Reassembly(int totalBytes, int count)
-    {
-        private int received;
-
-        public byte[] Buffer { get; } = new byte[totalBytes];
-
-        public bool Add(TransportChunk chunk)
-        {
-            if (chunk.TotalBytes != Buffer.Length || chunk.Count != count)
-            {
-                throw new InvalidDataException($"chunk {chunk.Index} from rank {chunk.Source} disagrees on the message size");
-            }
-
-            // Every chunk but the last is full, so a chunk's offset follows from its index and length.
-            byte[] data = chunk.Data.Value;
-            int offset = chunk.Index == count - 1 ? Buffer.Length - data.Length : chunk.Index * data.Length;
-            if ((uint)chunk.Index >= (uint)count || offset < 0 || offset + data.Length > Buffer.Length)
-            {
-                throw new InvalidDataException($"chunk {chunk.Index} of {count} from rank {chunk.Source} does not fit a {Buffer.Length}-byte message");
-            }
-
-            data.CopyTo(Buffer, offset);
-            return Interlocked.Increment(ref received) == count;
-        }
-    }
 }

@@ -19,7 +19,8 @@ internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
         runtime.Options.Gpu,
         runtime.Options.Backend,
         Environment.ProcessId,
-        runtime.GpuInitialized));
+        runtime.GpuInitialized,
+        runtime.StepsInFlight));
 
     public Task<byte[]> CreateUniqueIdAsync() => Task.Run(runtime.CreateUniqueId);
 

@@ -17,12 +17,16 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
 {
     private readonly ConcurrentDictionary<string, HostedLayer> layers = new();
     private NvshmemRuntime? gpu;
+    private int stepsInFlight;
 
     /// <summary>The silo's rank options.</summary>
     public RankSiloOptions Options { get; } = options.Value;
 
     /// <summary>Layers hosted now.</summary>
     public int LayerCount => layers.Count;
+
+    /// <summary>Steps running on this rank now (0 between steps: a failed step leaves nothing waiting).</summary>
+    public int StepsInFlight => Volatile.Read(ref stepsInFlight);
 
     /// <summary>True once this rank has joined its group's NVSHMEM job (CUDA backend).</summary>
     public bool GpuInitialized => gpu is not null;
@@ -106,7 +110,20 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
             return Task.FromResult(new RankStepReport(Options.Rank, false, $"rank {Options.Rank} holds layer '{name}' of epoch {layer.Epoch}, the step is for epoch {ticket.Epoch}", Options.Rank, 0, 0, new Dictionary<string, double>()));
         }
 
-        return Task.Run(() => layer.RunStepAsync(ticket, weighted, compute));
+        return CountedAsync(Task.Run(() => layer.RunStepAsync(ticket, weighted, compute)));
+    }
+
+    private async Task<RankStepReport> CountedAsync(Task<RankStepReport> step)
+    {
+        Interlocked.Increment(ref stepsInFlight);
+        try
+        {
+            return await step.ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref stepsInFlight);
+        }
     }
 
     /// <inheritdoc />
