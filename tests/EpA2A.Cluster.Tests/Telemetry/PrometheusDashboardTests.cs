@@ -76,7 +76,7 @@ public sealed class PrometheusDashboardTests
         }
     }
 
-    /// <summary>Checked steps, a step whose experts all live on rank 0 (its output grows), and a step rank 1 rejects (NaN weight), which aborts rank 0.</summary>
+    /// <summary>Checked steps, a step whose experts all live on rank 0 (its output grows), and a step rank 1 rejects (NaN weight), and a step whose scatter indices every rank rejects after the counts exchange (an aborted operation on each).</summary>
     private static async Task RunStepsAsync(int portBase, string clusterId, CancellationToken ct)
     {
         using IHost clientHost = EpA2AHosts.BuildClient(ClusteringKind.Localhost, [.. Enumerable.Range(0, World).Select(r => portBase + 100 + r)], null, clusterId);
@@ -95,10 +95,19 @@ public sealed class PrometheusDashboardTests
         StepOutcome<BFloat16> grown = await client.StepAsync(hot, cancellationToken: ct);
         Assert.Equal(n * Spec.TopK * World, grown.Report.Ranks.Single(r => r.Rank == 0).ReceivedRows);
 
+        // A NaN weight: rank 1 rejects its input (a rejected input) before its operation begins.
+        RankStepInput<BFloat16>[] nan = [.. Enumerable.Range(0, World).Select(r => new RankStepInput<BFloat16>(
+            [.. Enumerable.Range(0, 2 * Spec.Hidden).Select(i => (BFloat16)((i % 5) + 1))], 2, [0, 1, 4, 5, 2, 3, 6, 7], [.. Enumerable.Repeat(r == 1 ? float.NaN : 0.25f, 2 * Spec.TopK)]))];
+        Exception rejected = await Assert.ThrowsAnyAsync<Exception>(() => client.StepAsync(nan, weighted: true, cancellationToken: ct));
+        Assert.Contains("not finite", rejected.Message, StringComparison.Ordinal);
+
+        // Scatter indices far past every rank's rows pass each rank's local checks and fail after the counts
+        // exchange, inside the operation on every rank: each rank counts an aborted operation, whatever the timing.
         RankStepInput<BFloat16>[] bad = [.. Enumerable.Range(0, World).Select(r => new RankStepInput<BFloat16>(
-            new BFloat16[2 * Spec.Hidden], 2, [0, 1, 4, 5, 2, 3, 6, 7], [.. Enumerable.Repeat(r == 1 ? float.NaN : 0.25f, 2 * Spec.TopK)]))];
-        Exception e = await Assert.ThrowsAnyAsync<Exception>(() => client.StepAsync(bad, weighted: true, cancellationToken: ct));
-        Assert.Contains("not finite", e.Message, StringComparison.Ordinal);
+            [.. Enumerable.Range(0, 2 * Spec.Hidden).Select(i => (BFloat16)((i % 5) + 1))], 2, [0, 1, 4, 5, 2, 3, 6, 7], null,
+            [.. Enumerable.Range(0, 2 * Spec.TopK).Select(i => 1_000_000 + (r * 100) + i)]))];
+        Exception e = await Assert.ThrowsAnyAsync<Exception>(() => client.StepAsync(bad, cancellationToken: ct));
+        Assert.Contains("scatterIndices", e.Message, StringComparison.Ordinal);
         await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 2);
         await clientHost.StopAsync(ct);
     }
