@@ -32,6 +32,7 @@ public sealed class ExpertLayerClient
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
     private LayerSpec? configured;
+    private (string Description, int[] Ranks) coordinatorSilo = (string.Empty, []);
     private int busy;
 
     /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
@@ -61,6 +62,7 @@ public sealed class ExpertLayerClient
         ArgumentNullException.ThrowIfNull(spec);
         await Coordinator.ConfigureAsync(spec.Validated()).ConfigureAwait(false);
         configured = spec;
+        await LocateCoordinatorAsync().ConfigureAwait(false);
     }
 
     /// <summary>
@@ -91,17 +93,17 @@ public sealed class ExpertLayerClient
     private async Task<StepOutcome<T>> StepCoreAsync<T>(IReadOnlyList<RankStepInput<T>> inputs, bool weighted, CancellationToken cancellationToken)
         where T : unmanaged
     {
-
         // Every call below has a deadline: a grain on a dead silo would otherwise hold the caller until
         // Orleans' response timeout, and a client must never wait longer than the step's own bound.
         TimeSpan callBound = (configured?.StepTimeout ?? DefaultCallBound) + TimeSpan.FromSeconds(1);
-        LayerSpec? spec = await Coordinator.GetSpecAsync().WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
+        LayerSpec? spec = await CoordinatorCallAsync(Coordinator.GetSpecAsync(), "GetSpecAsync", callBound, cancellationToken).ConfigureAwait(false);
         if (spec is null && configured is not null)
         {
             // The coordinator's silo went away and it was activated anew without its state: configure it
             // again from what this client set up (which forms the group afresh).
             await Coordinator.ConfigureAsync(configured).WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
             spec = configured;
+            await LocateCoordinatorAsync().ConfigureAwait(false);
         }
 
         if (spec is null)
@@ -113,7 +115,7 @@ public sealed class ExpertLayerClient
         callBound = spec.StepTimeout + TimeSpan.FromSeconds(1);
 
         // Beginning a step may re-form the group (a bounded wait for every rank inside the coordinator).
-        StepTicket ticket = await Coordinator.BeginStepAsync().WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
+        StepTicket ticket = await CoordinatorCallAsync(Coordinator.BeginStepAsync(), "BeginStepAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
         Task[] staging = [.. inputs.Select((input, r) => StageAsync(r, ticket.Step, input))];
         try
         {
@@ -139,9 +141,53 @@ public sealed class ExpertLayerClient
         }
 
         // The coordinator bounds the step itself (twice the step deadline plus a second); this is its backstop.
-        StepReport report = await Coordinator.RunStepAsync(ticket, weighted).WaitAsync((spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
-        T[][] outputs = await Task.WhenAll(report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
-        return new StepOutcome<T>(outputs, report);
+        StepReport report = await CoordinatorCallAsync(Coordinator.RunStepAsync(ticket, weighted), "RunStepAsync", (spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
+        Task<T[]>[] reads = [.. report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))];
+        try
+        {
+            return new StepOutcome<T>(await Task.WhenAll(reads).WaitAsync(callBound, cancellationToken).ConfigureAwait(false), report);
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
+        {
+            // The step ran, but a rank's silo went away before its output was read.
+            int[] failed = [.. reads.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(reads[r].IsFaulted ? reads[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
+            throw new GroupStepFailedException($"step {ticket.Step} of layer '{Layer}': reading the combined output failed on {why}", ticket.Step, failed);
+        }
+    }
+
+    /// <summary>
+    /// A call to the coordinator with a deadline. When the coordinator cannot be reached or does not answer, the
+    /// error names the silo it was last seen on and the ranks that silo serves (that silo going away is the usual
+    /// cause); the next step activates a new coordinator and configures it again.
+    /// </summary>
+    private async Task<TResult> CoordinatorCallAsync<TResult>(Task<TResult> call, string what, TimeSpan bound, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return await call.WaitAsync(bound, cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is TimeoutException or OrleansException)
+        {
+            string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
+            throw new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
+        }
+    }
+
+    /// <summary>Remembers where the coordinator runs (best effort), so a coordinator that stops answering can be named.</summary>
+    private async Task LocateCoordinatorAsync()
+    {
+        try
+        {
+            CoordinatorInfo where = await Coordinator.DescribeAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
+            IReadOnlyList<RankInfo> ranks = await Coordinator.DescribeGroupAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
+            int[] served = [.. ranks.Where(r => r.Silo == where.Silo).Select(r => r.Rank)];
+            coordinatorSilo = ($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served);
+        }
+        catch (Exception e) when (e is TimeoutException or OrleansException or GroupStepFailedException or NoSiloForRankException)
+        {
+            coordinatorSilo = (string.Empty, []);
+        }
     }
 
     private static void CheckInputs<T>(LayerSpec spec, IReadOnlyList<RankStepInput<T>> inputs)

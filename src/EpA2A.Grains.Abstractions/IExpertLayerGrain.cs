@@ -38,8 +38,8 @@ public interface IExpertLayerGrain : IGrainWithStringKey
 public sealed class GroupStepFailedException : Exception
 {
     /// <summary>Creates the exception.</summary>
-    public GroupStepFailedException(string message, long step, int[] blamedRanks)
-        : base(message)
+    public GroupStepFailedException(string message, long step, int[] blamedRanks, Exception? inner = null)
+        : base(message, inner)
     {
         Step = step;
         BlamedRanks = blamedRanks;

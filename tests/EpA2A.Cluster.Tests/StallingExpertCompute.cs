@@ -7,14 +7,16 @@ using EpA2A.Layer;
 namespace EpA2A.Cluster.Tests;
 
 /// <summary>
-/// The built-in experts, with two faults: on layers named "stall-*" rank 1 takes far longer than the step
-/// deadline (a real straggler inside a real step, so the other ranks' combine waits must end by themselves);
-/// on layers named "wrongrows-*" rank 2's first step returns one row too many (combine input of the wrong row
-/// count, from a buggy expert plugin).
+/// The built-in experts, with faults: on layers named "stall-*" rank 1 takes far longer than the step deadline
+/// (a real straggler inside a real step, so the other ranks' combine waits must end by themselves); on layers
+/// named "slow-*" rank 1 takes <see cref="Slow"/>, well within the deadline (a step that is surely still in
+/// flight a moment after it began); on layers named "wrongrows-*" rank 2's first step returns one row too many
+/// (combine input of the wrong row count, from a buggy expert plugin).
 /// </summary>
 public sealed class StallingExpertCompute : IExpertCompute
 {
     public static readonly TimeSpan Stall = TimeSpan.FromSeconds(60);
+    public static readonly TimeSpan Slow = TimeSpan.FromMilliseconds(500);
     private readonly DeterministicExpertCompute inner = new();
     private readonly ConcurrentDictionary<string, bool> wrongOnce = new();
 
@@ -24,6 +26,11 @@ public sealed class StallingExpertCompute : IExpertCompute
         if (layer.StartsWith("stall-", StringComparison.Ordinal) && config.Rank == 1)
         {
             await Task.Delay(Stall, cancellationToken);
+        }
+
+        if (layer.StartsWith("slow-", StringComparison.Ordinal) && config.Rank == 1)
+        {
+            await Task.Delay(Slow, cancellationToken);
         }
 
         Tensor<T> output = await inner.ComputeAsync(layer, config, dispatched, cancellationToken);

@@ -154,14 +154,17 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         Task<RankStepReport>[] calls = [.. ranks.Select(r => r.Grain.RunStepAsync(Key.Layer, ticket, weighted))];
         TimeSpan bound = (s.StepTimeout * 2) + TimeSpan.FromSeconds(1);
         List<int> blamed = [];
+        List<int> unreachable = [];
         List<string> errors = [];
         Task all = Task.WhenAll(calls);
         Task first = await Task.WhenAny(all, WhenFirstFailure(calls), Task.Delay(bound)).ConfigureAwait(true);
         if (first != all)
         {
             // Someone failed (or nobody finished in time): stop every rank's waits now rather than at their deadlines.
+            // Aborted ranks answer at once; what the bound has left (at least a second) is all a rank is given.
             await AbortAllAsync(ranks, $"step {ticket.Step} failed").ConfigureAwait(true);
-            await Task.WhenAny(all, Task.Delay(bound)).ConfigureAwait(true);
+            TimeSpan left = bound - Stopwatch.GetElapsedTime(start);
+            await Task.WhenAny(all, Task.Delay(left > TimeSpan.FromSeconds(1) ? left : TimeSpan.FromSeconds(1))).ConfigureAwait(true);
         }
 
         List<RankStepReport> reports = [];
@@ -183,16 +186,22 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             }
             else
             {
-                string why = call.IsFaulted ? call.Exception!.GetBaseException().Message : $"no answer within {bound.TotalSeconds:0.#} s";
-                errors.Add($"rank {ranks[i].Rank}: {why}");
+                Exception? cause = call.IsFaulted ? call.Exception!.GetBaseException() : null;
+                errors.Add($"rank {ranks[i].Rank}: {cause?.Message ?? $"no answer within {bound.TotalSeconds:0.#} s"}");
                 blamed.Add(ranks[i].Rank);
+                if (cause is null or OrleansException or TimeoutException or NoSiloForRankException)
+                {
+                    unreachable.Add(ranks[i].Rank);
+                }
             }
         }
 
         if (errors.Count > 0)
         {
             formed = false;
-            int[] culprits = [.. blamed.Distinct().Order()];
+
+            // A rank whose silo is gone (or silent) explains the others' waits on it and on each other: it is the culprit.
+            int[] culprits = [.. (unreachable.Count > 0 ? unreachable : blamed).Distinct().Order()];
             string who = culprits.Length == 0 ? "unknown rank" : culprits.Length == 1 ? $"rank {culprits[0]}" : $"ranks {string.Join(", ", culprits)}";
             string message = $"step {ticket.Step} of layer '{Key.Layer}' failed because of {who}: {string.Join("; ", errors.Distinct())}";
             LogStepFailed(logger, message);

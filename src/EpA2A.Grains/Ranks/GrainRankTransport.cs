@@ -29,9 +29,15 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
             sends[i] = peer.DeliverAsync(layer, chunk);
         }
 
+        Task all = Task.WhenAll(sends);
         try
         {
-            await Task.WhenAll(sends).WaitAsync(cancellationToken).ConfigureAwait(false);
+            await all.WaitAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!all.IsCompleted)
+        {
+            // The peer did not take the message before the step's deadline (or an abort): it is the one missing.
+            throw new EpStepTimeoutException($"rank {rank}: rank {destination} did not accept {tag} before the step ended", destination);
         }
         catch (Exception e) when (e is not OperationCanceledException)
         {

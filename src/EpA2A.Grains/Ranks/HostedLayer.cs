@@ -186,8 +186,9 @@ internal sealed class HostedLayer : IDisposable
 
             return new RankStepReport(Config.Rank, true, null, null, rows, bytes.Length, Phases.Snapshot());
         }
-        catch (OperationCanceledException) when (cts.IsCancellationRequested)
+        catch (Exception) when (cts.IsCancellationRequested)
         {
+            // Whatever this rank saw after the coordinator's abort is a consequence of it, not a cause.
             return Failed($"rank {Config.Rank}: step {ticket.Step} aborted by the coordinator", null);
         }
         catch (EpStepFailedException e)

@@ -23,11 +23,12 @@ internal static class SiloCommand
         Option<string> clustering = new("--clustering") { Description = "localhost (rank 0 is primary) or redis", DefaultValueFactory = _ => "localhost" };
         Option<string?> redis = new("--redis") { Description = "Redis connection string (with --clustering redis)" };
         Option<string> clusterId = new("--cluster-id") { Description = "Orleans cluster id", DefaultValueFactory = _ => "epa2a" };
+        Option<int> expertDelay = new("--expert-delay-ms") { Description = "Fault drill: this rank's experts wait this long every step (a straggler)", DefaultValueFactory = _ => 0 };
 
         TelemetryCommandOptions telemetry = new();
         Command command = new("silo", "Run one silo serving one rank until Ctrl-C.")
         {
-            rank, world, group, backend, gpu, portBase, clustering, redis, clusterId,
+            rank, world, group, backend, gpu, portBase, clustering, redis, clusterId, expertDelay,
         };
         telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
@@ -53,6 +54,12 @@ internal static class SiloCommand
                 null => ClusteringKind.Localhost,
             };
             int basePort = p.GetValue(portBase);
+            int delayMs = p.GetValue(expertDelay);
+            if (delayMs < 0)
+            {
+                throw new ArgumentException($"--expert-delay-ms {delayMs} must not be negative");
+            }
+
             using IHost silo = EpA2AHosts.BuildSilo(
                 new SiloSettings
                 {
@@ -66,6 +73,7 @@ internal static class SiloCommand
                     Clustering = kind,
                     RedisConnection = p.GetValue(redis),
                     ClusterId = p.GetValue(clusterId)!,
+                    ExpertDelay = TimeSpan.FromMilliseconds(delayMs),
                     Configuration = telemetry.ToConfiguration(p),
                 },
                 LogLevel.Information);

@@ -1,9 +1,11 @@
 using System.Net;
 
+using EpA2A.Experts;
 using EpA2A.Grains.Hosting;
 using EpA2A.Silo.Telemetry;
 
 using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
@@ -24,6 +26,11 @@ public static class EpA2AHosts
         if (settings.OwnsTelemetry)
         {
             builder.AddEpA2ATelemetry(portOffset: settings.Rank, instance: $"{settings.Group}/rank-{settings.Rank}");
+        }
+
+        if (settings.ExpertDelay > TimeSpan.Zero)
+        {
+            builder.Services.AddSingleton<IExpertCompute>(new DelayedExpertCompute(new DeterministicExpertCompute(), settings.ExpertDelay));
         }
 
         builder.UseOrleans(silo =>

@@ -48,6 +48,9 @@ public sealed record SiloSettings
     /// <summary>Orleans service id.</summary>
     public string ServiceId { get; init; } = "epa2a";
 
+    /// <summary>Fault drill: this rank's experts wait this long every step (a straggler); zero for none.</summary>
+    public TimeSpan ExpertDelay { get; init; }
+
     /// <summary>Settings layered over appsettings.json and the environment (e.g. EpA2A:Telemetry:PrometheusPortBase).</summary>
     public IReadOnlyDictionary<string, string?> Configuration { get; init; } = new Dictionary<string, string?>();
 

@@ -41,6 +41,9 @@ public sealed class ChildProcess : IDisposable
 
     public bool HasExited => process.HasExited;
 
+    /// <summary>The process id (what RankInfo.ProcessId and CoordinatorInfo.ProcessId report for a silo).</summary>
+    public int Id => process.Id;
+
     public IReadOnlyCollection<string> Lines => lines;
 
     /// <summary>Runs the epa2a command line that the test build carries (epa2a.dll beside the tests).</summary>

@@ -8,6 +8,7 @@ namespace EpA2A.Cluster.Tests.MultiProcess;
 /// `epa2a drive` client process. A silo is SIGKILLed while the client steps; the client's next step fails
 /// within a bound naming the rank; a restarted silo process heals the group and steps succeed again.
 /// </summary>
+[Collection(ProcessCluster.Collection)]
 public sealed class MultiProcessClusterTests
 {
     private static readonly TimeSpan Deadline = TimeSpan.FromSeconds(3);

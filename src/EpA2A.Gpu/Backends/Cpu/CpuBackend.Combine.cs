@@ -190,6 +190,7 @@ internal sealed partial class CpuBackend
         }
 
         MessageTag tag = op.Tag(ExchangePhase.CombineCrossNode);
+        List<Task> sends = [];
         foreach (int s in sources)
         {
             var mine = sums.Where(kv => kv.Key.Source == s).ToArray();
@@ -203,8 +204,10 @@ internal sealed partial class CpuBackend
                 w.WriteFloats(kv.Value);
             }
 
-            await transport.SendAsync(s, tag, packet, op.Token).ConfigureAwait(false);
+            sends.Add(transport.SendAsync(s, tag, packet, op.Token).AsTask());
         }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
     }
 
     private void AccumulateRow(ReadOnlySpan<byte> row, Span<float> acc, float scale)

@@ -64,11 +64,15 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             w.WriteInt(c);
         }
 
+        // Here and below, sends go to every destination at once: a dead or slow peer delays nobody else's message.
         MessageTag tag = op.Tag(ExchangePhase.Counts);
+        List<Task> sends = [];
         for (int d = 0; d < config.WorldSize; d++)
         {
-            await transport.SendAsync(d, tag, d == config.WorldSize - 1 ? message : (byte[])message.Clone(), op.Token).ConfigureAwait(false);
+            sends.Add(transport.SendAsync(d, tag, d == config.WorldSize - 1 ? message : (byte[])message.Clone(), op.Token).AsTask());
         }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
 
         byte[][] received = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.Counts).ConfigureAwait(false);
         int[] table = new int[config.WorldSize * e];
@@ -133,13 +137,16 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         // First hop: straight to each rank (one node), or to this rank's peer on each node (several).
         int[] firstHop = config.IsIntraNode ? AllRanks() : Gateways();
         MessageTag tokensTag = op.Tag(ExchangePhase.DispatchTokens);
+        List<Task> sends = [];
         for (int i = 0; i < firstHop.Length; i++)
         {
             byte[] packet = abort is not null
                 ? MessageStatus.Abort(Rank, abort)
                 : BuildTokenPacket(step, rows, t => TokenTargets(step.ExpertIds, t, k, i));
-            await transport.SendAsync(firstHop[i], tokensTag, packet, op.Token).ConfigureAwait(false);
+            sends.Add(transport.SendAsync(firstHop[i], tokensTag, packet, op.Token).AsTask());
         }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
 
         byte[][] incoming;
         int[] incomingSources;
@@ -172,11 +179,14 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         if (config.IsIntraNode)
         {
             MessageTag tag = op.Tag(ExchangePhase.CombineRows);
+            List<Task> rowSends = [];
             for (int s = 0; s < config.WorldSize; s++)
             {
                 byte[] packet = config.EnableLocalCombine ? BuildPartialsFor(step, [s]) : BuildRowsFor(step, s);
-                await transport.SendAsync(s, tag, packet, op.Token).ConfigureAwait(false);
+                rowSends.Add(transport.SendAsync(s, tag, packet, op.Token).AsTask());
             }
+
+            await Task.WhenAll(rowSends).ConfigureAwait(false);
 
             byte[][] back = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.CombineRows).ConfigureAwait(false);
             if (config.EnableLocalCombine)
@@ -195,11 +205,14 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         // local rank; it reduces them across the node and sends one fp32 row per token across nodes.
         MessageTag rowsTag = op.Tag(ExchangePhase.CombineRows);
         int[] node = NodeRanks();
+        List<Task> sends = [];
         for (int l = 0; l < config.LocalWorldSize; l++)
         {
             int[] sources = [.. Enumerable.Range(0, config.NumNodes).Select(b => (b * config.LocalWorldSize) + l)];
-            await transport.SendAsync(node[l], rowsTag, BuildPartialsFor(step, sources), op.Token).ConfigureAwait(false);
+            sends.Add(transport.SendAsync(node[l], rowsTag, BuildPartialsFor(step, sources), op.Token).AsTask());
         }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
 
         byte[][] partials = await op.ReceiveAllAsync(transport, node, ExchangePhase.CombineRows).ConfigureAwait(false);
         await ReduceNodeAndSendAsync(op, step, node, partials).ConfigureAwait(false);
@@ -238,10 +251,13 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     {
         int[] peers = intraNodeOnly ? NodeRanks() : AllRanks();
         MessageTag tag = operation.Tag(ExchangePhase.Barrier);
+        List<Task> sends = [];
         foreach (int p in peers)
         {
-            await transport.SendAsync(p, tag, new byte[4], operation.Token).ConfigureAwait(false);
+            sends.Add(transport.SendAsync(p, tag, new byte[4], operation.Token).AsTask());
         }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
 
         byte[][] arrived = await operation.ReceiveAllAsync(transport, peers, ExchangePhase.Barrier).ConfigureAwait(false);
         for (int i = 0; i < peers.Length; i++)
@@ -449,6 +465,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             }
         }
 
+        List<Task> sends = [];
         for (int l = 0; l < node.Length; l++)
         {
             byte[] packet;
@@ -468,8 +485,10 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                 }
             }
 
-            await transport.SendAsync(node[l], tag, packet, op.Token).ConfigureAwait(false);
+            sends.Add(transport.SendAsync(node[l], tag, packet, op.Token).AsTask());
         }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
     }
 
     private int CheckedRankOfExpert(int expert, int source) =>

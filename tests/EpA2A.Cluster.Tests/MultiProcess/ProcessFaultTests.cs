@@ -1,0 +1,160 @@
+using System.Diagnostics;
+using EpA2A.Grains;
+
+namespace EpA2A.Cluster.Tests.MultiProcess;
+
+/// <summary>
+/// Faults with real processes (issue 5): four `epa2a silo` processes on Redis, rank 1 a straggler whose experts
+/// take 1.5 s every step. A rank slowed within the deadline completes the step; past it, the step aborts on every
+/// rank naming it; a silo SIGKILLed in the middle of a step fails that step within twice the deadline plus 2 s
+/// naming its rank, leaves no step waiting on any surviving rank, and a restarted process heals the group; the
+/// coordinator's silo dying mid-step leaves no rank stuck, and the client re-configures a new coordinator.
+/// </summary>
+[Collection(ProcessCluster.Collection)]
+public sealed class ProcessFaultTests(ProcessCluster cluster) : IClassFixture<ProcessCluster>
+{
+    private static readonly int[] VictimOrder = [2, 3, 0];
+
+    private static LayerSpec Spec(TimeSpan deadline) => new()
+    {
+        MaxTokens = 32,
+        Hidden = 64,
+        TopK = 3,
+        NumExperts = 8,
+        WorldSize = ProcessCluster.Ranks,
+        StepTimeout = deadline,
+    };
+
+    [Fact]
+    public async Task A_rank_slowed_within_the_deadline_completes_the_step_and_one_slowed_past_it_aborts_the_step_on_every_rank_naming_it()
+    {
+        Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
+        await cluster.EnsureHealthyAsync();
+        int seed = Environment.TickCount;
+        LayerSpec within = Spec(TimeSpan.FromSeconds(4));
+        ExpertLayerClient patient = new(cluster.Client, ProcessCluster.Group, "within-deadline");
+        await patient.ConfigureAsync(within).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        Stopwatch clock = Stopwatch.StartNew();
+        await GrainStepRunner.RunCheckedAsync(patient, within, seed);
+        TimeSpan slowStep = clock.Elapsed;
+        Assert.True(slowStep >= ProcessCluster.ExpertDelay, $"seed {seed}: the step took {slowStep}, less than rank 1's {ProcessCluster.ExpertDelay} delay");
+
+        TimeSpan tight = TimeSpan.FromSeconds(1);
+        LayerSpec beyond = Spec(tight);
+        ExpertLayerClient impatient = new(cluster.Client, ProcessCluster.Group, "past-deadline");
+        await impatient.ConfigureAsync(beyond).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        clock.Restart();
+        GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => GrainStepRunner.RunCheckedAsync(impatient, beyond, seed + 1));
+        TimeSpan aborted = clock.Elapsed;
+        Assert.Equal([ProcessCluster.SlowRank], e.BlamedRanks);
+        Assert.Contains("rank 1 did not deliver", e.Message, StringComparison.Ordinal);
+        for (int r = 0; r < ProcessCluster.Ranks; r++)
+        {
+            Assert.Contains($"rank {r}:", e.Message, StringComparison.Ordinal); // every rank's step ended in an error
+        }
+
+        TimeSpan bound = (tight * 2) + TimeSpan.FromSeconds(2);
+        Assert.True(aborted < bound, $"seed {seed}: the step failed {aborted} after it began, bound {bound}: {e.Message}");
+        TimeSpan idle = await cluster.WaitIdleAsync(Enumerable.Range(0, ProcessCluster.Ranks), TimeSpan.FromSeconds(1));
+
+        // The straggler's aborted step left nothing behind: both layers step again, the slow one still in time.
+        await GrainStepRunner.RunCheckedAsync(patient, within, seed + 2);
+        TestContext.Current.TestOutputHelper?.WriteLine(
+            $"slowed within: step completed in {slowStep.TotalMilliseconds:0} ms (deadline {within.StepTimeout.TotalSeconds} s); slowed past a {tight.TotalSeconds} s deadline: failed after {aborted.TotalMilliseconds:0} ms, every rank idle {idle.TotalMilliseconds:0} ms later; {e.Message}");
+    }
+
+    [Fact]
+    public async Task A_silo_sigkilled_mid_step_fails_the_step_within_twice_the_deadline_naming_its_rank_leaves_no_step_waiting_and_a_restart_heals()
+    {
+        Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
+        await cluster.EnsureHealthyAsync();
+        int seed = Environment.TickCount;
+        TimeSpan deadline = TimeSpan.FromSeconds(4);
+        LayerSpec spec = Spec(deadline);
+        ExpertLayerClient client = new(cluster.Client, ProcessCluster.Group, "sigkill-mid-step");
+        await client.ConfigureAsync(spec).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed);
+
+        // The victim serves a rank, but neither the coordinator nor the client's gateway (rank 1's silo).
+        CoordinatorInfo coordinator = await client.Coordinator.DescribeAsync();
+        int victim = VictimOrder.First(r => cluster.Silo(r).Id != coordinator.ProcessId);
+        int[] survivors = [.. Enumerable.Range(0, ProcessCluster.Ranks).Where(r => r != victim)];
+
+        Task<StepReport> step = GrainStepRunner.RunCheckedAsync(client, spec, seed + 1);
+        await cluster.WaitAllInFlightAsync(TimeSpan.FromSeconds(5)); // rank 1 computes for 1.5 s; the others wait in combine
+        Stopwatch clock = Stopwatch.StartNew();
+        cluster.Kill(victim);
+        GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => step);
+        TimeSpan failed = clock.Elapsed;
+        TimeSpan idle = await cluster.WaitIdleAsync(survivors, TimeSpan.FromSeconds(2));
+        TimeSpan bound = (deadline * 2) + TimeSpan.FromSeconds(2);
+        Assert.True(failed < bound, $"seed {seed}: the step failed {failed} after the kill, bound {bound}: {e.Message}");
+        Assert.True(e.BlamedRanks.SequenceEqual([victim]), $"seed {seed}: blamed [{string.Join(", ", e.BlamedRanks)}], expected [{victim}]: {e.Message}\nrank 1's silo:\n{string.Join('\n', cluster.Silo(ProcessCluster.SlowRank).Lines.TakeLast(30))}");
+        Assert.Contains($"rank {victim}", e.Message, StringComparison.Ordinal);
+
+        clock.Restart();
+        await cluster.RestartAsync(victim);
+        List<string> retries = await ProcessCluster.StepUntilOkAsync(client, spec, seed + 2, TimeSpan.FromSeconds(60));
+        TimeSpan healed = clock.Elapsed;
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed + 100);
+        TestContext.Current.TestOutputHelper?.WriteLine(
+            $"SIGKILL of rank {victim} mid-step: the step failed {failed.TotalMilliseconds:0} ms after the kill (bound {bound.TotalSeconds} s), survivors idle {idle.TotalMilliseconds:0} ms later; " +
+            $"restart to a correct step {healed.TotalMilliseconds:0} ms ({retries.Count} failed tries); {e.Message}\n{string.Join('\n', retries)}");
+    }
+
+    [Fact]
+    public async Task The_coordinators_silo_dying_mid_step_leaves_no_rank_stuck_and_the_client_re_configures_a_new_coordinator()
+    {
+        Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
+        await cluster.EnsureHealthyAsync();
+        int seed = Environment.TickCount;
+        TimeSpan deadline = TimeSpan.FromSeconds(3);
+        LayerSpec spec = Spec(deadline);
+
+        // A layer whose coordinator was placed on a silo other than rank 1's (the client's gateway).
+        ExpertLayerClient client = null!;
+        CoordinatorInfo coordinator = null!;
+        for (int i = 0; i < 40 && coordinator is null; i++)
+        {
+            ExpertLayerClient candidate = new(cluster.Client, ProcessCluster.Group, $"coordinator-{i}");
+            CoordinatorInfo info = await candidate.Coordinator.DescribeAsync();
+            if (info.ProcessId != cluster.Silo(ProcessCluster.SlowRank).Id)
+            {
+                (client, coordinator) = (candidate, info);
+            }
+        }
+
+        Assert.NotNull(coordinator);
+        int host = Enumerable.Range(0, ProcessCluster.Ranks).Single(r => cluster.Silo(r).Id == coordinator.ProcessId);
+        int[] survivors = [.. Enumerable.Range(0, ProcessCluster.Ranks).Where(r => r != host)];
+        await client.ConfigureAsync(spec).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed);
+
+        Task<StepReport> step = GrainStepRunner.RunCheckedAsync(client, spec, seed + 1);
+        await cluster.WaitAllInFlightAsync(TimeSpan.FromSeconds(5));
+        Stopwatch clock = Stopwatch.StartNew();
+        cluster.Kill(host);
+
+        // No coordinator is left to abort them: every surviving rank's step ends by its own deadline at the latest
+        // (the straggler's combine starts after its 1.5 s of experts).
+        TimeSpan idle = await cluster.WaitIdleAsync(survivors, deadline + ProcessCluster.ExpertDelay + TimeSpan.FromSeconds(1));
+        GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => step);
+        TimeSpan failed = clock.Elapsed;
+        Assert.True(e.BlamedRanks.SequenceEqual([host]), $"seed {seed}: blamed [{string.Join(", ", e.BlamedRanks)}], expected the coordinator's silo's rank {host}: {e.Message}");
+        Assert.Contains($"process {coordinator.ProcessId}", e.Message, StringComparison.Ordinal);
+        TimeSpan clientBound = (deadline * 2) + TimeSpan.FromSeconds(5);
+        Assert.True(failed < clientBound + TimeSpan.FromSeconds(1), $"seed {seed}: the client's step failed {failed} after the kill, bound {clientBound}: {e.Message}");
+
+        clock.Restart();
+        await cluster.RestartAsync(host);
+        List<string> retries = await ProcessCluster.StepUntilOkAsync(client, spec, seed + 2, TimeSpan.FromSeconds(60));
+        TimeSpan healed = clock.Elapsed;
+        CoordinatorInfo fresh = await client.Coordinator.DescribeAsync();
+        Assert.NotEqual(coordinator.ProcessId, fresh.ProcessId);
+        Assert.True(fresh.Formed);
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed + 100);
+        TestContext.Current.TestOutputHelper?.WriteLine(
+            $"coordinator's silo (rank {host}) SIGKILLed mid-step: survivors idle {idle.TotalMilliseconds:0} ms after the kill (deadline {deadline.TotalSeconds} s), the client's step failed after {failed.TotalMilliseconds:0} ms ({e.GetType().Name}: {e.Message.ReplaceLineEndings(" ")}); " +
+            $"restart to a correct step through a new coordinator (epoch {fresh.Epoch}) {healed.TotalMilliseconds:0} ms ({retries.Count} failed tries)\n{string.Join('\n', retries)}");
+    }
+}
