@@ -9,6 +9,7 @@ RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts
     StepCommand.Create(),
     GpuCheckCommand.Create(),
     DriveCommand.Create(),
+    SoakCommand.Create(),
     TelemetryOverheadCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

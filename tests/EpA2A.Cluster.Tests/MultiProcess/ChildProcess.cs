@@ -86,6 +86,23 @@ public sealed class ChildProcess : IDisposable
         }
     }
 
+    /// <summary>Waits for the process to exit by itself; returns its exit code (a timeout kills it and fails).</summary>
+    public async Task<int> WaitForExitAsync(TimeSpan within)
+    {
+        try
+        {
+            await process.WaitForExitAsync().WaitAsync(within);
+        }
+        catch (TimeoutException)
+        {
+            Kill();
+            throw new TimeoutException($"{Name}: still running after {within.TotalSeconds:0.#} s; last lines:\n{string.Join('\n', lines.TakeLast(15))}");
+        }
+
+        process.WaitForExit(); // drains the output readers
+        return process.ExitCode;
+    }
+
     /// <summary>SIGKILL: no shutdown, no goodbye to the cluster.</summary>
     public void Kill()
     {

@@ -37,6 +37,9 @@ public sealed class ProcessCluster : IAsyncLifetime
 
     public IClusterClient Client => clientHost!.Services.GetRequiredService<IClusterClient>();
 
+    /// <summary>The gateway port of the silo serving <paramref name="rank"/>.</summary>
+    public int GatewayPort(int rank) => portBase + 100 + rank;
+
     public async ValueTask InitializeAsync()
     {
         string? server = (Environment.GetEnvironmentVariable("PATH") ?? string.Empty).Split(':')

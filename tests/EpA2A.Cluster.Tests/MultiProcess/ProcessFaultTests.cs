@@ -1,5 +1,7 @@
 using System.Diagnostics;
 using EpA2A.Grains;
+using EpA2A.Silo.Hosting;
+using Microsoft.Extensions.Hosting;
 
 namespace EpA2A.Cluster.Tests.MultiProcess;
 
@@ -156,5 +158,17 @@ public sealed class ProcessFaultTests(ProcessCluster cluster) : IClassFixture<Pr
         TestContext.Current.TestOutputHelper?.WriteLine(
             $"coordinator's silo (rank {host}) SIGKILLed mid-step: survivors idle {idle.TotalMilliseconds:0} ms after the kill (deadline {deadline.TotalSeconds} s), the client's step failed after {failed.TotalMilliseconds:0} ms ({e.GetType().Name}: {e.Message.ReplaceLineEndings(" ")}); " +
             $"restart to a correct step through a new coordinator (epoch {fresh.Epoch}) {healed.TotalMilliseconds:0} ms ({retries.Count} failed tries)\n{string.Join('\n', retries)}");
+    }
+
+    [Fact]
+    public async Task A_client_of_another_cluster_id_is_refused_by_the_gateway_and_never_admitted()
+    {
+        Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
+        int before = cluster.Silo(ProcessCluster.SlowRank).Lines.Count;
+        using IHost stranger = EpA2AHosts.BuildClient(ClusteringKind.Localhost, [cluster.GatewayPort(ProcessCluster.SlowRank)], null, clusterId: "someone-else");
+        using CancellationTokenSource giveUp = new(TimeSpan.FromSeconds(8));
+        await Assert.ThrowsAnyAsync<Exception>(() => stranger.StartAsync(giveUp.Token).WaitAsync(TimeSpan.FromSeconds(10), TestContext.Current.CancellationToken));
+        string refusal = await cluster.Silo(ProcessCluster.SlowRank).WaitForLineAsync(l => l.Contains("cluster id", StringComparison.OrdinalIgnoreCase), TimeSpan.FromSeconds(5), skip: before);
+        TestContext.Current.TestOutputHelper?.WriteLine($"the gateway logged: {refusal.Trim()}");
     }
 }
