@@ -357,6 +357,40 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
     }
 
     [Fact]
+    public async Task Messages_begun_past_the_byte_budget_are_refused_so_tiny_chunks_cannot_make_a_rank_allocate_without_bound()
+    {
+        (ExpertLayerClient client, int seed) = await LayerAsync("chunk-budget");
+        long epoch = (await client.Coordinator.DescribeAsync()).Epoch;
+        int largest = Grains.Ranks.MessageAssembler.LargestMessage(Spec.ToConfig(BadRank));
+        long budget = 2L * Spec.WorldSize * largest;
+        int half = (largest + 1) / 2;
+        int begun = 0;
+        InvalidDataException? refused = null;
+        foreach (long sequence in Enumerable.Range(1, 3))
+        {
+            foreach (int source in new[] { 0, 2, 3 })
+            {
+                try
+                {
+                    // The first half of a largest-size message: the rank makes the whole message's buffer.
+                    await Rank(BadRank).DeliverAsync(client.Layer, new TransportChunk(epoch, sequence, (int)ExchangePhase.Barrier, source, 0, 2, largest, new Immutable<byte[]>(new byte[half])));
+                    begun++;
+                }
+                catch (InvalidDataException e)
+                {
+                    refused ??= e;
+                }
+            }
+        }
+
+        Assert.Equal(budget / largest, begun);
+        Assert.NotNull(refused);
+        AssertNames(refused, seed, $"would make the messages being assembled exceed {budget} bytes");
+        await client.ConfigureAsync(Spec);
+        await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 1);
+    }
+
+    [Fact]
     public async Task Reading_outside_the_combined_output_or_another_steps_output_is_rejected()
     {
         (ExpertLayerClient client, int seed) = await LayerAsync("read-output");

@@ -17,6 +17,8 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
     public const int MinChunkBytes = 1024;
 
     private readonly ConcurrentDictionary<(int Source, MessageTag Tag), Reassembly> partial = new();
+    private readonly Lock gate = new();
+    private long partialBytes;
 
     /// <summary>The largest message the protocol sends for this configuration (see <see cref="LargestMessage"/>).</summary>
     public int MaxMessageBytes { get; } = LargestMessage(config);
@@ -26,6 +28,13 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
 
     /// <summary>Messages begun or held at once, at most: a peer is at most one operation ahead, each with a few exchanges.</summary>
     public int MaxHeldMessages { get; } = (16 * config.WorldSize) + 64;
+
+    /// <summary>
+    /// Bytes of messages begun but not complete, at most: every peer's message of two exchanges. A first chunk of a
+    /// few bytes makes the whole message's buffer, so this, not the chunk sizes, bounds what a sender can make a rank
+    /// allocate.
+    /// </summary>
+    public long MaxPartialBytes { get; } = 2L * config.WorldSize * LargestMessage(config);
 
     /// <summary>
     /// A bound on any message between ranks: per (token, slot) at most a 36-byte record and an fp32 row, for the
@@ -95,15 +104,31 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
         }
 
         (int, MessageTag) key = (chunk.Source, tag);
-        if (!partial.ContainsKey(key))
+        Reassembly r;
+        lock (gate)
         {
-            ThrowIfFull(chunk);
+            if (!partial.TryGetValue(key, out r!))
+            {
+                ThrowIfFull(chunk);
+                if (partialBytes + chunk.TotalBytes > MaxPartialBytes)
+                {
+                    throw Bad(chunk, $"would make the messages being assembled exceed {MaxPartialBytes} bytes ({partialBytes} held)");
+                }
+
+                r = new Reassembly(chunk.TotalBytes, chunk.Count);
+                partial[key] = r;
+                partialBytes += chunk.TotalBytes;
+            }
         }
 
-        Reassembly r = partial.GetOrAdd(key, _ => new Reassembly(chunk.TotalBytes, chunk.Count));
         if (r.Add(chunk, data))
         {
-            partial.TryRemove(key, out _);
+            lock (gate)
+            {
+                partial.TryRemove(key, out _);
+                partialBytes -= r.Buffer.Length;
+            }
+
             mailbox.Post(chunk.Source, tag, r.Buffer);
         }
     }
