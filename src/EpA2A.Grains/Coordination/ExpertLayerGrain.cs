@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using EpA2A.Telemetry;
 using Microsoft.Extensions.Logging;
+using Orleans.Placement;
 
 namespace EpA2A.Grains.Coordination;
 
@@ -10,7 +11,10 @@ namespace EpA2A.Grains.Coordination;
 /// twice the step deadline plus a second. A rank that fails, does not answer, or is blamed by the others
 /// fails the step on every rank (the others are aborted at once), the error names it, and the next step
 /// re-forms the group under a new epoch, so a restarted silo comes back by itself.
+/// Coordinators are placed at random: the layers of a model spread over the silos instead of piling onto the
+/// gateway a client happens to use, so one silo's death costs a few coordinators, not all of them.
 /// </summary>
+[RandomPlacement]
 internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger) : Grain, IExpertLayerGrain
 {
     private LayerSpec? spec;
