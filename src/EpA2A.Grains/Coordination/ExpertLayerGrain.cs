@@ -8,9 +8,10 @@ namespace EpA2A.Grains.Coordination;
 /// <summary>
 /// Coordinates one layer of a group. Forms the group by creating the layer on every rank (each pinned to its
 /// silo), then runs steps: every rank enters the step, and the whole step must finish within a bound of
-/// twice the step deadline plus a second. A rank that fails, does not answer, or is blamed by the others
-/// fails the step on every rank (the others are aborted at once), the error names it, and the next step
-/// re-forms the group under a new epoch, so a restarted silo comes back by itself.
+/// twice the step deadline plus a second (and at most 3 s more to abort the others and collect their reports).
+/// A rank that fails, does not answer, or is blamed by the others fails the step on every rank (the others are
+/// aborted at once), the error names it (a rank whose silo is gone before the ranks that waited on it), and the
+/// next step re-forms the group under a new epoch, so a restarted silo comes back by itself.
 /// Coordinators are placed at random: the layers of a model spread over the silos instead of piling onto the
 /// gateway a client happens to use, so one silo's death costs a few coordinators, not all of them.
 /// </summary>
@@ -166,6 +167,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         {
             // Someone failed (or nobody finished in time): stop every rank's waits now rather than at their deadlines.
             // Aborted ranks answer at once; what the bound has left (at least a second) is all a rank is given.
+            // An aborted rank runs no further step on this incarnation, so the next step re-forms the group even
+            // if every report comes back a success after all.
+            formed = false;
             await AbortAllAsync(ranks, $"step {ticket.Step} failed").ConfigureAwait(true);
             TimeSpan left = bound - Stopwatch.GetElapsedTime(start);
             await Task.WhenAny(all, Task.Delay(left > TimeSpan.FromSeconds(1) ? left : TimeSpan.FromSeconds(1))).ConfigureAwait(true);
