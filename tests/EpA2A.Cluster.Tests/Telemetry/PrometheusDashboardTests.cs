@@ -15,6 +15,7 @@ namespace EpA2A.Cluster.Tests.Telemetry;
 /// good, hot-expert and bad steps; a real `prometheus` scrapes them; every dashboard query must parse and return
 /// series, and `promtool check metrics` must accept each silo's exposition.
 /// </summary>
+[Collection(ProcessCluster.Collection)]
 public sealed class PrometheusDashboardTests
 {
     private const int World = 2;
