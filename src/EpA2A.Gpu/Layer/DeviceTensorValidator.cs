@@ -13,7 +13,7 @@ internal static class DeviceTensorValidator
     {
         ArgumentNullException.ThrowIfNull(input);
         ArgumentNullException.ThrowIfNull(expertIds);
-        ElementType<T>(c, nameof(input));
+        InputValidator.ElementType<T>(c, nameof(input));
         Shape(input, nameof(input), -1, c.Hidden, "[n, Hidden]");
         int n = input.Lengths[0];
         if (n > c.MaxTokens)
@@ -44,40 +44,21 @@ internal static class DeviceTensorValidator
         ArgumentNullException.ThrowIfNull(expertOutput);
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentNullException.ThrowIfNull(options);
-        ElementType<T>(c, nameof(expertOutput));
+        InputValidator.ElementType<T>(c, nameof(expertOutput));
         Shape(expertOutput, nameof(expertOutput), layout.RecvRows, c.Hidden, "[layout.RecvRows, Hidden]");
-        if (options.Weighted && !layout.HasWeights)
-        {
-            throw new ArgumentException("weighted combine needs the routing weights, but the dispatch that made this layout had none", nameof(options));
-        }
-    }
-
-    private static void ElementType<T>(EpConfig c, string argument)
-        where T : unmanaged
-    {
-        TokenType given;
-        try
-        {
-            given = TokenTypeInfo.Of<T>();
-        }
-        catch (NotSupportedException e)
-        {
-            throw new ArgumentException($"{argument} has elements of {typeof(T).Name}; EpConfig.TokenType is {c.TokenType}", argument, e);
-        }
-
-        if (given != c.TokenType)
-        {
-            throw new ArgumentException($"{argument} has elements of {given}; EpConfig.TokenType is {c.TokenType}", argument);
-        }
+        InputValidator.WeightsForWeightedCombine(layout, options);
     }
 
     private static void Shape<TElement>(DeviceTensor<TElement> t, string argument, long rows, long columns, string expected)
         where TElement : unmanaged
     {
         ReadOnlySpan<int> l = t.Lengths;
-        if (l.Length != 2 || (rows >= 0 && l[0] != rows) || l[1] != columns)
+        long[] lengths = new long[l.Length];
+        for (int d = 0; d < l.Length; d++)
         {
-            throw new ArgumentException($"{argument} has shape [{string.Join(", ", l.ToArray())}]; expected {expected} = [{(rows >= 0 ? $"{rows}" : "n")}, {columns}]", argument);
+            lengths[d] = l[d];
         }
+
+        InputValidator.Shape(lengths, argument, rows, columns, expected);
     }
 }

@@ -88,13 +88,20 @@ internal static class InputValidator
         ArgumentNullException.ThrowIfNull(options);
         ElementType<T>(c, nameof(expertOutput));
         Shape(expertOutput, nameof(expertOutput), layout.RecvRows, c.Hidden, "[layout.RecvRows, Hidden]");
+        WeightsForWeightedCombine(layout, options);
+    }
+
+    /// <summary>A weighted combine needs the weights its dispatch carried (host and device paths alike).</summary>
+    internal static void WeightsForWeightedCombine(EpAllToAllLayout layout, CombineOptions options)
+    {
         if (options.Weighted && !layout.HasWeights)
         {
             throw new ArgumentException("weighted combine needs the routing weights, but the dispatch that made this layout had none", nameof(options));
         }
     }
 
-    private static void ElementType<T>(EpConfig c, string argument)
+    /// <summary>The element type must be the configured token type (host and device paths alike).</summary>
+    internal static void ElementType<T>(EpConfig c, string argument)
         where T : unmanaged
     {
         TokenType given;
@@ -115,10 +122,21 @@ internal static class InputValidator
 
     private static void Shape<TElement>(Tensor<TElement> t, string argument, long rows, long columns, string expected)
     {
-        ReadOnlySpan<nint> l = t.Lengths;
-        if (l.Length != 2 || (rows >= 0 && l[0] != rows) || l[1] != columns)
+        long[] lengths = new long[t.Lengths.Length];
+        for (int d = 0; d < lengths.Length; d++)
         {
-            throw new ArgumentException($"{argument} has shape [{string.Join(", ", l.ToArray())}], expected {expected} = [{(rows >= 0 ? rows : "n")}, {columns}]", argument);
+            lengths[d] = t.Lengths[d];
+        }
+
+        Shape(lengths, argument, rows, columns, expected);
+    }
+
+    /// <summary>A 2-D shape [rows (any when negative), columns]; the message names the argument and the expected shape.</summary>
+    internal static void Shape(ReadOnlySpan<long> lengths, string argument, long rows, long columns, string expected)
+    {
+        if (lengths.Length != 2 || (rows >= 0 && lengths[0] != rows) || lengths[1] != columns)
+        {
+            throw new ArgumentException($"{argument} has shape [{string.Join(", ", lengths.ToArray())}], expected {expected} = [{(rows >= 0 ? rows : "n")}, {columns}]", argument);
         }
     }
 }
