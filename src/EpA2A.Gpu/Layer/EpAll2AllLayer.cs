@@ -212,7 +212,7 @@ public sealed class EpAll2AllLayer : IDisposable
             SourceWeights = layout.SourceWeights,
             RowWeights = Context.WeightBuffer,
             Weighted = options.Weighted,
-            Accumulator = new float[n * Config.Hidden],
+            AccumulatorLength = n * Config.Hidden,
         };
         try
         {
@@ -380,7 +380,7 @@ public sealed class EpAll2AllLayer : IDisposable
             SourceWeights = layout.SourceWeights,
             RowWeights = null,
             Weighted = options.Weighted,
-            Accumulator = [],
+            AccumulatorLength = 0,
             DeviceExpertOutput = expertOutput.Pointer,
         };
         try

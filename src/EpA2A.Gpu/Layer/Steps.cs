@@ -103,6 +103,8 @@ internal sealed class DispatchStep
 /// <summary>A combine in flight.</summary>
 internal sealed class CombineStep
 {
+    private float[]? accumulator;
+
     public required OperationContext Operation { get; init; }
 
     public required EpAllToAllLayout Layout { get; init; }
@@ -119,7 +121,10 @@ internal sealed class CombineStep
     public required bool Weighted { get; init; }
 
     /// <summary>[TokenCount, Hidden] fp32 sums; rounded once at the end.</summary>
-    public required float[] Accumulator { get; init; }
+    public required int AccumulatorLength { get; init; }
+
+    /// <summary>Allocated on first use: a backend that rounds on the device (CUDA) never touches it.</summary>
+    public float[] Accumulator => accumulator ??= new float[AccumulatorLength];
 
     /// <summary>Set by a backend that rounds on its own (CUDA): [TokenCount, Hidden] of the token type, as bytes.</summary>
     public byte[]? Rounded { get; set; }
