@@ -129,21 +129,7 @@ public sealed class EpAll2AllLayer : IDisposable
 
         try
         {
-            await backend.CopyInAsync(step).ConfigureAwait(false);
-            clock.Lap(Phase.DispatchCopyIn, n, tokens.Length);
-            step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
-            clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
-
-            // Every rank derives the same maximum from the same table, so growth is collective without a vote.
-            await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
-            clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
-
-            await backend.DispatchTokensAsync(step).ConfigureAwait(false);
-            int recv = step.Plan.RecvRows(Config.Rank);
-            clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
-
-            EpAllToAllLayout layout = BuildLayout(step, recv);
-            telemetry.Received(layout);
+            (EpAllToAllLayout layout, int recv, clock) = await RunDispatchPhasesAsync(step, clock, tokens.Length).ConfigureAwait(false);
             Tensor<T> output = View(Context.Output<T>(), recv, Config.Hidden);
             Tensor<float>? outWeights = weights is null ? null : Vector(Context.WeightBuffer, recv);
             clock.Lap(Phase.DispatchPostprocess, n, 0);
@@ -311,17 +297,7 @@ public sealed class EpAll2AllLayer : IDisposable
 
         try
         {
-            await backend.CopyInAsync(step).ConfigureAwait(false);
-            clock.Lap(Phase.DispatchCopyIn, n, 0);
-            step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
-            clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
-            await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
-            clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
-            await backend.DispatchTokensAsync(step).ConfigureAwait(false);
-            int recv = step.Plan.RecvRows(Config.Rank);
-            clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
-            EpAllToAllLayout layout = BuildLayout(step, recv);
-            telemetry.Received(layout);
+            (EpAllToAllLayout layout, int recv, clock) = await RunDispatchPhasesAsync(step, clock, 0).ConfigureAwait(false);
             DeviceTensor<T> output = new(device.DeviceOutput, [recv, Config.Hidden], this);
             DeviceTensor<float>? outWeights = weights is null ? null : new(device.DeviceWeights, [recv], this);
             clock.Lap(Phase.DispatchPostprocess, n, 0);
@@ -457,6 +433,32 @@ public sealed class EpAll2AllLayer : IDisposable
         TElement[] flat = new TElement[(int)tensor.FlattenedLength];
         tensor.FlattenTo(flat);
         return flat;
+    }
+
+    /// <summary>
+    /// The phases every dispatch runs, whether its inputs are host tensors or device buffers: copy-in,
+    /// preprocess (counts exchange), output-size wait with collective growth, the dispatch kernel, and the layout.
+    /// Returns the clock so the caller's postprocess lap follows on.
+    /// </summary>
+    private async ValueTask<(EpAllToAllLayout Layout, int Recv, PhaseClock Clock)> RunDispatchPhasesAsync(DispatchStep step, PhaseClock clock, long copyInBytes)
+    {
+        int n = step.TokenCount;
+        await backend.CopyInAsync(step).ConfigureAwait(false);
+        clock.Lap(Phase.DispatchCopyIn, n, copyInBytes);
+        step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+        clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
+
+        // Every rank derives the same maximum from the same table, so growth is collective without a vote.
+        await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
+        clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
+
+        await backend.DispatchTokensAsync(step).ConfigureAwait(false);
+        int recv = step.Plan.RecvRows(Config.Rank);
+        clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
+
+        EpAllToAllLayout layout = BuildLayout(step, recv);
+        telemetry.Received(layout);
+        return (layout, recv, clock);
     }
 
     private EpAllToAllLayout BuildLayout(DispatchStep step, int recv)
