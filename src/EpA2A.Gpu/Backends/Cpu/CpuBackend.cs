@@ -19,6 +19,9 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     private const int FlagWeights = 1;
     private const int FlagScatter = 2;
 
+    /// <summary>The operation of the latest counts exchange and the smallest dispatch output of any rank it reported.</summary>
+    private (long Sequence, int Rows) groupOutputRows = (-1, 0);
+
     public string Name => "cpu";
 
     private int Rank => config.Rank;
@@ -29,10 +32,32 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
     public ValueTask CopyInAsync(CombineStep step) => ValueTask.CompletedTask;
 
-    public ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
+    /// <summary>
+    /// Grows the output only once every rank has said it holds this operation's whole counts table. The same table
+    /// on every rank is not enough: a rank that arrives after its peers gave up the operation still completes the
+    /// counts exchange (what they sent before giving up is buffered for it) and would grow alone, which on the CUDA
+    /// backend's symmetric buffers is fatal. A rank that gave up never sends its <see cref="ExchangePhase.GrowOutput"/>
+    /// word, so a late rank cannot grow, whatever the timing: it waits for the word until its own deadline and fails
+    /// naming them, like at any later exchange of that operation. Only a step that some rank's buffers cannot hold
+    /// pays for the round. (A deadline that passes inside the round, after every rank sent its word, can still leave
+    /// some ranks grown and others not: no deadline-bound exchange settles that. Each rank reports its size with its
+    /// counts, so the next step that needs more rows than the smallest buffer brings every rank to the same size.)
+    /// </summary>
+    public async ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
     {
+        OperationContext op = step.Operation;
+        if (groupOutputRows.Sequence != op.Sequence)
+        {
+            throw new InvalidOperationException($"rank {Rank}: output capacity of operation {op.Sequence} before its counts exchange");
+        }
+
+        if (maxRecvRows <= groupOutputRows.Rows)
+        {
+            return;
+        }
+
+        await AllArriveAsync(op, AllRanks(), ExchangePhase.GrowOutput).ConfigureAwait(false);
         step.Context.ReallocateDispatchOutput(maxRecvRows);
-        return ValueTask.CompletedTask;
     }
 
     public async ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step)
@@ -49,7 +74,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         }
 
         int flags = (step.Weights is null ? 0 : FlagWeights) | (step.ScatterIndices is null ? 0 : FlagScatter);
-        byte[] message = new byte[4 * (3 + ConfigWords + e)];
+        byte[] message = new byte[4 * (4 + ConfigWords + e)];
         MessageWriter w = new(message);
         w.WriteInt(MessageStatus.Ok);
         foreach (int word in ConfigFingerprint(config))
@@ -59,6 +84,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
         w.WriteInt(step.TokenCount);
         w.WriteInt(flags);
+        w.WriteInt(step.Context.OutputRows);
         foreach (int c in counts)
         {
             w.WriteInt(c);
@@ -77,6 +103,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         byte[][] received = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.Counts).ConfigureAwait(false);
         int[] table = new int[config.WorldSize * e];
         int[] tokensPerRank = new int[config.WorldSize];
+        int smallestOutput = int.MaxValue;
         int[] mine = ConfigFingerprint(config);
         List<string> problems = [];
         for (int s = 0; s < config.WorldSize; s++)
@@ -111,6 +138,13 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                 problems.Add($"rank {s} {((theirFlags & FlagScatter) != 0 ? "gave" : "did not give")} scatter indices, rank {Rank} {((flags & FlagScatter) != 0 ? "did" : "did not")}");
             }
 
+            int theirOutput = r.ReadInt();
+            if (theirOutput < 0)
+            {
+                throw new InvalidDataException($"rank {s} reports {theirOutput} dispatch output rows");
+            }
+
+            smallestOutput = Math.Min(smallestOutput, theirOutput);
             for (int x = 0; x < e; x++)
             {
                 table[(s * e) + x] = r.ReadInt();
@@ -121,6 +155,8 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         {
             throw new EpConfigMismatchException($"ranks disagree: {string.Join("; ", problems.Distinct())}");
         }
+
+        groupOutputRows = (op.Sequence, smallestOutput);
 
         return RoutingPlan.FromCounts(config, table, tokensPerRank, packed: step.ScatterIndices is not null);
     }
@@ -247,25 +283,8 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         }
     }
 
-    public async ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly)
-    {
-        int[] peers = intraNodeOnly ? NodeRanks() : AllRanks();
-        MessageTag tag = operation.Tag(ExchangePhase.Barrier);
-        List<Task> sends = [];
-        foreach (int p in peers)
-        {
-            sends.Add(transport.SendAsync(p, tag, new byte[4], operation.Token).AsTask());
-        }
-
-        await Task.WhenAll(sends).ConfigureAwait(false);
-
-        byte[][] arrived = await operation.ReceiveAllAsync(transport, peers, ExchangePhase.Barrier).ConfigureAwait(false);
-        for (int i = 0; i < peers.Length; i++)
-        {
-            MessageReader r = new(arrived[i], peers[i]);
-            ThrowIfAborted(ref r, peers[i]);
-        }
-    }
+    public ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly) =>
+        AllArriveAsync(operation, intraNodeOnly ? NodeRanks() : AllRanks(), ExchangePhase.Barrier);
 
     public void Reset(long epoch, long sequence) => transport.DiscardBefore(epoch, sequence);
 
@@ -293,6 +312,26 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         if (status != MessageStatus.Ok)
         {
             throw new InvalidDataException($"message from rank {source} has unknown status {status}");
+        }
+    }
+
+    /// <summary>Sends an empty ok message of <paramref name="phase"/> to every peer and waits for theirs.</summary>
+    private async ValueTask AllArriveAsync(OperationContext operation, int[] peers, ExchangePhase phase)
+    {
+        MessageTag tag = operation.Tag(phase);
+        List<Task> sends = [];
+        foreach (int p in peers)
+        {
+            sends.Add(transport.SendAsync(p, tag, new byte[4], operation.Token).AsTask());
+        }
+
+        await Task.WhenAll(sends).ConfigureAwait(false);
+
+        byte[][] arrived = await operation.ReceiveAllAsync(transport, peers, phase).ConfigureAwait(false);
+        for (int i = 0; i < peers.Length; i++)
+        {
+            MessageReader r = new(arrived[i], peers[i]);
+            ThrowIfAborted(ref r, peers[i]);
         }
     }
 
