@@ -89,8 +89,14 @@ typedef struct epa2a_layer_config {
   int32_t enable_local_combine; /* 0/1; single node only */
   int32_t expert_alignment;     /* each local expert's rows start at a multiple of it (power of two) */
   int32_t capacity;             /* initial output rows = capacity * max_tokens * topk (+ alignment padding) */
-  int32_t reserved;             /* 0 */
+  int32_t flags;                /* EPA2A_LAYER_* bits, else 0 */
 } epa2a_layer_config;
+
+/* epa2a_layer_config.flags: the output rows are fixed at creation (capacity * max_tokens * topk + padding;
+ * capacity = world_size is the true worst case) and never grow. A step then needs no host wait:
+ * epa2a_dispatch_enqueue + epa2a_combine only enqueue work, so they can be captured in a CUDA graph. A step
+ * whose largest receive exceeds the rows fails on every rank together with EPA2A_ERR_CAPACITY (reset needed). */
+#define EPA2A_LAYER_FIXED_CAPACITY 1
 
 /* A device error record (host-visible, written by the first failing device thread). 48 bytes. */
 typedef struct epa2a_status {
@@ -123,6 +129,9 @@ EPA2A_API int epa2a_version(int32_t* major, int32_t* minor);
 
 /* ---- runtime ---- */
 EPA2A_API int epa2a_device_count(int32_t* count);
+/* Makes device the calling thread's current CUDA device (for calls from a thread other than the one that ran
+ * epa2a_init). */
+EPA2A_API int epa2a_use_device(int32_t device);
 EPA2A_API int epa2a_uid_size(int32_t* bytes);
 /* Rank 0 only: writes a fresh NVSHMEM unique id of epa2a_uid_size bytes. */
 EPA2A_API int epa2a_uid_create(void* uid, int32_t bytes);
@@ -186,10 +195,26 @@ EPA2A_API int epa2a_dispatch_get_layout(epa2a_layer* layer, int32_t* recv_rows_p
                                         int32_t* padded_rows_per_local_expert, int32_t* expert_row_starts);
 EPA2A_API int epa2a_dispatch_send(epa2a_layer* layer, void* stream);
 EPA2A_API int epa2a_dispatch_finish(epa2a_layer* layer, void* stream);
+/* Fixed-capacity layers only: prepare + send + finish, enqueued without any host wait (capturable). The layout
+ * (epa2a_dispatch_get_layout) is valid once the stream has been synchronized. The captured graph replays the
+ * same pointers and num_tokens. */
+EPA2A_API int epa2a_dispatch_enqueue(epa2a_layer* layer, const void* tokens, const int32_t* expert_ids,
+                                     const float* weights, const int32_t* scatter_indices, int32_t num_tokens,
+                                     void* stream);
 /* expert_output [recv_rows, hidden] device rows, or NULL when they are already in buffers.output.
  * out [num_tokens, hidden]. weighted: multiply each row by its routing weight (needs weights at dispatch). */
 EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void* out, int32_t weighted,
                             void* stream);
+
+/* ---- CUDA graphs of enqueued steps (fixed-capacity layers) ---- */
+/* Starts a thread-local capture on stream (a created stream, not the legacy default). */
+EPA2A_API int epa2a_graph_begin(void* stream);
+/* Ends the capture and instantiates it. */
+EPA2A_API int epa2a_graph_end(void* stream, void** graph_exec);
+EPA2A_API int epa2a_graph_launch(void* graph_exec, void* stream);
+EPA2A_API int epa2a_graph_destroy(void* graph_exec);
+/* Free and total device memory of the current device (cudaMemGetInfo). */
+EPA2A_API int epa2a_mem_info(size_t* free_bytes, size_t* total_bytes);
 
 #ifdef __cplusplus
 }

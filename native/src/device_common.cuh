@@ -13,6 +13,7 @@ namespace epa2a {
 
 constexpr int kThreads = 256;  // threads per block of the token kernels
 constexpr int kChunk = 1024;   // (token, k) entries per counting chunk
+constexpr int kUnroll = 4;     // vectors (or rows) a lane loads before it stores (or sums): loads in flight
 constexpr int kSlots = 5;      // barrier / signal slots (EPA2A_SLOT_*)
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -22,9 +23,11 @@ struct DevCtx {
   int me, node, lrank;
   int row_bytes, out_rows, max_tokens, align, local_combine, has_weights, has_scatter, n;
   int meta_bytes, rec_bytes;
+  int fixed_capacity;  // output rows fixed at creation: no host wait, the capacity is checked on the device
   int64_t timeout_ns;
-  uint64_t epoch;   // dispatch step
-  uint64_t cepoch;  // combine call
+  // Epochs live in device memory so that a captured CUDA graph replays correctly: [0] dispatch step (bumped by
+  // the exchange kernel), [1] combine call, [2] all-rank barrier, [3] node barrier (bumped by barrier kernels).
+  uint64_t* dep;
   // symmetric
   char* out;
   float* out_w;
@@ -103,6 +106,20 @@ __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+}
+
+constexpr int kEpochDispatch = 0;
+constexpr int kEpochCombine = 1;
+constexpr int kEpochBarrierAll = 2;
+constexpr int kEpochBarrierNode = 3;
+constexpr int kEpochs = 4;
+
+// The current step's epochs, written by an earlier kernel of the same stream.
+__device__ __forceinline__ uint64_t step_epoch(const DevCtx& c) {
+  return __ldcg(c.dep + kEpochDispatch);
+}
+__device__ __forceinline__ uint64_t combine_epoch(const DevCtx& c) {
+  return __ldcg(c.dep + kEpochCombine);
 }
 
 __device__ __forceinline__ bool failed(const DevCtx& c) {
@@ -220,6 +237,16 @@ __device__ __forceinline__ void acc_row(const typename Tok<TK>::bits* p, float s
   }
 }
 
+// acc[0..G) += scale * the G elements of token type TK packed in raw (16 bytes). A zero scale adds nothing.
+template <int TK, int G>
+__device__ __forceinline__ void acc_raw(const int4& raw, float scale, float* acc) {
+  using B = typename Tok<TK>::bits;
+  static_assert(G * sizeof(B) == 16, "acc_raw needs 16-byte groups");
+  const B* v = reinterpret_cast<const B*>(&raw);
+#pragma unroll
+  for (int i = 0; i < G; ++i) acc[i] += scale * Tok<TK>::to(v[i]);
+}
+
 template <int G>
 __device__ __forceinline__ void acc_f32(const float* p, float scale, float* acc) {
   if constexpr (G % 4 == 0) {
@@ -265,13 +292,26 @@ __device__ __forceinline__ void store_row(typename Tok<TK>::bits* p, const float
   }
 }
 
-// Copies `bytes` (a multiple of sizeof(V)) with a whole warp; src may be written by a peer (L1 bypassed).
+// Copies `bytes` (a multiple of sizeof(V)) with a whole warp, kUnroll loads in flight per lane; src may be
+// written by a peer (L1 bypassed).
 template <typename V>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
   V* d = reinterpret_cast<V*>(dst);
   const V* s = reinterpret_cast<const V*>(src);
   const int units = bytes / (int)sizeof(V);
-  for (int u = lane; u < units; u += 32) d[u] = __ldcg(s + u);
+  for (int base = 0; base < units; base += 32 * kUnroll) {
+    V r[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      const int u = base + i * 32 + lane;
+      if (u < units) r[i] = __ldcg(s + u);
+    }
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      const int u = base + i * 32 + lane;
+      if (u < units) d[u] = r[i];
+    }
+  }
 }
 
 template <typename V>

@@ -36,7 +36,9 @@ cudaError_t launch_assign(const DevCtx& c, int nchunks, int blocks, cudaStream_t
 cudaError_t launch_dispatch(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s);
 cudaError_t launch_internode_send(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s);
 cudaError_t launch_forward(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s);
-cudaError_t launch_barrier(const DevCtx& c, int slot, uint64_t epoch, int first, int count, cudaStream_t s);
+cudaError_t launch_barrier(const DevCtx& c, int slot, int counter, bool bump, int first, int count,
+                           cudaStream_t s);
+cudaError_t launch_copy_rows(const DevCtx& c, const void* src, int blocks, cudaStream_t s);
 cudaError_t launch_expand(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s);
 cudaError_t launch_presum(const DevCtx& c, int blocks, int token_type, bool wide, int weighted,
                           cudaStream_t s);
@@ -66,7 +68,6 @@ struct epa2a_layer {
   int* h_info = nullptr;
   // step state
   epa2a::Step step = epa2a::Step::Idle;
-  uint64_t epoch = 0, cepoch = 0, barrier_all_epoch = 0, barrier_node_epoch = 0;
   int max_recv = 0;
   std::vector<int> info;  // host copy of the receive layout (info_len)
 };

@@ -82,9 +82,9 @@ __global__ void internode_send_kernel(DevCtx c) {
       const bool has = __ballot_sync(kFullMask, remote && d / c.L == m) != 0;
       if (has) {
         nvshmemx_putmem_signal_nbi_warp(c.x_recv + slot * c.rec_bytes, rec, c.meta_bytes + c.row_bytes,
-                                        c.x_sig + slot, 2 * c.epoch + 1, NVSHMEM_SIGNAL_SET, peer);
+                                        c.x_sig + slot, 2 * step_epoch(c) + 1, NVSHMEM_SIGNAL_SET, peer);
       } else if (lane == 0) {
-        nvshmemx_signal_op(c.x_sig + slot, 2 * c.epoch, NVSHMEM_SIGNAL_SET, peer);
+        nvshmemx_signal_op(c.x_sig + slot, 2 * step_epoch(c), NVSHMEM_SIGNAL_SET, peer);
       }
     }
   }
@@ -106,14 +106,14 @@ __global__ void forward_kernel(DevCtx c) {
     int ok = 1;
     unsigned long long v = 0;
     if (lane == 0) {
-      ok = wait_signal(c, sig, 2 * c.epoch, s, EPA2A_PHASE_FORWARD, t) ? 1 : 0;
+      ok = wait_signal(c, sig, 2 * step_epoch(c), s, EPA2A_PHASE_FORWARD, t) ? 1 : 0;
       v = ld_acquire_sys(sig);
     }
     __syncwarp();
     ok = __shfl_sync(kFullMask, ok, 0);
     if (!ok) return;
     v = __shfl_sync(kFullMask, v, 0);
-    if (v != 2 * c.epoch + 1) continue;  // no expert of this token on this node
+    if (v != 2 * step_epoch(c) + 1) continue;  // no expert of this token on this node
     const char* rec = c.x_recv + (size_t)task * c.rec_bytes;
     int e, row, d;
     float w;
@@ -148,7 +148,7 @@ __global__ void combine_proxy_kernel(DevCtx c, int weighted) {
     if (ns == c.node) continue;
     const int s = ns * c.L + c.lrank;
     if (t >= c.dinfo[info_tokens(c.W) + s]) continue;
-    if (ld_acquire_sys(c.x_sig + task) != 2 * c.epoch + 1) continue;  // nothing of this token here
+    if (ld_acquire_sys(c.x_sig + task) != 2 * step_epoch(c) + 1) continue;  // nothing of this token here
     const char* rec = c.x_recv + (size_t)task * c.rec_bytes;
     int e, row, d;
     float w;
@@ -176,7 +176,7 @@ __global__ void combine_proxy_kernel(DevCtx c, int weighted) {
     }
     __syncwarp();
     const size_t slot = (size_t)c.node * c.max_tokens + t;
-    nvshmemx_putmem_signal_nbi_warp(c.c_recv + slot * H, stage, sizeof(float) * H, c.c_sig + slot, c.cepoch,
+    nvshmemx_putmem_signal_nbi_warp(c.c_recv + slot * H, stage, sizeof(float) * H, c.c_sig + slot, combine_epoch(c),
                                     NVSHMEM_SIGNAL_SET, s);
   }
 }
@@ -211,7 +211,7 @@ __global__ void combine_final_kernel(DevCtx c, void* out, int weighted) {
       if (!((nodes >> m) & 1ull)) continue;
       int ok = 1;
       if (lane == 0)
-        ok = wait_signal(c, c.c_sig + (size_t)m * c.max_tokens + t, c.cepoch, m * c.L + c.lrank,
+        ok = wait_signal(c, c.c_sig + (size_t)m * c.max_tokens + t, combine_epoch(c), m * c.L + c.lrank,
                          EPA2A_PHASE_COMBINE_REMOTE, t)
                  ? 1
                  : 0;

@@ -66,19 +66,40 @@ __global__ void dispatch_kernel(DevCtx c) {
       c.peer_w[x.d][x.row] = x.w;
       if (!crosses) c.peer_lcsrc[x.d][x.row] = primary;  // `here` holds: x.d is a node peer
     }
-    const char* src = c.tokens + (size_t)t * c.row_bytes;
-    for (int kk = 0; kk < c.K; ++kk) {
-      if (!__shfl_sync(kFullMask, (int)crosses, kk)) continue;
-      const int r2 = __shfl_sync(kFullMask, x.row, kk);
-      const int d2 = __shfl_sync(kFullMask, x.d, kk);
-      warp_copy<V>(c.peer_out[d2] + (size_t)r2 * c.row_bytes, src, c.row_bytes, lane);
+    // The token is read once, kUnroll vectors a lane at a time (several loads in flight), and each chunk is
+    // stored to every row that crosses.
+    const V* src = reinterpret_cast<const V*>(c.tokens + (size_t)t * c.row_bytes);
+    const int units = c.row_bytes / (int)sizeof(V);
+    const unsigned dests = __ballot_sync(kFullMask, crosses);
+    for (int base = 0; dests && base < units; base += 32 * kUnroll) {
+      V r[kUnroll];
+#pragma unroll
+      for (int i = 0; i < kUnroll; ++i) {
+        const int u = base + i * 32 + lane;
+        if (u < units) r[i] = __ldcg(src + u);
+      }
+      for (unsigned m = dests; m; m &= m - 1) {
+        const int kk = __ffs(m) - 1;
+        const int r2 = __shfl_sync(kFullMask, x.row, kk);
+        const int d2 = __shfl_sync(kFullMask, x.d, kk);
+        V* dst = reinterpret_cast<V*>(c.peer_out[d2] + (size_t)r2 * c.row_bytes);
+#pragma unroll
+        for (int i = 0; i < kUnroll; ++i) {
+          const int u = base + i * 32 + lane;
+          if (u < units) dst[u] = r[i];
+        }
+      }
     }
   }
 }
 
-// Signals every rank of [first, first + count), then waits for each of them, with the layer's deadline.
-__global__ void barrier_kernel(DevCtx c, int slot, uint64_t epoch, int first, int count) {
+// Signals every rank of [first, first + count), then waits for each of them, with the layer's deadline. The
+// epoch is device counter `counter` (+ 1 and stored back when `bump`), so a captured graph replays correctly.
+__global__ void barrier_kernel(DevCtx c, int slot, int counter, int bump, int first, int count) {
   if (failed(c)) return;
+  const uint64_t epoch = __ldcg(c.dep + counter) + (bump ? 1 : 0);
+  __syncthreads();
+  if (bump && threadIdx.x == 0) c.dep[counter] = epoch;
   __threadfence_system();
   uint64_t* base = c.sig + (size_t)slot * c.W;
   for (int i = threadIdx.x; i < count; i += blockDim.x) {
@@ -188,6 +209,41 @@ __global__ void combine_kernel(DevCtx c, void* out, int weighted) {
     const bool use = x.valid && primary == x.row;
     const float scale = weighted && !c.local_combine ? x.w : 1.f;
     B* dst = reinterpret_cast<B*>(out) + (size_t)t * H;
+    if constexpr (G * sizeof(B) == 16) {
+      if (!c.local_combine) {
+        // Rows in batches of kUnroll: their loads are all in flight before the sums.
+        const unsigned rows = __ballot_sync(kFullMask, use);
+        for (int g0 = 0; g0 * G < H; g0 += 32) {
+          const int g = g0 + lane;
+          const bool active = g * G < H;
+          float acc[G];
+#pragma unroll
+          for (int i = 0; i < G; ++i) acc[i] = 0.f;
+          for (unsigned m = rows; m;) {
+            int4 raw[kUnroll];
+            float sc[kUnroll];
+#pragma unroll
+            for (int j = 0; j < kUnroll; ++j) {
+              sc[j] = 0.f;
+              raw[j] = make_int4(0, 0, 0, 0);
+              if (m) {
+                const int kk = __ffs(m) - 1;
+                m &= m - 1;
+                const int r2 = __shfl_sync(kFullMask, x.row, kk);
+                const int d2 = __shfl_sync(kFullMask, x.d, kk);
+                sc[j] = __shfl_sync(kFullMask, scale, kk);
+                if (active)
+                  raw[j] = __ldcg(reinterpret_cast<const int4*>(c.peer_out[d2] + (size_t)r2 * c.row_bytes) + g);
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < kUnroll; ++j) acc_raw<TK, G>(raw[j], sc[j], acc);
+          }
+          if (active) store_row<TK, G>(dst + g * G, acc);
+        }
+        continue;
+      }
+    }
     for (int g0 = 0; g0 * G < H; g0 += 32) {
       const int g = g0 + lane;
       const bool active = g * G < H;
@@ -212,6 +268,20 @@ __global__ void combine_kernel(DevCtx c, void* out, int weighted) {
   }
 }
 
+// Fixed capacity: copies the caller's expert output into the receive rows; the row count is on the device.
+__global__ void copy_rows_kernel(DevCtx c, const int4* src) {
+  if (failed(c)) return;
+  const size_t units = (size_t)c.dinfo[info_recv(c.W) + c.me] * c.row_bytes / sizeof(int4);
+  int4* dst = reinterpret_cast<int4*>(c.out);
+  for (size_t u = blockIdx.x * (size_t)blockDim.x + threadIdx.x; u < units; u += (size_t)gridDim.x * blockDim.x)
+    dst[u] = __ldg(src + u);
+}
+
+cudaError_t launch_copy_rows(const DevCtx& c, const void* src, int blocks, cudaStream_t s) {
+  copy_rows_kernel<<<blocks, kThreads, 0, s>>>(c, static_cast<const int4*>(src));
+  return cudaGetLastError();
+}
+
 cudaError_t launch_dispatch(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s) {
   if (c.n <= 0) return cudaSuccess;
   switch (vec_bytes) {
@@ -231,8 +301,9 @@ cudaError_t launch_dispatch(const DevCtx& c, int blocks, int vec_bytes, cudaStre
   return cudaGetLastError();
 }
 
-cudaError_t launch_barrier(const DevCtx& c, int slot, uint64_t epoch, int first, int count, cudaStream_t s) {
-  barrier_kernel<<<1, 128, 0, s>>>(c, slot, epoch, first, count);
+cudaError_t launch_barrier(const DevCtx& c, int slot, int counter, bool bump, int first, int count,
+                           cudaStream_t s) {
+  barrier_kernel<<<1, 128, 0, s>>>(c, slot, counter, bump ? 1 : 0, first, count);
   return cudaGetLastError();
 }
 

@@ -42,6 +42,7 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
   const int E = c.E, W = c.W, Epr = c.Epr, me = c.me;
   const int tid = threadIdx.x, nt = blockDim.x;
   const int row_len = E + 2;
+  const uint64_t epoch = __ldcg(c.dep + kEpochDispatch) + 1;  // this step's; every thread reads it first
   // Per-chunk exclusive bases (in place) and this rank's totals.
   for (int e = tid; e <= E; e += nt) {
     int run = 0;
@@ -55,6 +56,7 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
   }
   if (tid == 0) c.my_counts[E + 1] = c.n;
   __syncthreads();
+  if (tid == 0) c.dep[kEpochDispatch] = epoch;  // for the later kernels of this step
   for (int i = tid; i < row_len; i += nt) c.table[(size_t)me * row_len + i] = c.my_counts[i];
   __threadfence();
   __syncthreads();
@@ -64,10 +66,10 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
   for (int p = warp; p < W; p += nwarps) {
     if (p == me) continue;
     nvshmemx_putmem_signal_warp(c.table + (size_t)me * row_len, c.my_counts, sizeof(int) * row_len,
-                                count_sig + me, c.epoch, NVSHMEM_SIGNAL_SET, p);
+                                count_sig + me, epoch, NVSHMEM_SIGNAL_SET, p);
   }
   for (int p = tid; p < W; p += nt) {
-    if (p != me) wait_signal(c, count_sig + p, c.epoch, p, EPA2A_PHASE_EXCHANGE, EPA2A_SLOT_COUNTS);
+    if (p != me) wait_signal(c, count_sig + p, epoch, p, EPA2A_PHASE_EXCHANGE, EPA2A_SLOT_COUNTS);
   }
   __syncthreads();
   if (failed(c)) return;
@@ -90,6 +92,21 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
     c.dinfo[info_tokens(W) + d] = __ldcg(c.table + (size_t)d * row_len + E + 1);
   }
   __syncthreads();
+  if (c.fixed_capacity) {
+    // No host sizes the buffers in this mode: every rank sees the same table, so every rank stops here
+    // together when any rank would receive more rows than the buffers hold.
+    __shared__ int over;
+    if (tid == 0) {
+      over = -1;
+      for (int d = 0; d < W && over < 0; ++d)
+        if (c.dinfo[info_recv(W) + d] > c.out_rows) over = d;
+      if (over >= 0)
+        record_error(c, EPA2A_ERR_CAPACITY, EPA2A_PHASE_ASSIGN, over, -1, c.dinfo[info_recv(W) + over],
+                     c.out_rows, 0, 0, true);
+    }
+    __syncthreads();
+    if (over >= 0) return;
+  }
   if (tid == 0) {
     int off = 0;
     for (int d = 0; d < W; ++d) {

@@ -82,7 +82,8 @@ int expect_step(epa2a_layer* l, const char* fn, Step want) {
 }
 
 bool fatal_code(int code) {
-  return code == EPA2A_ERR_TIMEOUT || code == EPA2A_ERR_ABORTED || code == EPA2A_ERR_BAD_ROW;
+  return code == EPA2A_ERR_TIMEOUT || code == EPA2A_ERR_ABORTED || code == EPA2A_ERR_BAD_ROW ||
+         code == EPA2A_ERR_CAPACITY;
 }
 
 // A copy unit that divides the row and keeps every pointer aligned.
@@ -233,6 +234,9 @@ int validate(const epa2a_layer_config& k, const char* fn) {
   CHECK_CFG(k.expert_alignment >= 1 && (k.expert_alignment & (k.expert_alignment - 1)) == 0,
             "config.expert_alignment = %d must be a power of two", k.expert_alignment);
   CHECK_CFG(k.capacity >= 1, "config.capacity = %d must be at least 1", k.capacity);
+  CHECK_CFG((k.flags & ~EPA2A_LAYER_FIXED_CAPACITY) == 0, "config.flags = %d has unknown bits", k.flags);
+  CHECK_CFG(!(k.flags & EPA2A_LAYER_FIXED_CAPACITY) || (k.hidden * k.token_bytes) % 16 == 0,
+            "config: EPA2A_LAYER_FIXED_CAPACITY needs rows of a multiple of 16 bytes (hidden = %d)", k.hidden);
   const int64_t worst = (int64_t)k.max_tokens * k.topk * k.world_size +
                         (int64_t)(k.num_experts / k.world_size) * (k.expert_alignment - 1);
   CHECK_CFG(worst <= INT_MAX, "config: max_tokens * topk * world_size (+ padding) = %lld rows exceeds int32",
@@ -274,6 +278,7 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
   c.align = k.expert_alignment;
   c.local_combine = k.enable_local_combine;
   c.timeout_ns = k.timeout_ns;
+  c.fixed_capacity = (k.flags & EPA2A_LAYER_FIXED_CAPACITY) ? 1 : 0;
   c.meta_bytes = epa2a::round_up(12 * c.K, 16);
   c.rec_bytes = c.meta_bytes + epa2a::round_up(c.row_bytes, 16);
   l->num_sms = k.num_sms;
@@ -325,6 +330,8 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
   c.estart = c.send_base + 2 * c.E;
   TRY(alloc_dev(l->dev_fixed, info_len * sizeof(int), &p, fn));
   c.dinfo = static_cast<int*>(p);
+  TRY(alloc_dev(l->dev_fixed, epa2a::kEpochs * sizeof(uint64_t), &p, fn));
+  c.dep = static_cast<uint64_t*>(p);
   TRY(alloc_dev(l->dev_fixed, 2 * sizeof(int), &p, fn));
   c.fatal = static_cast<int*>(p);
   c.claim = c.fatal + 1;
@@ -354,6 +361,7 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
       EPA2A_CUDA(fn, cudaMemset(c.c_sig, 0, N * MT * sizeof(uint64_t)));
     }
     EPA2A_CUDA(fn, cudaMemset(c.fatal, 0, 2 * sizeof(int)));
+    EPA2A_CUDA(fn, cudaMemset(c.dep, 0, epa2a::kEpochs * sizeof(uint64_t)));
     EPA2A_CUDA(fn, cudaDeviceSynchronize());
     return EPA2A_OK;
   };
@@ -404,6 +412,11 @@ EPA2A_API int epa2a_layer_grow_output(epa2a_layer* layer, int32_t rows) {
   if (layer->step == Step::Sent)
     return fail(EPA2A_ERR_STATE, fn, "cannot grow while a dispatch is being sent; finish it first");
   if (rows <= layer->ctx.out_rows) return EPA2A_OK;  // every rank passes the same rows: all skip together
+  if (layer->ctx.fixed_capacity)
+    return fail(EPA2A_ERR_CAPACITY, fn,
+                "the layer was created with EPA2A_LAYER_FIXED_CAPACITY (%d rows); it cannot grow to %d rows: "
+                "create it with a larger capacity",
+                layer->ctx.out_rows, rows);
   EPA2A_CUDA(fn, cudaDeviceSynchronize());
   nvshmem_barrier_all();  // no peer may still read or write the old buffers
   free_rows(layer);
@@ -462,10 +475,10 @@ EPA2A_API int epa2a_layer_reset(epa2a_layer* layer) {
   }
   EPA2A_CUDA(fn, cudaMemset(c.lcsrc, 0xff, (size_t)c.out_rows * sizeof(int)));
   EPA2A_CUDA(fn, cudaMemset(c.fatal, 0, 2 * sizeof(int)));
+  EPA2A_CUDA(fn, cudaMemset(c.dep, 0, epa2a::kEpochs * sizeof(uint64_t)));
   EPA2A_CUDA(fn, cudaDeviceSynchronize());
   std::memset(layer->h_status, 0, sizeof(epa2a_status));
   *reinterpret_cast<volatile int*>(layer->h_abort) = 0;
-  layer->epoch = layer->cepoch = layer->barrier_all_epoch = layer->barrier_node_epoch = 0;
   layer->step = Step::Idle;
   nvshmem_barrier_all();
   return EPA2A_OK;
@@ -478,10 +491,10 @@ EPA2A_API int epa2a_layer_barrier(epa2a_layer* layer, int32_t intra_node_only, v
   const epa2a::DevCtx& c = layer->ctx;
   cudaError_t err;
   if (intra_node_only) {
-    err = epa2a::launch_barrier(c, EPA2A_SLOT_BARRIER_NODE, ++layer->barrier_node_epoch, c.node * c.L, c.L,
+    err = epa2a::launch_barrier(c, EPA2A_SLOT_BARRIER_NODE, epa2a::kEpochBarrierNode, true, c.node * c.L, c.L,
                                 static_cast<cudaStream_t>(stream));
   } else {
-    err = epa2a::launch_barrier(c, EPA2A_SLOT_BARRIER_ALL, ++layer->barrier_all_epoch, 0, c.W,
+    err = epa2a::launch_barrier(c, EPA2A_SLOT_BARRIER_ALL, epa2a::kEpochBarrierAll, true, 0, c.W,
                                 static_cast<cudaStream_t>(stream));
   }
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "barrier kernel launch");
@@ -520,7 +533,6 @@ EPA2A_API int epa2a_dispatch_prepare(epa2a_layer* layer, const void* tokens, con
   c.has_weights = weights != nullptr;
   c.has_scatter = scatter_indices != nullptr;
   c.user_scatter = scatter_indices;
-  c.epoch = ++l->epoch;
   for (int d = 0; d < c.W; ++d) reinterpret_cast<volatile int*>(l->h_info)[d] = -1;
   const size_t entries = (size_t)num_tokens * c.K;
   if (entries) {
@@ -584,10 +596,16 @@ EPA2A_API int epa2a_dispatch_get_layout(epa2a_layer* layer, int32_t* recv_rows_p
   const char* fn = "epa2a_dispatch_get_layout";
   int rc = check_layer(layer, fn);
   if (rc) return rc;
-  if (layer->step == Step::Idle || layer->step == Step::Prepared)
+  if (!layer->ctx.fixed_capacity && (layer->step == Step::Idle || layer->step == Step::Prepared))
     return fail(EPA2A_ERR_STATE, fn, "call after epa2a_dispatch_wait_sizes (state '%s')",
                 step_name(layer->step));
   const int W = layer->ctx.W, Epr = layer->ctx.Epr;
+  if (layer->ctx.fixed_capacity) {
+    // No host wait happened: the exchange kernel's host-mapped copy is complete once the stream was synced.
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const volatile int* h = layer->h_info;
+    for (size_t i = 0; i < layer->info.size(); ++i) layer->info[i] = h[i];
+  }
   const int* in = layer->info.data();
   auto copy = [](int32_t* dst, const int* src, int n) {
     if (dst) std::memcpy(dst, src, sizeof(int32_t) * n);
@@ -636,7 +654,8 @@ EPA2A_API int epa2a_dispatch_finish(epa2a_layer* layer, void* stream) {
   const epa2a::DevCtx& c = l->ctx;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // Every rank that writes into this rank's rows is on this node (sources or proxies).
-  cudaError_t err = epa2a::launch_barrier(c, EPA2A_SLOT_DISPATCH_DONE, c.epoch, c.node * c.L, c.L, s);
+  cudaError_t err =
+      epa2a::launch_barrier(c, EPA2A_SLOT_DISPATCH_DONE, epa2a::kEpochDispatch, false, c.node * c.L, c.L, s);
   if (err == cudaSuccess) err = epa2a::launch_expand(c, l->num_sms, vec_bytes_for(c.row_bytes), s);
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "dispatch postprocess launch");
   l->step = Step::Dispatched;
@@ -655,10 +674,20 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   if (weighted && !c.has_weights)
     return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "weighted combine needs routing weights at dispatch");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int recv = l->info[epa2a::info_recv(c.W) + c.me];
-  if (expert_output && expert_output != c.out && recv > 0)
-    EPA2A_CUDA(fn, cudaMemcpyAsync(c.out, expert_output, (size_t)recv * c.row_bytes, cudaMemcpyDefault, s));
-  c.cepoch = ++l->cepoch;
+  if (expert_output && expert_output != c.out) {
+    if (c.fixed_capacity && reinterpret_cast<uintptr_t>(expert_output) % 16 != 0)
+      return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "expert_output must be 16-byte aligned in fixed-capacity mode");
+    if (c.fixed_capacity) {
+      // The receive size is known on the device only (no host wait): a kernel copies that many rows.
+      const cudaError_t e = epa2a::launch_copy_rows(c, expert_output, l->num_sms, s);
+      if (e != cudaSuccess) return epa2a::cuda_fail(e, fn, "expert output copy launch");
+    } else {
+      const int recv = l->info[epa2a::info_recv(c.W) + c.me];
+      if (recv > 0)
+        EPA2A_CUDA(fn,
+                   cudaMemcpyAsync(c.out, expert_output, (size_t)recv * c.row_bytes, cudaMemcpyDefault, s));
+    }
+  }
   const bool wide = c.row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int tt = l->cfg.token_type;
   cudaError_t err = cudaSuccess;
@@ -666,7 +695,7 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   if (c.local_combine) err = epa2a::launch_presum(c, l->num_sms, tt, c.row_bytes % 16 == 0, weighted, s);
   tr.mark("copy-in+presum");
   if (err == cudaSuccess)
-    err = epa2a::launch_barrier(c, EPA2A_SLOT_COMBINE_READY, c.cepoch, c.node * c.L, c.L, s);
+    err = epa2a::launch_barrier(c, EPA2A_SLOT_COMBINE_READY, epa2a::kEpochCombine, true, c.node * c.L, c.L, s);
   tr.mark("barrier");
   if (err == cudaSuccess) {
     if (c.N == 1) {
@@ -681,6 +710,64 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "combine kernels launch");
   // One combine per dispatch: the next dispatch's count exchange orders every peer's reads before reuse.
   l->step = Step::Idle;
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_dispatch_enqueue(epa2a_layer* layer, const void* tokens, const int32_t* expert_ids,
+                                     const float* weights, const int32_t* scatter_indices, int32_t num_tokens,
+                                     void* stream) {
+  const char* fn = "epa2a_dispatch_enqueue";
+  int rc = check_layer(layer, fn);
+  if (rc) return rc;
+  if (!layer->ctx.fixed_capacity)
+    return fail(EPA2A_ERR_STATE, fn,
+                "needs a layer created with EPA2A_LAYER_FIXED_CAPACITY (otherwise the host must size the buffers "
+                "between prepare and send)");
+  if ((rc = epa2a_dispatch_prepare(layer, tokens, expert_ids, weights, scatter_indices, num_tokens, stream)))
+    return rc;
+  layer->max_recv = 0;  // unknown on the host; the exchange kernel checks the capacity on the device
+  layer->step = Step::Sized;
+  if ((rc = epa2a_dispatch_send(layer, stream))) return rc;
+  return epa2a_dispatch_finish(layer, stream);
+}
+
+EPA2A_API int epa2a_graph_begin(void* stream) {
+  EPA2A_CUDA("epa2a_graph_begin",
+             cudaStreamBeginCapture(static_cast<cudaStream_t>(stream), cudaStreamCaptureModeThreadLocal));
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_graph_end(void* stream, void** graph_exec) {
+  const char* fn = "epa2a_graph_end";
+  if (!graph_exec) return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "graph_exec is NULL");
+  *graph_exec = nullptr;
+  cudaGraph_t g = nullptr;
+  EPA2A_CUDA(fn, cudaStreamEndCapture(static_cast<cudaStream_t>(stream), &g));
+  cudaGraphExec_t e = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&e, g, 0);
+  cudaGraphDestroy(g);
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "cudaGraphInstantiate");
+  *graph_exec = e;
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_graph_launch(void* graph_exec, void* stream) {
+  if (!graph_exec) return fail(EPA2A_ERR_INVALID_ARGUMENT, "epa2a_graph_launch", "graph_exec is NULL");
+  EPA2A_CUDA("epa2a_graph_launch",
+             cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph_exec), static_cast<cudaStream_t>(stream)));
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_graph_destroy(void* graph_exec) {
+  if (graph_exec) EPA2A_CUDA("epa2a_graph_destroy", cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec)));
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_mem_info(size_t* free_bytes, size_t* total_bytes) {
+  size_t f = 0, t = 0;
+  EPA2A_CUDA("epa2a_mem_info", cudaMemGetInfo(&f, &t));
+  if (free_bytes) *free_bytes = f;
+  if (total_bytes) *total_bytes = t;
   return EPA2A_OK;
 }
 

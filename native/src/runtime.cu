@@ -31,6 +31,11 @@ EPA2A_API int epa2a_device_count(int32_t* count) {
   return EPA2A_OK;
 }
 
+EPA2A_API int epa2a_use_device(int32_t device) {
+  EPA2A_CUDA("epa2a_use_device", cudaSetDevice(device));
+  return EPA2A_OK;
+}
+
 EPA2A_API int epa2a_uid_size(int32_t* bytes) {
   if (!bytes) return fail(EPA2A_ERR_INVALID_ARGUMENT, "epa2a_uid_size", "bytes is NULL");
   *bytes = (int32_t)sizeof(nvshmemx_uniqueid_t);
