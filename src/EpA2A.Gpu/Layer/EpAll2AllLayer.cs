@@ -48,6 +48,9 @@ public sealed class EpAll2AllLayer : IDisposable
 
     internal IDispatchCombineBackend Backend => backend;
 
+    /// <summary>The deadline of each collective operation (from the options).</summary>
+    internal TimeSpan StepTimeout => options.StepTimeout;
+
     /// <summary>A layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
     public static EpAll2AllLayer CreateCpu(EpConfig config, IRankTransport transport, EpLayerOptions? options = null)
     {
@@ -55,6 +58,11 @@ public sealed class EpAll2AllLayer : IDisposable
         ArgumentNullException.ThrowIfNull(transport);
         options ??= EpLayerOptions.Default;
         ValidateOptions(options);
+        if (options.FixedCapacity)
+        {
+            throw new ArgumentException("EpLayerOptions.FixedCapacity is a CUDA-backend option (it exists for CUDA graph capture); the CPU backend grows its buffers", nameof(options));
+        }
+
         return new EpAll2AllLayer(config, new CpuBackend(config, transport), options);
     }
 
@@ -380,6 +388,61 @@ public sealed class EpAll2AllLayer : IDisposable
     }
 
     /// <summary>
+    /// Captures one dispatch of <paramref name="input"/> and one combine as two CUDA graphs (CUDA backend, a layer
+    /// created with <see cref="EpLayerOptions.FixedCapacity"/>). Collective like a step: every rank captures together,
+    /// and afterwards every rank replays in the same order. Capturing enqueues nothing; each replay runs the whole
+    /// step on the device with no host wait between its kernels. The graphs replay the same buffers and token count.
+    /// </summary>
+    /// <param name="input">Tokens [n, Hidden] on the device.</param>
+    /// <param name="expertIds">Expert ids [n, TopK] on the device.</param>
+    /// <param name="weights">Routing weights [n, TopK] on the device, or null.</param>
+    /// <param name="expertOutput">The experts' rows on the device (at least the received rows, 16-byte aligned), or null when the experts write in place into <see cref="EpStepGraph{T}.DispatchOutput"/>.</param>
+    /// <param name="options">Weighted or not.</param>
+    /// <exception cref="NotSupportedException">The backend cannot capture graphs (CPU), or the layer is not fixed-capacity.</exception>
+    public async ValueTask<EpStepGraph<T>> CaptureStepGraphAsync<T>(
+        DeviceTensor<T> input,
+        DeviceTensor<int> expertIds,
+        DeviceTensor<float>? weights = null,
+        DeviceTensor<T>? expertOutput = null,
+        CombineOptions? options = null)
+        where T : unmanaged
+    {
+        options ??= CombineOptions.Unweighted;
+        ObjectDisposedException.ThrowIf(disposed, this);
+        IGraphCaptureBackend graphs = backend as IGraphCaptureBackend
+            ?? throw new NotSupportedException($"the {backend.Name} backend cannot capture CUDA graphs");
+        if (!this.options.FixedCapacity)
+        {
+            throw new NotSupportedException("graph capture needs a layer created with EpLayerOptions.FixedCapacity (otherwise the host sizes the buffers between the kernels)");
+        }
+
+        DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, null);
+        if (options.Weighted && weights is null)
+        {
+            throw new ArgumentException("a weighted combine needs routing weights at dispatch", nameof(options));
+        }
+
+        if (expertOutput is not null && (expertOutput.Rank != 2 || expertOutput.Lengths[1] != Config.Hidden || expertOutput.Pointer % 16 != 0))
+        {
+            throw new ArgumentException($"expertOutput must be a 16-byte aligned [rows, {Config.Hidden}] device tensor; got {expertOutput}", nameof(expertOutput));
+        }
+
+        using Guard guard = Enter();
+        int n = input.Lengths[0];
+        DeviceStepInputs inputs = new(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
+        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted).ConfigureAwait(false);
+        return new EpStepGraph<T>(this, graphs, captured, n);
+    }
+
+    /// <summary>Runs one replay of <paramref name="graph"/> under the layer's guard (no other operation may overlap).</summary>
+    internal async ValueTask<GraphReplay> ReplayAsync(IGraphCaptureBackend graphs, CapturedStep captured, bool dispatch, bool combine)
+    {
+        using Guard guard = Enter();
+        using OperationScope scope = NewOperation(CancellationToken.None);
+        return await graphs.ReplayAsync(captured, dispatch, combine, scope.Operation).ConfigureAwait(false);
+    }
+
+    /// <summary>
     /// After a failed operation (deadline, abort), brings the group back to a clean state. Collective on the CUDA
     /// backend: every rank calls it together (libepa2a's reset waits in an NVSHMEM barrier without a deadline, so
     /// the coordinator calls it only once every rank is known to be there); a no-op on the CPU backend.
@@ -448,7 +511,8 @@ public sealed class EpAll2AllLayer : IDisposable
         step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
         clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
 
-        // Every rank derives the same maximum from the same table, so growth is collective without a vote.
+        // Every rank derives the same maximum from the same table; the backend makes growth collective (each waits,
+        // with the step's deadline, for every rank to confirm it is in this step before it grows).
         await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
         clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
 

@@ -11,22 +11,38 @@ internal sealed partial class CudaBackend
     /// Runs <paramref name="work"/> on the worker while the operation's token (deadline or caller) aborts the layer's
     /// device waits. Native failures are translated on the worker, where libepa2a's last error and status live.
     /// </summary>
-    private async ValueTask<T> OnWorkerAsync<T>(OperationContext op, Func<T> work)
+    private ValueTask<T> OnWorkerAsync<T>(OperationContext op, Func<T> work) => OnWorkerAsync(op, work, callerThreadAllowed: true);
+
+    /// <summary>
+    /// As above; with <see cref="EpLayerOptions.DeviceCallsOnCallerThread"/> and <paramref name="callerThreadAllowed"/>
+    /// the work runs right here and the returned task is already complete (no thread hand-off at all).
+    /// </summary>
+    private async ValueTask<T> OnWorkerAsync<T>(OperationContext op, Func<T> work, bool callerThreadAllowed)
     {
         T result;
+        T Translated()
+        {
+            try
+            {
+                return work();
+            }
+            catch (NativeCallException e)
+            {
+                throw Translate(e, op);
+            }
+        }
+
         using (op.Token.UnsafeRegister(static self => ((CudaBackend)self!).Abort(), this))
         {
-            result = await worker.RunAsync(() =>
+            if (callerThreadAllowed && callerThread && !worker.IsCurrentThread)
             {
-                try
-                {
-                    return work();
-                }
-                catch (NativeCallException e)
-                {
-                    throw Translate(e, op);
-                }
-            }).ConfigureAwait(false);
+                UseDeviceOnThisThread();
+                result = Translated();
+            }
+            else
+            {
+                result = await worker.RunAsync(Translated).ConfigureAwait(false);
+            }
         }
 
         if (Volatile.Read(ref abortRequested) != 0)
@@ -38,6 +54,16 @@ internal sealed partial class CudaBackend
         }
 
         return result;
+    }
+
+    /// <summary>Selects the runtime's CUDA device on the calling thread once (CUDA's current device is per thread).</summary>
+    private void UseDeviceOnThisThread()
+    {
+        if (threadDevice != device + 1)
+        {
+            Check(epa2a_use_device(device), "epa2a_use_device");
+            threadDevice = device + 1;
+        }
     }
 
     /// <summary>Any thread: makes every device wait of the layer give up now.</summary>
@@ -118,7 +144,9 @@ internal sealed partial class CudaBackend
                 needsRecovery |= e.Message.Contains("epa2a_layer_reset", StringComparison.Ordinal);
                 return new InvalidOperationException($"rank {config.Rank}: {e.Message}", e);
             case NativeCode.Capacity:
-                return new InvalidOperationException($"rank {config.Rank}: {e.Message}", e);
+                // Fixed capacity: the device stopped every rank's step (a fatal record); the layer needs the reset.
+                needsRecovery |= fixedCapacity;
+                return new InvalidOperationException($"rank {config.Rank}: {e.Message}{(fixedCapacity ? "; every rank must call RecoverAsync together before the next step" : string.Empty)}", e);
             default:
                 return e;
         }

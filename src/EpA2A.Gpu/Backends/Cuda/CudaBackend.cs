@@ -15,7 +15,7 @@ namespace EpA2A.Backends.Cuda;
 /// operation aborts the layer's device waits. After a failed step (timeout, abort) the layer refuses new steps
 /// until every rank has called <see cref="RecoverAsync"/> together (libepa2a's collective reset).
 /// </summary>
-internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDispatchCombineBackend
+internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDispatchCombineBackend, IGraphCaptureBackend
 {
     /// <summary>The host poll of receive sizes ends this long after the step deadline, so a device wait (which names the peer) reports first.</summary>
     private const long HostPollGraceNs = 100_000_000;
@@ -32,6 +32,13 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
     private readonly IGpuPhaseObserver? gpuObserver;
     private readonly string? layerName;
     private readonly int capacityFactor;
+    private readonly bool fixedCapacity;
+    private readonly bool callerThread;
+    private readonly int device;
+
+    /// <summary>The CUDA device selected on this thread for caller-thread calls, plus one (0: none yet).</summary>
+    [ThreadStatic]
+    private static int threadDevice;
     private readonly CudaStreamHandle stream;
     private readonly CudaEventHandle[] events;
     private readonly DeviceMemoryHandle stagedTokens;
@@ -54,6 +61,9 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         gpuObserver = options.Observer as IGpuPhaseObserver;
         layerName = options.LayerName;
         capacityFactor = options.Capacity;
+        fixedCapacity = options.FixedCapacity;
+        callerThread = options.DeviceCallsOnCallerThread;
+        device = runtime.Device;
         long rowBytes = (long)config.Hidden * config.TokenBytes;
         long slots = (long)config.MaxTokens * config.TopK;
 
@@ -84,6 +94,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
                 EnableLocalCombine = config.EnableLocalCombine ? 1 : 0,
                 ExpertAlignment = config.ExpertAlignment,
                 Capacity = options.Capacity,
+                Flags = options.FixedCapacity ? (int)NativeLayerFlags.FixedCapacity : 0,
             };
             layer = CudaLayerHandle.Create(worker, native);
         }
@@ -105,6 +116,8 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
     public nint DeviceOutput => buffers.Output;
 
     public nint DeviceWeights => buffers.Weights;
+
+    public int OutputRows => buffers.OutputRows;
 
     /// <summary>Creates the layer's device state on the worker (collective: every rank calls it together).</summary>
     public static CudaBackend Create(EpConfig config, NvshmemRuntime runtime, EpLayerOptions options)
@@ -204,16 +217,28 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
             return;
         }
 
+        if (fixedCapacity)
+        {
+            // Not reached in practice: libepa2a's exchange kernel stops every rank first (EPA2A_ERR_CAPACITY).
+            throw new InvalidOperationException($"rank {config.Rank}: a rank receives {maxRecvRows} rows but the fixed-capacity buffers hold {buffers.OutputRows}; create the layer with a larger EpLayerOptions.Capacity");
+        }
+
         // The same rounding as the host context, from the same maximum: every rank grows to the same rows.
         long target = (long)(maxRecvRows + DispatchCombineContext.GrowthGranularity - 1) / DispatchCombineContext.GrowthGranularity
             * DispatchCombineContext.GrowthGranularity * capacityFactor;
         int rows = (int)Math.Clamp(target, maxRecvRows, int.MaxValue / Math.Max(1, RowBytes));
         await OnWorkerAsync(step.Operation, () =>
         {
+            // Growth is an NVSHMEM collective without a deadline. A rank that arrives after its peers gave up on this
+            // step still learns the step's sizes (the counts they sent before giving up), so first every rank confirms
+            // it is here, through a layer barrier with the step's deadline: a late rank times out there instead of
+            // growing alone and waiting forever in the collective.
+            Check(epa2a_layer_barrier(layer.Pointer, 0, stream.Pointer), "epa2a_layer_barrier");
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
             Check(epa2a_layer_grow_output(layer.Pointer, Math.Max(rows, maxRecvRows)), "epa2a_layer_grow_output");
             Check(epa2a_layer_get_buffers(layer.Pointer, out buffers), "epa2a_layer_get_buffers");
             return true;
-        }).ConfigureAwait(false);
+        }, callerThreadAllowed: false).ConfigureAwait(false); // NVSHMEM host collectives stay on the thread that initialized it
     }
 
     public async ValueTask DispatchTokensAsync(DispatchStep step)
@@ -367,6 +392,116 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         }).ConfigureAwait(false);
     }
 
+    public async ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted)
+    {
+        ThrowIfUnusable();
+        combineReady = false;
+        return await worker.RunAsync(() =>
+        {
+            nint dispatchGraph = 0;
+            nint combineGraph = 0;
+            try
+            {
+                dispatchGraph = Capture(() => epa2a_dispatch_enqueue(layer.Pointer, inputs.Tokens, inputs.ExpertIds, inputs.Weights, inputs.ScatterIndices, tokens, stream.Pointer), "epa2a_dispatch_enqueue");
+                combineGraph = Capture(() => epa2a_combine(layer.Pointer, expertOutput, combined.Pointer, weighted ? 1 : 0, stream.Pointer), "epa2a_combine");
+                return new CapturedStep(dispatchGraph, combineGraph, combined.Pointer);
+            }
+            catch
+            {
+                _ = epa2a_graph_destroy(dispatchGraph);
+                _ = epa2a_graph_destroy(combineGraph);
+                throw;
+            }
+        }).ConfigureAwait(false);
+    }
+
+    public async ValueTask<GraphReplay> ReplayAsync(CapturedStep step, bool dispatch, bool combine, OperationContext operation)
+    {
+        ThrowIfUnusable();
+        ThrowIfCancelledBeforeStart(operation);
+        return await OnWorkerAsync(operation, () =>
+        {
+            // A layer barrier on the device first, enqueued with the graphs (no host wait in between): every rank's
+            // graphs start when the last rank's barrier kernel runs, so the times below are the kernels', not the
+            // skew between the ranks' host threads.
+            Check(epa2a_layer_barrier(layer.Pointer, 0, stream.Pointer), "epa2a_layer_barrier");
+            Record(EvSendStart);
+            if (dispatch)
+            {
+                Check(epa2a_graph_launch(step.DispatchGraph, stream.Pointer), "epa2a_graph_launch");
+            }
+
+            Record(EvFinishEnd);
+            if (combine)
+            {
+                Check(epa2a_graph_launch(step.CombineGraph, stream.Pointer), "epa2a_graph_launch");
+            }
+
+            Record(EvCombineEnd);
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            int[] recv = new int[config.WorldSize];
+            unsafe
+            {
+                fixed (int* pr = recv)
+                {
+                    Check(epa2a_dispatch_get_layout(layer.Pointer, pr, null, null, null, null), "epa2a_dispatch_get_layout");
+                }
+            }
+
+            Check(epa2a_event_elapsed_ms(events[EvSendStart].Pointer, events[EvFinishEnd].Pointer, out float d), "epa2a_event_elapsed_ms");
+            Check(epa2a_event_elapsed_ms(events[EvFinishEnd].Pointer, events[EvCombineEnd].Pointer, out float c), "epa2a_event_elapsed_ms");
+            return new GraphReplay(recv[config.Rank], TimeSpan.FromTicks((long)(d * TimeSpan.TicksPerMillisecond)), TimeSpan.FromTicks((long)(c * TimeSpan.TicksPerMillisecond)));
+        }).ConfigureAwait(false);
+    }
+
+    /// <summary>The diagnostics baseline: a step by direct libepa2a calls on the worker, timed there (see CudaLayerDiagnostics).</summary>
+    public Task<(TimeSpan Dispatch, TimeSpan Combine)> DirectStepAsync(nint tokens, nint ids, int n, TimeSpan timeout)
+    {
+        ThrowIfUnusable();
+        combineReady = false;
+        long timeoutNs = timeout.Ticks * 100;
+        return worker.RunAsync(() =>
+        {
+            Check(epa2a_layer_barrier(layer.Pointer, 0, stream.Pointer), "epa2a_layer_barrier");
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            int[] recv = new int[config.WorldSize];
+            long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
+            Check(epa2a_dispatch_prepare(layer.Pointer, tokens, ids, 0, 0, n, stream.Pointer), "epa2a_dispatch_prepare");
+            Check(epa2a_dispatch_wait_sizes(layer.Pointer, timeoutNs, out int max), "epa2a_dispatch_wait_sizes");
+            if (max > buffers.OutputRows)
+            {
+                Check(epa2a_layer_grow_output(layer.Pointer, max), "epa2a_layer_grow_output");
+                Check(epa2a_layer_get_buffers(layer.Pointer, out buffers), "epa2a_layer_get_buffers");
+            }
+
+            unsafe
+            {
+                fixed (int* pr = recv)
+                {
+                    Check(epa2a_dispatch_get_layout(layer.Pointer, pr, null, null, null, null), "epa2a_dispatch_get_layout");
+                }
+            }
+
+            Check(epa2a_dispatch_send(layer.Pointer, stream.Pointer), "epa2a_dispatch_send");
+            Check(epa2a_dispatch_finish(layer.Pointer, stream.Pointer), "epa2a_dispatch_finish");
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            long t1 = System.Diagnostics.Stopwatch.GetTimestamp();
+            Check(epa2a_combine(layer.Pointer, 0, combined.Pointer, 0, stream.Pointer), "epa2a_combine");
+            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
+            long t2 = System.Diagnostics.Stopwatch.GetTimestamp();
+            return (System.Diagnostics.Stopwatch.GetElapsedTime(t0, t1), System.Diagnostics.Stopwatch.GetElapsedTime(t1, t2));
+        });
+    }
+
+    public void Release(CapturedStep step)
+    {
+        _ = worker.Post(() =>
+        {
+            _ = epa2a_graph_destroy(step.DispatchGraph);
+            _ = epa2a_graph_destroy(step.CombineGraph);
+        });
+    }
+
     /// <summary>Collective: every rank disposes its layer together (libepa2a's destroy is an NVSHMEM barrier).</summary>
     public void Dispose()
     {
@@ -408,6 +543,23 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
             throw new InvalidOperationException(
                 $"rank {config.Rank}: an earlier step failed on the device; every rank must call RecoverAsync together before the next step");
         }
+    }
+
+    /// <summary>On the worker: captures what <paramref name="enqueue"/> puts on the stream; ends the capture on failure too.</summary>
+    private nint Capture(Func<int> enqueue, string call)
+    {
+        Check(epa2a_graph_begin(stream.Pointer), "epa2a_graph_begin");
+        int status = enqueue();
+        string error = status == 0 ? string.Empty : LastError();
+        int ended = epa2a_graph_end(stream.Pointer, out nint graph);
+        if (status != 0)
+        {
+            _ = epa2a_graph_destroy(graph);
+            throw new NativeCallException(call, (NativeCode)status, error);
+        }
+
+        Check(ended, "epa2a_graph_end");
+        return graph;
     }
 
     private void Record(int ev) => Check(epa2a_event_record(events[ev].Pointer, stream.Pointer), "epa2a_event_record");

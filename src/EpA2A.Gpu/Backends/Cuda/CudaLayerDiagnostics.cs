@@ -18,4 +18,23 @@ public static class CudaLayerDiagnostics
             ?? throw new ArgumentException($"layer is on the {layer.BackendName} backend, not cuda", nameof(layer));
         return cuda.PoisonReceiveBuffersAsync(layer.Context);
     }
+
+    /// <summary>
+    /// One step of a CUDA layer driven by direct libepa2a calls on the GPU worker, with no C# orchestration: a layer
+    /// barrier, then prepare, the size poll, the layout read, send, finish and a sync (the dispatch), then an in-place
+    /// combine and a sync. Returns the host wall time of each, measured on the worker: the baseline that the C# path's
+    /// wall time is compared with. Collective like a step.
+    /// </summary>
+    /// <exception cref="ArgumentException">The layer is not on the CUDA backend.</exception>
+    public static Task<(TimeSpan Dispatch, TimeSpan Combine)> DirectStepAsync<T>(EpAll2AllLayer layer, DeviceTensor<T> input, DeviceTensor<int> expertIds)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(layer);
+        ArgumentNullException.ThrowIfNull(input);
+        ArgumentNullException.ThrowIfNull(expertIds);
+        CudaBackend cuda = layer.Backend as CudaBackend
+            ?? throw new ArgumentException($"layer is on the {layer.BackendName} backend, not cuda", nameof(layer));
+        DeviceTensorValidator.Dispatch(layer.Config, input, expertIds, null, null);
+        return cuda.DirectStepAsync(input.Pointer, expertIds.Pointer, input.Lengths[0], layer.StepTimeout);
+    }
 }

@@ -26,6 +26,9 @@ internal static partial class NativeMethods
     internal static partial int epa2a_uid_size(out int bytes);
 
     [LibraryImport(Library)]
+    internal static partial int epa2a_use_device(int device);
+
+    [LibraryImport(Library)]
     internal static unsafe partial int epa2a_uid_create(byte* uid, int bytes);
 
     [LibraryImport(Library)]
@@ -144,6 +147,24 @@ internal static partial class NativeMethods
 
     [LibraryImport(Library)]
     internal static partial int epa2a_combine(nint layer, nint expertOutput, nint output, int weighted, nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_dispatch_enqueue(nint layer, nint tokens, nint expertIds, nint weights, nint scatterIndices, int numTokens, nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_graph_begin(nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_graph_end(nint stream, out nint graphExec);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_graph_launch(nint graphExec, nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_graph_destroy(nint graphExec);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_mem_info(out nuint freeBytes, out nuint totalBytes);
 
     /// <summary>The library's last error on this thread.</summary>
     public static string LastError() => Marshal.PtrToStringUTF8(epa2a_last_error()) ?? "(no message)";

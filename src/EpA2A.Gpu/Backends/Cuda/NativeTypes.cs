@@ -20,7 +20,7 @@ internal struct NativeLayerConfig
     public int EnableLocalCombine;
     public int ExpertAlignment;
     public int Capacity;
-    public int Reserved;
+    public int Flags;
 }
 
 /// <summary>epa2a_status: the first device error of a layer. 48 bytes.</summary>
@@ -48,6 +48,16 @@ internal struct NativeLayerBuffers
     public nint ScatterRows;
     public int OutputRows;
     public int Reserved;
+}
+
+/// <summary>epa2a_layer_config.flags.</summary>
+[Flags]
+internal enum NativeLayerFlags
+{
+    None = 0,
+
+    /// <summary>EPA2A_LAYER_FIXED_CAPACITY: rows fixed at creation, steps enqueue without a host wait.</summary>
+    FixedCapacity = 1,
 }
 
 /// <summary>Status codes of libepa2a.</summary>

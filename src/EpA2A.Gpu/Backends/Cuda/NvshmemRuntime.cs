@@ -56,6 +56,17 @@ public sealed class NvshmemRuntime : IDisposable
     /// <summary>True when libepa2a loads and sees a CUDA device; otherwise <paramref name="reason"/> says why not.</summary>
     public static bool IsAvailable(out string reason) => NativeMethods.IsAvailable(out reason);
 
+    /// <summary>Free and total memory of this process's CUDA device (cudaMemGetInfo), in bytes.</summary>
+    public Task<(long Free, long Total)> DeviceMemoryAsync()
+    {
+        ThrowIfDisposed();
+        return Worker.RunAsync(() =>
+        {
+            NativeMethods.Check(NativeMethods.epa2a_mem_info(out nuint free, out nuint total), "epa2a_mem_info");
+            return ((long)free, (long)total);
+        });
+    }
+
     /// <summary>Rank 0 only: a fresh unique id of <see cref="UniqueIdSize"/> bytes to hand to every rank.</summary>
     public static byte[] CreateUniqueId()
     {
