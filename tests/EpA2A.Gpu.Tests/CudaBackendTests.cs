@@ -32,6 +32,43 @@ public sealed class CudaBackendTests
     }
 
     [Fact]
+    public async Task Graph_capture_caller_thread_calls_and_a_fixed_capacity_overflow_on_the_gpu()
+    {
+        Assert.SkipUnless(NvshmemRuntime.IsAvailable(out string reason), $"no usable GPU / libepa2a: {FirstLine(reason)}");
+        string cli = FindCli() ?? throw SkipException("epa2a CLI not built (dotnet build src/EpA2A.Silo, or set EPA2A_CLI)");
+        string outDir = Directory.CreateTempSubdirectory("epa2a-gpu-test-").FullName;
+
+        (int exit, string log) = await RunAsync(cli, ["gpu-check", "--groups", "graph", "--out", outDir], TimeSpan.FromMinutes(4));
+
+        Assert.True(exit == 0, $"epa2a gpu-check --groups graph exited with {exit}:\n{log}");
+        using JsonDocument json = JsonDocument.Parse(await File.ReadAllTextAsync(Path.Combine(outDir, "gpu-check.json"), TestContext.Current.CancellationToken));
+        JsonElement[] cases = [.. json.RootElement.GetProperty("cases").EnumerateArray()];
+        Assert.Equal(2, cases.Length);
+        Assert.All(cases, c => Assert.True(c.GetProperty("Pass").GetBoolean(), c.ToString()));
+    }
+
+    [Fact]
+    public async Task Bench_on_the_gpu_checks_every_point_and_writes_its_results()
+    {
+        Assert.SkipUnless(NvshmemRuntime.IsAvailable(out string reason), $"no usable GPU / libepa2a: {FirstLine(reason)}");
+        string cli = FindCli() ?? throw SkipException("epa2a CLI not built (dotnet build src/EpA2A.Silo, or set EPA2A_CLI)");
+        string outDir = Directory.CreateTempSubdirectory("epa2a-gpu-bench-").FullName;
+
+        (int exit, string log) = await RunAsync(
+            cli,
+            ["bench", "--backend", "cuda", "--ranks", "4", "--local", "2", "--experts", "32", "--tokens", "16,256", "--hidden", "1024", "--sets", "1", "--iterations", "3", "--peer", "none", "--no-grains", "--soak-steps", "200", "--out", outDir],
+            TimeSpan.FromMinutes(4));
+
+        Assert.True(exit == 0, $"epa2a bench exited with {exit}:\n{log}");
+        string jsonFile = Assert.Single(Directory.GetFiles(outDir, "bench-*.json"));
+        using JsonDocument json = JsonDocument.Parse(await File.ReadAllTextAsync(jsonFile, TestContext.Current.CancellationToken));
+        JsonElement[] points = [.. json.RootElement.GetProperty("Points").EnumerateArray()];
+        Assert.Equal(8, points.Length);
+        Assert.All(points, p => Assert.True(p.GetProperty("Cuda").GetProperty("Checked").GetBoolean(), p.ToString()));
+        Assert.Single(Directory.GetFiles(outDir, "bench-*.png"));
+    }
+
+    [Fact]
     public void IsAvailable_explains_why_not()
     {
         bool available = NvshmemRuntime.IsAvailable(out string reason);
@@ -143,7 +180,7 @@ public sealed class CudaBackendTests
         catch (OperationCanceledException)
         {
             p.Kill(entireProcessTree: true);
-            throw new TimeoutException($"epa2a gpu-check ran past {limit}");
+            throw new TimeoutException($"epa2a {args[0]} ran past {limit}");
         }
 
         return (p.ExitCode, await stdout + await stderr);

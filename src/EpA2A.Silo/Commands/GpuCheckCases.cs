@@ -28,7 +28,8 @@ internal sealed record GpuCheckCase(
     int Capacity = 2,
     bool Fault = false,
     bool Large = false,
-    bool RandomTokens = false)
+    bool RandomTokens = false,
+    bool Graph = false)
 {
     /// <summary>
     /// Large cases give every rank MaxTokens tokens (rank 0 only with <see cref="RandomTokens"/>; the others then draw
@@ -58,12 +59,13 @@ internal sealed record GpuCheckCase(
         Skewed ? "skewed" : null,
         Capacity == 1 ? "capacity1" : null,
         UseAot ? "aot" : null,
+        Graph ? "graph" : null,
     }.Where(f => f is not null));
 
     public EpConfig Config(int rank) => new(
         MaxTokens, Hidden, TopK, Experts, rank, World, Local, Type, enableLocalCombine: LocalCombine, useAot: UseAot, expertAlignment: Alignment);
 
-    /// <summary>Every case, by group: w1 (one rank), w2, w4, w8 (intra-node), inter (8 ranks, 2 and 4 per node), big (the four sizes).</summary>
+    /// <summary>Every case, by group: w1 (one rank), w2, w4, w8 (intra-node), inter (8 ranks, 2 and 4 per node), graph (fixed capacity, CUDA graphs, caller-thread calls), big (the four sizes).</summary>
     public static IReadOnlyList<GpuCheckCase> All { get; } =
     [
         new("w1", "single rank bf16 align4 weighted", 1, 1, 4, 8, 256, 64, Alignment: 4, Drop: 0.2, Weights: true, Weighted: true),
@@ -79,6 +81,8 @@ internal sealed record GpuCheckCase(
         new("w8", "intra bf16 local-combine weighted", 8, 8, 6, 32, 1024, 192, LocalCombine: true, Drop: 0.2, Weights: true, Weighted: true),
         new("inter", "inter L=2 bf16 weighted", 8, 2, 4, 32, 1024, 192, Drop: 0.2, Weights: true, Weighted: true),
         new("inter", "inter L=4 fp32 align8 weighted", 8, 4, 4, 32, 512, 128, TokenType.Float32, Alignment: 8, Weights: true, Weighted: true),
+        new("graph", "graph capture + caller-thread calls, bf16 weighted", 4, 4, 4, 16, 512, 128, Weights: true, Weighted: true, Graph: true),
+        new("graph", "graph capture + caller-thread calls, inter L=2 fp16", 4, 2, 4, 16, 256, 96, TokenType.Float16, Weights: true, Graph: true),
         new("big", "8192x7168 top-8 E256", 8, 8, 8, 256, 7168, 8192, Large: true),
         new("big", "4096x6144 top-6 drop.3 scatter+weights", 8, 8, 6, 256, 6144, 4096, Drop: 0.3, Weights: true, Weighted: true, Scatter: true, Large: true),
         new("big", "8192x7168 top-8 E256 UseAot", 8, 8, 8, 256, 7168, 8192, UseAot: true, Large: true),
@@ -87,10 +91,10 @@ internal sealed record GpuCheckCase(
     ];
 
     /// <summary>Every group (w1, one rank, is not in the default run).</summary>
-    public static IReadOnlyList<string> Groups { get; } = ["w1", "w2", "w4", "w8", "inter", "big"];
+    public static IReadOnlyList<string> Groups { get; } = ["w1", "w2", "w4", "w8", "inter", "graph", "big"];
 
     /// <summary>What `--groups all` runs, in order.</summary>
-    public static IReadOnlyList<string> DefaultGroups { get; } = ["w2", "w4", "w8", "inter", "big"];
+    public static IReadOnlyList<string> DefaultGroups { get; } = ["w2", "w4", "w8", "inter", "graph", "big"];
 
     /// <summary>The cases of <paramref name="group"/>, optionally only those whose name contains one of <paramref name="filter"/>'s comma-separated parts.</summary>
     public static GpuCheckCase[] Of(string group, string? filter) =>

@@ -356,6 +356,11 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         await DeviceCopies.DownloadAsync(runtime, dCombined, dComb).ConfigureAwait(false);
         RequireBitwise<T>(combined, dComb, "combine (device API) vs combine (host API): deterministic");
 
+        if (c.Graph)
+        {
+            message += await GraphChecksAsync(c, runtime, inputs, want, combined, dTokens, dIds, dWeights, dExpert).ConfigureAwait(false);
+        }
+
         // 3. Timed device steps, every one aligned by a layer barrier first; no garbage collection in between if it
         //    can be helped (a rank paused by the GC stalls every peer that waits for it).
         GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
@@ -404,6 +409,115 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             DispatchBytes = dispatchBytes,
             CombineBytes = combineBytes,
         };
+    }
+
+    /// <summary>
+    /// Graph cases: (1) the same step through a layer with caller-thread calls, bit for bit; (2) a fixed-capacity
+    /// layer (worst-case rows) with the step captured as CUDA graphs, replayed twice, dispatch rows and combine bit
+    /// for bit against the reference and the device-API combine, outputs poisoned before each replay; (3) a
+    /// fixed-capacity layer too small for a step that sends every token to rank 0: every rank fails together, all
+    /// recover, and a step that fits is correct.
+    /// </summary>
+    private async Task<string> GraphChecksAsync<T>(
+        GpuCheckCase c,
+        NvshmemRuntime runtime,
+        RankInput<T>[] inputs,
+        ReferenceDispatch<T> want,
+        T[] combined,
+        DeviceBuffer<T> dTokens,
+        DeviceBuffer<int> dIds,
+        DeviceBuffer<float>? dWeights,
+        DeviceBuffer<T> dExpert)
+        where T : unmanaged
+    {
+        EpConfig config = c.Config(rank);
+        int h = c.Hidden;
+        CombineOptions how = new(c.Weighted);
+
+        // 1. Caller-thread calls.
+        using (EpAll2AllLayer inline = EpAll2AllLayer.CreateCuda(config, runtime, new EpLayerOptions { StepTimeout = c.Timeout, DeviceCallsOnCallerThread = true }))
+        {
+            DeviceDispatchResult<T> d = await inline.DispatchOnDeviceAsync(dTokens.Tensor, dIds.Tensor, dWeights?.Tensor).ConfigureAwait(false);
+            T[] rows = new T[d.Output.FlattenedLength];
+            await DeviceCopies.DownloadAsync(runtime, d.Output, rows).ConfigureAwait(false);
+            RequireBitwise<T>(want.Output, rows, $"rank {rank}: dispatch rows with caller-thread calls vs the reference");
+            DeviceTensor<T> back = await inline.CombineOnDeviceAsync(dExpert.Tensor, d.Layout, how).ConfigureAwait(false);
+            T[] got = new T[back.FlattenedLength];
+            await DeviceCopies.DownloadAsync(runtime, back, got).ConfigureAwait(false);
+            RequireBitwise<T>(combined, got, $"rank {rank}: combine with caller-thread calls vs the worker-thread combine");
+        }
+
+        // 2. Fixed capacity (the true worst case), captured and replayed.
+        using (EpAll2AllLayer fixedLayer = EpAll2AllLayer.CreateCuda(config, runtime, new EpLayerOptions { StepTimeout = c.Timeout, FixedCapacity = true, Capacity = c.World }))
+        {
+            using EpStepGraph<T> graph = await fixedLayer.CaptureStepGraphAsync(dTokens.Tensor, dIds.Tensor, dWeights?.Tensor, dExpert.Tensor, how).ConfigureAwait(false);
+            for (int replay = 0; replay < 2; replay++)
+            {
+                await DeviceCopies.FillAsync(runtime, graph.DispatchOutput.Pointer, graph.DispatchOutput.ByteLength, 0xFF).ConfigureAwait(false);
+                await DeviceCopies.FillAsync(runtime, graph.CombineOutput.Pointer, graph.CombineOutput.ByteLength, 0xFF).ConfigureAwait(false);
+                await fixedLayer.BarrierAllAsync().ConfigureAwait(false);
+                GraphReplay r = await graph.ReplayAsync().ConfigureAwait(false);
+                Require(r.ReceivedRows == want.Rows, $"rank {rank}: graph replay {replay} received {r.ReceivedRows} rows, expected {want.Rows}");
+                T[] rows = new T[(long)want.Rows * h];
+                await DeviceCopies.DownloadAsync(runtime, new DeviceTensor<T>(graph.DispatchOutput.Pointer, [want.Rows, h]), rows).ConfigureAwait(false);
+
+                // The experts' rows came from dExpert (copied in by the combine graph), so the dispatch rows are
+                // overwritten by then: compare the combine, then the dispatch of a dispatch-only replay below.
+                T[] got = new T[graph.CombineOutput.FlattenedLength];
+                await DeviceCopies.DownloadAsync(runtime, graph.CombineOutput, got).ConfigureAwait(false);
+                RequireBitwise<T>(combined, got, $"rank {rank}: graph replay {replay} combine vs the device-API combine");
+            }
+
+            await fixedLayer.BarrierAllAsync().ConfigureAwait(false);
+            GraphReplay only = await graph.ReplayDispatchAsync().ConfigureAwait(false);
+            T[] dispatched = new T[(long)want.Rows * h];
+            await DeviceCopies.DownloadAsync(runtime, new DeviceTensor<T>(graph.DispatchOutput.Pointer, [want.Rows, h]), dispatched).ConfigureAwait(false);
+            RequireBitwise<T>(want.Output, dispatched, $"rank {rank}: graph dispatch rows vs the reference");
+            await graph.ReplayCombineAsync().ConfigureAwait(false);
+            Require(only.ReceivedRows == want.Rows, $"rank {rank}: dispatch-only replay received {only.ReceivedRows} rows");
+        }
+
+        // 3. Too small: every token of every rank goes to rank 0's first expert... then a step that fits.
+        using (EpAll2AllLayer small = EpAll2AllLayer.CreateCuda(config, runtime, new EpLayerOptions { StepTimeout = c.Timeout, FixedCapacity = true, Capacity = 1 }))
+        {
+            int n = c.MaxTokens;
+            int[] hot = new int[n * c.TopK];
+            for (int i = 0; i < hot.Length; i++)
+            {
+                hot[i] = i % c.TopK; // distinct per token, all on rank 0 (TopK <= experts per rank in these cases)
+            }
+
+            using DeviceBuffer<int> dHot = DeviceBuffer.Allocate<int>(runtime, n, c.TopK);
+            await dHot.UploadAsync(hot).ConfigureAwait(false);
+            using DeviceBuffer<T> dMany = DeviceBuffer.Allocate<T>(runtime, n, h);
+            InvalidOperationException e = await RequireThrowsAsync<InvalidOperationException>(async () => await small.DispatchOnDeviceAsync(dMany.Tensor, dHot.Tensor).ConfigureAwait(false)).ConfigureAwait(false);
+            Require(e.Message.Contains("fixed-capacity", StringComparison.Ordinal), $"rank {rank}: the overflow error does not say why: {e.Message}");
+            await small.RecoverAsync().ConfigureAwait(false);
+            int few = Math.Min(8, inputs[rank].Count);
+            DeviceTensor<T> fewTokens = new(dTokens.Tensor.Pointer, [few, h]);
+            DeviceTensor<int> fewIds = new(dIds.Tensor.Pointer, [few, c.TopK]);
+            DeviceDispatchResult<T> ok = await small.DispatchOnDeviceAsync(fewTokens, fewIds).ConfigureAwait(false);
+            int expect = inputs.Sum(inp => inp.ExpertIds.Take(Math.Min(8, inp.Count) * c.TopK).Count(x => x >= 0 && x < c.Experts && x / config.ExpertsPerRank == rank));
+            Require(ok.Layout.RecvRows == expect, $"rank {rank}: after recovery a fitting step received {ok.Layout.RecvRows} rows, expected {expect}");
+            await small.CombineOnDeviceAsync(ok.Output, ok.Layout).ConfigureAwait(false);
+        }
+
+        return "caller-thread calls, 3 graph replays and the capacity overflow + recovery checked";
+    }
+
+    private static async Task<TException> RequireThrowsAsync<TException>(Func<Task> action)
+        where TException : Exception
+    {
+        try
+        {
+            await action().ConfigureAwait(false);
+        }
+        catch (TException e)
+        {
+            return e;
+        }
+
+        throw new GpuCheckFailure($"expected {typeof(TException).Name}, but the call succeeded");
     }
 
     /// <summary>The fault case: the last rank never arrives at the step; every other rank must time out within the deadline naming it.</summary>
