@@ -50,6 +50,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
     private NativeLayerBuffers buffers;
     private volatile bool needsRecovery;
     private bool combineReady;
+    private bool stepTimed;
     private int abortRequested;
     private ArgumentException? pendingInputError;
     private bool disposed;
@@ -170,9 +171,10 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         int n = step.TokenCount;
         return await OnWorkerAsync(op, () =>
         {
-            Record(EvPrepareStart);
+            stepTimed = TimeOnGpu;
+            RecordIfTimed(EvPrepareStart);
             Check(epa2a_dispatch_prepare(layer.Pointer, inputs.Tokens, inputs.ExpertIds, inputs.Weights, inputs.ScatterIndices, n, stream.Pointer), "epa2a_dispatch_prepare");
-            Record(EvPrepareEnd);
+            RecordIfTimed(EvPrepareEnd);
             long remainingNs = Math.Max(1, op.Remaining.Ticks * 100);
             int status = epa2a_dispatch_wait_sizes(layer.Pointer, remainingNs + HostPollGraceNs, out _);
             if (status is (int)NativeCode.BadExpertId or (int)NativeCode.BadScatterIndex)
@@ -248,10 +250,10 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         bool host = step.DeviceInputs is null;
         (int[]? scatter, RowOrigins origins) = await OnWorkerAsync(step.Operation, () =>
         {
-            Record(EvSendStart);
+            RecordIfTimed(EvSendStart);
             Check(epa2a_dispatch_send(layer.Pointer, stream.Pointer), "epa2a_dispatch_send");
             Check(epa2a_dispatch_finish(layer.Pointer, stream.Pointer), "epa2a_dispatch_finish");
-            Record(EvFinishEnd);
+            RecordIfTimed(EvFinishEnd);
             Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
             ReportDispatchGpuTimes(step.TokenCount);
             if (!host)
@@ -320,9 +322,10 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         combineReady = false; // consumed even if it fails: libepa2a leaves the dispatch state behind
         byte[]? rounded = await OnWorkerAsync(step.Operation, () =>
         {
-            Record(EvCombineStart);
+            stepTimed = TimeOnGpu;
+            RecordIfTimed(EvCombineStart);
             Check(epa2a_combine(layer.Pointer, step.DeviceExpertOutput, combined.Pointer, step.Weighted ? 1 : 0, stream.Pointer), "epa2a_combine");
-            Record(EvCombineEnd);
+            RecordIfTimed(EvCombineEnd);
             Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
             ReportGpuTime(Phase.CombineKernel, EvCombineStart, EvCombineEnd, n);
             if (step.DeviceExpertOutput != 0)
@@ -562,6 +565,18 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         return graph;
     }
 
+    /// <summary>The kernels are timed when an observer wants GPU times or the GPU-duration metric is listened to.</summary>
+    private bool TimeOnGpu => gpuObserver?.WantsGpuTimes == true || EpTelemetry.PhaseGpuDuration.Enabled;
+
+    /// <summary>Records the event when this dispatch or combine is timed (decided once at its start).</summary>
+    private void RecordIfTimed(int ev)
+    {
+        if (stepTimed)
+        {
+            Record(ev);
+        }
+    }
+
     private void Record(int ev) => Check(epa2a_event_record(events[ev].Pointer, stream.Pointer), "epa2a_event_record");
 
     private void ReportDispatchGpuTimes(int tokens)
@@ -573,7 +588,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
 
     private void ReportGpuTime(Phase phase, int from, int to, int tokens)
     {
-        if (gpuObserver is null && !EpTelemetry.PhaseGpuDuration.Enabled)
+        if (!stepTimed)
         {
             return;
         }

@@ -11,6 +11,12 @@ namespace EpA2A.Backends.Cuda;
 /// </summary>
 public interface IGpuPhaseObserver : IPhaseObserver
 {
-    /// <summary>Called on the GPU worker thread after the stream has synchronized; keep it cheap.</summary>
+    /// <summary>
+    /// Whether the layer should time its kernels now (read at the start of each dispatch and combine). Recording and
+    /// reading the CUDA events costs host time on every call; an observer can switch it off between steps.
+    /// </summary>
+    bool WantsGpuTimes => true;
+
+    /// <summary>Called after the stream has synchronized (on the thread that ran the step); keep it cheap.</summary>
     void OnGpuPhase(int rank, Phase phase, TimeSpan gpuElapsed, long tokens);
 }
