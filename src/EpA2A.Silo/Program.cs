@@ -1,5 +1,6 @@
 using System.CommandLine;
 
+using EpA2A.Silo.Bench;
 using EpA2A.Silo.Commands;
 
 RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts serving, hosted by Orleans.")
@@ -11,5 +12,6 @@ RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts
     DriveCommand.Create(),
     SoakCommand.Create(),
     TelemetryOverheadCommand.Create(),
+    BenchCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();
