@@ -47,6 +47,14 @@ public interface IRankGrain : IGrainWithStringKey
     /// <summary>Aborts whatever the layer is running (its waits end at once with an error).</summary>
     [AlwaysInterleave]
     Task AbortAsync(string layer, long epoch, string reason);
+
+    /// <summary>
+    /// CUDA backend: this rank's NVSHMEM job lost a member (or is not the group's). NVSHMEM cannot be initialized twice
+    /// in one process, so the silo process exits with <c>RankRuntime.RestartExitCode</c> (75) right after answering, for
+    /// its supervisor to start it again; the fresh process joins the group's next NVSHMEM job.
+    /// </summary>
+    [AlwaysInterleave]
+    Task RestartForFreshGpuJobAsync(string reason);
 }
 
 /// <summary>A piece of one transport message; a message larger than the chunk size crosses in several.</summary>

@@ -57,7 +57,8 @@ public sealed record RankInfo(
     [property: Id(4)] string Backend,
     [property: Id(5)] int ProcessId,
     [property: Id(6)] bool GpuInitialized = false,
-    [property: Id(7)] int StepsInFlight = 0);
+    [property: Id(7)] int StepsInFlight = 0,
+    [property: Id(8)] string? GpuJob = null);
 
 /// <summary>Where a layer's coordinator lives, and its group's state.</summary>
 [GenerateSerializer]

@@ -295,6 +295,34 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             throw new GroupStepFailedException($"group '{Key.Group}' mixes backends: ranks {string.Join(", ", cuda)} run cuda, ranks {string.Join(", ", cpu)} do not", nextStep + 1, cpu);
         }
 
+        // Ranks that joined an NVSHMEM job while others have not (a process restarted), or that joined different jobs,
+        // hold a job that lost members. NVSHMEM cannot be initialized twice in a process: those ranks restart (their
+        // supervisor starts them again) and every rank then joins one fresh job at the next try.
+        string?[] jobs = [.. infos.Where(i => i.GpuInitialized).Select(i => i.GpuJob).Distinct()];
+        if (infos.Any(i => i.GpuInitialized) && (jobs.Length > 1 || infos.Any(i => !i.GpuInitialized)))
+        {
+            int[] stale = [.. infos.Where(i => i.GpuInitialized).Select(i => i.Rank)];
+            int[] fresh = [.. infos.Where(i => !i.GpuInitialized).Select(i => i.Rank)];
+            string reason = fresh.Length > 0
+                ? $"ranks {string.Join(", ", fresh)} restarted and hold no NVSHMEM job"
+                : $"the ranks hold {jobs.Length} different NVSHMEM jobs";
+            Task[] restarts = [.. ranks.Where(r => stale.Contains(r.Rank)).Select(r => r.Grain.RestartForFreshGpuJobAsync(reason))];
+            try
+            {
+                await Task.WhenAll(restarts).WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(true);
+            }
+            catch (Exception e) when (e is TimeoutException or OrleansException or NoSiloForRankException)
+            {
+                // A rank that cannot be told is gone already; it comes back fresh.
+            }
+
+            LogRestarting(logger, Key.Group, string.Join(", ", stale), reason);
+            throw new GroupStepFailedException(
+                $"group '{Key.Group}' needs a fresh NVSHMEM job ({reason}): ranks {string.Join(", ", stale)} are restarting their processes (exit code 75 for their supervisor); retry once they are back",
+                nextStep + 1,
+                stale);
+        }
+
         byte[] uid = await ranks[0].Grain.CreateUniqueIdAsync().WaitAsync(s.StepTimeout).ConfigureAwait(true);
         Task[] joins = [.. ranks.Select(r => r.Grain.InitializeGpuAsync(uid, s.WorldSize))];
         await Task.WhenAny(Task.WhenAll(joins), Task.Delay(TimeSpan.FromSeconds(90))).ConfigureAwait(true);
@@ -307,6 +335,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
         LogBootstrapped(logger, Key.Group, s.WorldSize);
     }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "group {Group}: ranks {Ranks} restart for a fresh NVSHMEM job: {Reason}")]
+    private static partial void LogRestarting(ILogger logger, string group, string ranks, string reason);
 
     [LoggerMessage(Level = LogLevel.Information, Message = "group {Group}: {World} ranks joined NVSHMEM")]
     private static partial void LogBootstrapped(ILogger logger, string group, int world);

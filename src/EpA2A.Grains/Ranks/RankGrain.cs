@@ -20,12 +20,19 @@ internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
         runtime.Options.Backend,
         Environment.ProcessId,
         runtime.GpuInitialized,
-        runtime.StepsInFlight));
+        runtime.StepsInFlight,
+        runtime.GpuJob));
 
     public Task<byte[]> CreateUniqueIdAsync() => Task.Run(runtime.CreateUniqueId);
 
     public Task InitializeGpuAsync(byte[] uniqueId, int worldSize) =>
         runtime.InitializeGpuAsync(uniqueId, worldSize, TimeSpan.FromSeconds(60));
+
+    public Task RestartForFreshGpuJobAsync(string reason)
+    {
+        runtime.ExitForRestart(reason);
+        return Task.CompletedTask;
+    }
 
     public Task CreateLayerAsync(string layer, LayerSpec spec, long epoch)
     {

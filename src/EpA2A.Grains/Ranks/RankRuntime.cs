@@ -28,8 +28,17 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
     /// <summary>Steps running on this rank now (0 between steps: a failed step leaves nothing waiting).</summary>
     public int StepsInFlight => Volatile.Read(ref stepsInFlight);
 
+    /// <summary>
+    /// The exit code of a silo that leaves so that its supervisor restarts it with a fresh process (EX_TEMPFAIL): its
+    /// NVSHMEM job lost a member and NVSHMEM cannot be initialized again in the same process.
+    /// </summary>
+    public const int RestartExitCode = 75;
+
     /// <summary>True once this rank has joined its group's NVSHMEM job (CUDA backend).</summary>
     public bool GpuInitialized => gpu is not null;
+
+    /// <summary>Which NVSHMEM job this rank joined (a digest of its unique id); null before it joined.</summary>
+    public string? GpuJob { get; private set; }
 
     private bool IsCuda => string.Equals(Options.Backend, "cuda", StringComparison.OrdinalIgnoreCase);
 
@@ -55,7 +64,30 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
 
         using CancellationTokenSource cts = new(bound);
         gpu = await NvshmemRuntime.InitializeAsync(uniqueId, Options.Rank, worldSize, Options.Gpu ?? 0, cts.Token).WaitAsync(bound).ConfigureAwait(false);
+        GpuJob = Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(uniqueId), 0, 8);
         LogGpu(logger, Options.Rank, worldSize, Options.Gpu ?? 0);
+    }
+
+    /// <summary>
+    /// Ends this process with <see cref="RestartExitCode"/> shortly after the calling grain call has answered, without
+    /// disposing anything: the collective teardown of layers and NVSHMEM would wait forever for the member that is gone.
+    /// Only a CUDA rank that already joined a job does this; any other rank ignores the request.
+    /// </summary>
+    internal void ExitForRestart(string reason)
+    {
+        if (!IsCuda || gpu is null)
+        {
+            return;
+        }
+
+        LogRestart(logger, Options.Rank, GpuJob ?? "?", reason);
+        _ = Task.Run(async () =>
+        {
+            await Task.Delay(200).ConfigureAwait(false);
+            await Console.Out.FlushAsync().ConfigureAwait(false);
+            await Console.Error.FlushAsync().ConfigureAwait(false);
+            ProcessExit.Now(RestartExitCode);
+        });
     }
 
     internal HostedLayer? Find(string layer) => layers.GetValueOrDefault(layer);
@@ -146,9 +178,29 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
         }
     }
 
+    [LoggerMessage(Level = LogLevel.Warning, Message = "rank {Rank} leaves NVSHMEM job {Job} and exits for a restart: {Reason}")]
+    private static partial void LogRestart(ILogger logger, int rank, string job, string reason);
+
     [LoggerMessage(Level = LogLevel.Information, Message = "rank {Rank} joined NVSHMEM: {World} ranks, GPU {Gpu}")]
     private static partial void LogGpu(ILogger logger, int rank, int world, int gpu);
 
     [LoggerMessage(Level = LogLevel.Information, Message = "layer {Layer} created on rank {Rank}, epoch {Epoch}")]
     private static partial void LogCreated(ILogger logger, string layer, int rank, long epoch);
+}
+
+/// <summary>Ends the process at once: no exit handlers, no finalizers, no disposal (see <see cref="RankRuntime.ExitForRestart"/>).</summary>
+internal static partial class ProcessExit
+{
+    public static void Now(int code)
+    {
+        if (OperatingSystem.IsLinux() || OperatingSystem.IsMacOS())
+        {
+            Exit(code);
+        }
+
+        Environment.FailFast($"epa2a: exiting with {code} for a restart");
+    }
+
+    [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "_exit")]
+    private static partial void Exit(int status);
 }

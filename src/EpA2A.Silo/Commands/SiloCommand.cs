@@ -20,6 +20,7 @@ internal static class SiloCommand
         Option<string> backend = new("--backend") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         Option<int?> gpu = new("--gpu") { Description = "GPU index (cuda backend)" };
         Option<int> portBase = new("--port-base") { Description = "Silo port = base + rank; gateway = base + 100 + rank", DefaultValueFactory = _ => 11111 };
+        Option<int?> primaryPort = new("--primary-port") { Description = "Localhost clustering: the membership primary's silo port (default: --port-base, rank 0's silo). Another silo's port lets every rank restart without taking membership down" };
         Option<string> clustering = new("--clustering") { Description = "localhost (rank 0 is primary) or redis", DefaultValueFactory = _ => "localhost" };
         Option<string?> redis = new("--redis") { Description = "Redis connection string (with --clustering redis)" };
         Option<string> clusterId = new("--cluster-id") { Description = "Orleans cluster id", DefaultValueFactory = _ => "epa2a" };
@@ -28,7 +29,7 @@ internal static class SiloCommand
         TelemetryCommandOptions telemetry = new();
         Command command = new("silo", "Run one silo serving one rank until Ctrl-C.")
         {
-            rank, world, group, backend, gpu, portBase, clustering, redis, clusterId, expertDelay,
+            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, clusterId, expertDelay,
         };
         telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
@@ -69,7 +70,7 @@ internal static class SiloCommand
                     Gpu = p.GetValue(gpu),
                     SiloPort = basePort + r,
                     GatewayPort = basePort + 100 + r,
-                    Primary = new IPEndPoint(IPAddress.Loopback, basePort),
+                    Primary = new IPEndPoint(IPAddress.Loopback, p.GetValue(primaryPort) ?? basePort),
                     Clustering = kind,
                     RedisConnection = p.GetValue(redis),
                     ClusterId = p.GetValue(clusterId)!,
