@@ -64,7 +64,7 @@ internal static class BenchRouting
         {
             foreach (int e in rank)
             {
-                rows[e % world]++;
+                rows[e / epr]++;
             }
         }
 
