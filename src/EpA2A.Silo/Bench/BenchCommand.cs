@@ -37,6 +37,7 @@ internal static class BenchCommand
         Option<double> cpuBudget = new("--cpu-max-gb") { Description = "CPU backend: skip points whose received rows exceed this many GB in all", DefaultValueFactory = _ => 3 };
         Option<string> calls = new("--calls") { Description = "CUDA normal mode: libepa2a calls on the caller's thread (caller) or handed to the GPU worker thread (worker)", DefaultValueFactory = _ => "caller" };
         Option<int> soak = new("--soak-steps") { Description = "CUDA: after the sweep, this many steps with random token counts on one layer, device memory sampled (0: none)", DefaultValueFactory = _ => 0 };
+        Option<string?> fromJson = new("--from-json") { HelpName = "FILE", Description = "Only write the markdown and the plot again from a saved bench JSON (next to it)" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where the results go (default: bench/results)" };
         Option<double> limit = new("--timeout-seconds") { Description = "Deadline of the GPU rank processes", DefaultValueFactory = _ => 540 };
         Option<int?> rank = new("--rank") { Hidden = true };
@@ -45,13 +46,18 @@ internal static class BenchCommand
 
         Command command = new("bench", "Benchmark dispatch and combine: CUDA (rank processes under MPS) and CPU backends, a PyTorch peer on the same routing, the grain path; JSON, table and plot to bench/results.")
         {
-            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, soak, cpuBudget, output, limit, rank, dir, world,
+            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, soak, fromJson, cpuBudget, output, limit, rank, dir, world,
         };
         command.SetAction(async (p, ct) =>
         {
             if (p.GetValue(rank) is { } r)
             {
                 return await new BenchRank(r, p.GetValue(world), p.GetValue(gpus), p.GetValue(dir)!, Console.Out).RunAsync(ct);
+            }
+
+            if (p.GetValue(fromJson) is { } saved)
+            {
+                return await BenchReport.RewriteAsync(saved, Console.Out, ct);
             }
 
             BenchRun run = new()
@@ -173,7 +179,14 @@ internal sealed class BenchRun
         await console.WriteAsync(markdown).ConfigureAwait(false);
         await console.WriteLineAsync($"results: {Path.Combine(Out, stem)}.{{json,md,png}}").ConfigureAwait(false);
         bool failed = summary.Points.Any(p => p.Cuda?.Error is not null || p.Cuda?.GraphError is not null || p.Cpu?.Error is not null) || (runCuda && cuda!.Any(r => r is null));
-        return failed ? 1 : 0;
+        if (failed)
+        {
+            await console.WriteLineAsync($"bench: routing files and rank logs kept in {dir}").ConfigureAwait(false);
+            return 1;
+        }
+
+        Directory.Delete(dir, recursive: true);
+        return 0;
     }
 
     private void Validate()

@@ -127,6 +127,19 @@ internal static class BenchReport
         return sb.ToString();
     }
 
+    /// <summary>`epa2a bench --from-json FILE`: the markdown and the plot of a saved summary, written next to it.</summary>
+    public static async Task<int> RewriteAsync(string json, TextWriter console, CancellationToken ct)
+    {
+        BenchSummary summary = System.Text.Json.JsonSerializer.Deserialize<BenchSummary>(await File.ReadAllTextAsync(json, ct).ConfigureAwait(false))
+            ?? throw new InvalidDataException($"{json} holds no bench summary");
+        string stem = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(json))!, Path.GetFileNameWithoutExtension(json));
+        string markdown = Markdown(summary, Path.GetFileName(stem) + ".png");
+        await File.WriteAllTextAsync(stem + ".md", markdown, ct).ConfigureAwait(false);
+        await File.WriteAllBytesAsync(stem + ".png", Plot(summary), ct).ConfigureAwait(false);
+        await console.WriteAsync(markdown).ConfigureAwait(false);
+        return 0;
+    }
+
     public static byte[] Plot(BenchSummary s)
     {
         List<BenchPointSummary> uniform = [.. s.Points.Where(p => p.Routing == "uniform" && p.Cuda?.DispatchGpu is not null)];
@@ -142,12 +155,28 @@ internal static class BenchReport
             return list;
         }
 
+        // Latency for the largest hidden size only: ours, graph mode and the PyTorch peer per layout.
+        int largest = uniform.Count == 0 ? 0 : uniform.Max(p => p.Hidden);
+        List<ChartSeries> Latency(Func<BenchPointSummary, double> ours, Func<BenchPointSummary, double?> graph, Func<BenchPointSummary, double?> peer)
+        {
+            List<ChartSeries> list = [];
+            foreach (IGrouping<string, BenchPointSummary> g in uniform.Where(p => p.Hidden == largest).GroupBy(p => p.Layout).OrderBy(g => g.Key))
+            {
+                BenchPointSummary[] ps = [.. g.OrderBy(p => p.Tokens)];
+                list.Add(new ChartSeries($"{g.Key} h{largest}", [.. ps.Select(p => ((double)p.Tokens, ours(p)))]));
+                list.Add(new ChartSeries($"graph {g.Key} h{largest}", [.. ps.Where(p => graph(p) is > 0).Select(p => ((double)p.Tokens, graph(p)!.Value))]));
+                list.Add(new ChartSeries($"PyTorch {g.Key} h{largest}", [.. ps.Where(p => peer(p) is > 0).Select(p => ((double)p.Tokens, peer(p)!.Value))], Dashed: true));
+            }
+
+            return list;
+        }
+
         List<ChartPanel> panels =
         [
             new("Dispatch algorithm bandwidth (uniform)", "tokens per rank", "GB/s per rank", Series(p => p.Cuda!.DispatchAlgbwGBps)),
             new("Combine algorithm bandwidth (uniform)", "tokens per rank", "GB/s per rank", Series(p => p.Cuda!.CombineAlgbwGBps)),
-            new("Dispatch latency (uniform)", "tokens per rank", "us", [.. Series(p => p.Cuda!.DispatchGpu!.Median), .. Series(p => p.Cuda!.Graph?.DispatchGpu.Median is { } g ? g : null).Select(x => x with { Name = "graph " + x.Name }), .. Series(p => p.Peer?.DispatchMedianUs, peer: true)]),
-            new("Combine latency (uniform)", "tokens per rank", "us", [.. Series(p => p.Cuda!.CombineGpu!.Median), .. Series(p => p.Cuda!.Graph?.CombineGpu.Median is { } g ? g : null).Select(x => x with { Name = "graph " + x.Name }), .. Series(p => p.Peer?.CombineMedianUs, peer: true)]),
+            new($"Dispatch latency (uniform, hidden {largest})", "tokens per rank", "us", Latency(p => p.Cuda!.DispatchGpu!.Median, p => p.Cuda!.Graph?.DispatchGpu.Median, p => p.Peer?.DispatchMedianUs)),
+            new($"Combine latency (uniform, hidden {largest})", "tokens per rank", "us", Latency(p => p.Cuda!.CombineGpu!.Median, p => p.Cuda!.Graph?.CombineGpu.Median, p => p.Peer?.CombineMedianUs)),
         ];
         return PngChart.Render($"epa2a bench, {s.Gpu}, {s.Date[..10]}: 8 ranks, top-8 of 256 experts, bf16", panels);
     }
