@@ -86,6 +86,9 @@ internal sealed record BenchRankPoint
     /// <summary>Dispatch on the GPU timeline: prepare start to finish end (CUDA events), host size poll included.</summary>
     public List<double> DispatchGpu { get; init; } = [];
 
+    /// <summary>The part of <see cref="DispatchGpu"/> in the counting kernels: count, the all-to-all of per-expert counts, row assignment.</summary>
+    public List<double> DispatchPrepareGpu { get; init; } = [];
+
     /// <summary>The part of <see cref="DispatchGpu"/> between the counting kernels and the send (host poll, launch).</summary>
     public List<double> DispatchHostGap { get; init; } = [];
 

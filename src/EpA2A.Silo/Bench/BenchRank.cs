@@ -180,6 +180,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                         (double prepare, double gap, double send, double combine) = times.Last();
                         result.DispatchGpu.Add(prepare + gap + send);
                         result.DispatchHostGap.Add(gap);
+                        result.DispatchPrepareGpu.Add(prepare);
                         result.CombineGpu.Add(combine);
                     }
                 }

@@ -45,14 +45,14 @@ internal static class BenchReport
             }
 
             sb.AppendLine();
-            sb.AppendLine("Host side of the same steps (medians, µs): the dispatch's GPU idle gap while the host polls sizes and launches the send; call wall time minus GPU time.");
+            sb.AppendLine("Inside the dispatch and on the host (medians, µs): the counting kernels on the GPU (count, the all-to-all of per-expert counts, row assignment); the GPU idle gap while the host polls sizes and launches the send; call wall time minus GPU time.");
             sb.AppendLine();
-            sb.AppendLine("| point | dispatch host gap | dispatch wall - GPU | combine wall - GPU | C# µs disp / comb, GPU timing on | graph replay wall |");
-            sb.AppendLine("| --- | ---: | ---: | ---: | ---: | ---: |");
+            sb.AppendLine("| point | dispatch counting (GPU) | dispatch host gap | dispatch wall - GPU | combine wall - GPU | C# µs disp / comb, GPU timing on | graph replay wall |");
+            sb.AppendLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
             foreach (BenchPointSummary p in s.Points.Where(p => p.Cuda?.DispatchGpu is not null))
             {
                 BenchCudaSummary c = p.Cuda!;
-                sb.AppendLine(ic, $"| {p.Name} | {c.DispatchHostGapUs:0.0} | {c.DispatchWallMinusGpuUs:0.0} | {c.CombineWallMinusGpuUs:0.0} | {c.DispatchOrchestrationTimedUs:0.0} / {c.CombineOrchestrationTimedUs:0.0} | {c.Graph?.ReplayWall.Median.ToString("0.0", ic) ?? "-"} |");
+                sb.AppendLine(ic, $"| {p.Name} | {c.DispatchPrepareUs:0.0} | {c.DispatchHostGapUs:0.0} | {c.DispatchWallMinusGpuUs:0.0} | {c.CombineWallMinusGpuUs:0.0} | {c.DispatchOrchestrationTimedUs:0.0} / {c.CombineOrchestrationTimedUs:0.0} | {c.Graph?.ReplayWall.Median.ToString("0.0", ic) ?? "-"} |");
             }
 
             sb.AppendLine();

@@ -52,6 +52,9 @@ internal sealed record BenchCudaSummary
     /// <summary>Median over iterations of the slowest rank's GPU idle time between counting and sending (host size poll).</summary>
     public double DispatchHostGapUs { get; init; }
 
+    /// <summary>Median over ranks of the median counting time (count, counts all-to-all, row assignment) inside the dispatch.</summary>
+    public double DispatchPrepareUs { get; init; }
+
     public double DispatchCeilingPct { get; init; }
 
     public double CombineCeilingPct { get; init; }
@@ -249,6 +252,7 @@ internal sealed record BenchSummary
             DispatchWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.DispatchWall))),
             CombineWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.CombineWall))),
             DispatchHostGapUs = BenchStats.Median(BenchStats.SlowestRank(ok.Select(x => x.DispatchHostGap))),
+            DispatchPrepareUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchPrepareGpu))]),
             DispatchCeilingPct = Pct(ceiling, dGpu.Median),
             CombineCeilingPct = Pct(ceiling, cGpu.Median),
             DispatchAlgbwGBps = dGpu.Median > 0 ? recvBytesPerRank / dGpu.Median / 1e3 : 0,
