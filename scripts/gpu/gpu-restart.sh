@@ -3,7 +3,8 @@
 # deadline; the ExpertLayerGrain sees a restarted rank with no NVSHMEM job next to ranks holding the old one and
 # tells those to restart too (exit code 75: NVSHMEM cannot be initialized twice in a process); a supervisor loop
 # starts every exited silo again; the group then bootstraps one fresh NVSHMEM job and checked steps succeed again.
-#   scripts/gpu/gpu-restart.sh [ranks=4] [epa2a command, default: dotnet .device/app/epa2a.dll]
+#   scripts/gpu/gpu-restart.sh [ranks=4] [pause between steps in ms=0] [epa2a command, default: dotnet .device/app/epa2a.dll]
+# With no pause between steps the kill lands inside a step (a step is in flight nearly all the time).
 # Membership: localhost clustering with a separate anchor silo as primary (--primary-port), so that every rank
 # can restart. Expects native/build/libepa2a.so.
 set -uo pipefail
@@ -11,7 +12,8 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=/dev/null
 source scripts/gpu/env.sh
 RANKS=${1:-4}
-EPA2A=${2:-"dotnet .device/app/epa2a.dll"}
+PAUSE=${2:-0}
+EPA2A=${3:-"dotnet .device/app/epa2a.dll"}
 LOG=${OUT:-/tmp/epa2a-out}/restart
 mkdir -p "$LOG"
 export EPA2A_NATIVE_DIR=$PWD/native/build NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-2G}
@@ -37,8 +39,8 @@ supervise() {
 sups=()
 for ((r = 0; r < RANKS; r++)); do supervise "$r" & sups+=($!); done
 t0=$(date +%s.%N)
-timeout 300 $EPA2A drive --world-size "$RANKS" --group gpu --port-base "$BASE" --steps 150 --continue-on-failure \
-  --interval-ms 300 --max-tokens 256 --hidden 2048 --topk 8 --experts 64 --timeout-seconds 5 >"$LOG/drive.log" 2>&1 &
+timeout 300 $EPA2A drive --world-size "$RANKS" --group gpu --port-base "$BASE" --steps 400 --continue-on-failure \
+  --interval-ms "$PAUSE" --max-tokens 256 --hidden 2048 --topk 8 --experts 64 --timeout-seconds 5 >"$LOG/drive.log" 2>&1 &
 drive=$!
 for _ in $(seq 1 240); do grep -q "^step 5: ok" "$LOG/drive.log" && break; sleep 0.5; done
 victim=$(pgrep -f "silo --rank 2 --world-size $RANKS --group gpu" | head -1)

@@ -18,6 +18,7 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
     private readonly ConcurrentDictionary<string, HostedLayer> layers = new();
     private NvshmemRuntime? gpu;
     private int stepsInFlight;
+    private int exiting;
 
     /// <summary>The silo's rank options.</summary>
     public RankSiloOptions Options { get; } = options.Value;
@@ -75,9 +76,9 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
     /// </summary>
     internal void ExitForRestart(string reason)
     {
-        if (!IsCuda || gpu is null)
+        if (!IsCuda || gpu is null || Interlocked.Exchange(ref exiting, 1) != 0)
         {
-            return;
+            return; // not a CUDA rank in a job, or already on its way out (the coordinator may ask every step)
         }
 
         LogRestart(logger, Options.Rank, GpuJob ?? "?", reason);
