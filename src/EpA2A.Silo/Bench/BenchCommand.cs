@@ -1,10 +1,10 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
-using System.Reflection;
 using System.Text;
 using System.Text.Json;
 using EpA2A.Backends.Cuda;
+using EpA2A.Silo.Commands;
 
 namespace EpA2A.Silo.Bench;
 
@@ -154,7 +154,7 @@ internal sealed class BenchRun
         DateTime started = DateTime.UtcNow;
         string dir = Directory.CreateTempSubdirectory("epa2a-bench-").FullName;
         BenchManifest manifest = WriteManifest(dir);
-        (string gpuName, string driver) = gpu ? GpuName() : ("no GPU", "-");
+        (string gpuName, string driver) = gpu ? RankProcesses.GpuName() : ("no GPU", "-");
         await console.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"== epa2a bench {started:yyyy-MM-ddTHH:mm:ssZ}: {manifest.Points.Count} points, {Sets} routing sets x {Iterations} iterations, seed {Seed}, {(runCuda ? $"CUDA on {gpuName} (driver {driver}), " : string.Empty)}{(runCpu ? "CPU, " : string.Empty)}routing in {dir}")).ConfigureAwait(false);
 
         BenchRankReport?[]? cuda = null;
@@ -289,28 +289,14 @@ internal sealed class BenchRun
                 ranks.Add(StartRank(r, dir, logs, r == 0 ? progress : null));
             }
 
-            using CancellationTokenSource deadline = CancellationTokenSource.CreateLinkedTokenSource(ct);
-            deadline.CancelAfter(RankTimeout);
-            try
-            {
-                await Task.WhenAll(ranks.Select(p => p.WaitForExitAsync(deadline.Token))).ConfigureAwait(false);
-            }
-            catch (OperationCanceledException)
+            if (!await RankProcesses.WaitAsync(ranks, RankTimeout, ct).ConfigureAwait(false))
             {
                 await console.WriteLineAsync($"bench: rank processes still running after {RankTimeout.TotalSeconds:0} s: killing them").ConfigureAwait(false);
             }
         }
         finally
         {
-            foreach (Process p in ranks)
-            {
-                if (!p.HasExited)
-                {
-                    p.Kill(entireProcessTree: true);
-                    await p.WaitForExitAsync(CancellationToken.None).ConfigureAwait(false);
-                }
-            }
-
+            await RankProcesses.KillAsync(ranks).ConfigureAwait(false);
             progress.Done();
         }
 
@@ -346,38 +332,10 @@ internal sealed class BenchRun
         return reports;
     }
 
-    private Process StartRank(int rank, string dir, StringBuilder logs, BenchProgress? progress)
-    {
-        string self = Environment.ProcessPath ?? throw new InvalidOperationException("cannot find this program's path to start the rank processes");
-        ProcessStartInfo psi = new(self) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        if (Path.GetFileNameWithoutExtension(self) == "dotnet")
+    private Process StartRank(int rank, string dir, StringBuilder logs, BenchProgress? progress) =>
+        RankProcesses.Start(["bench", "--rank", $"{rank}", "--world", $"{World}", "--dir", dir, "--gpus", $"{Gpus}"], (line, stderr) =>
         {
-            psi.ArgumentList.Add(Assembly.GetEntryAssembly()!.Location);
-        }
-
-        foreach (string a in new[] { "bench", "--rank", $"{rank}", "--world", $"{World}", "--dir", dir, "--gpus", $"{Gpus}" })
-        {
-            psi.ArgumentList.Add(a);
-        }
-
-        // Fewer runtime threads competing with the ranks' spinning GPU threads for the cores: no background GC, no
-        // spinning idle thread-pool workers, and no tiered re-compilation in the middle of the timed steps.
-        foreach ((string k, string v) in new[] { ("DOTNET_gcConcurrent", "0"), ("DOTNET_ThreadPool_UnfairSemaphoreSpinLimit", "0"), ("DOTNET_TieredCompilation", "0") })
-        {
-            if (!psi.Environment.ContainsKey(k))
-            {
-                psi.Environment[k] = v;
-            }
-        }
-        Process p = new() { StartInfo = psi };
-        p.OutputDataReceived += (_, e) =>
-        {
-            if (e.Data is not { } line)
-            {
-                return;
-            }
-
-            if (progress is not null && line.StartsWith(BenchRank.ProgressPrefix, StringComparison.Ordinal))
+            if (!stderr && progress is not null && line.StartsWith(BenchRank.ProgressPrefix, StringComparison.Ordinal))
             {
                 progress.Report(line[BenchRank.ProgressPrefix.Length..]);
                 return;
@@ -385,43 +343,11 @@ internal sealed class BenchRun
 
             lock (logs)
             {
-                logs.AppendLine(CultureInfo.InvariantCulture, $"[rank {rank}] {line}");
+                logs.AppendLine(CultureInfo.InvariantCulture, $"[rank {rank}{(stderr ? " stderr" : string.Empty)}] {line}");
             }
-        };
-        p.ErrorDataReceived += (_, e) =>
-        {
-            if (e.Data is { } line)
-            {
-                lock (logs)
-                {
-                    logs.AppendLine(CultureInfo.InvariantCulture, $"[rank {rank} stderr] {line}");
-                }
-            }
-        };
-        p.Start();
-        p.BeginOutputReadLine();
-        p.BeginErrorReadLine();
-        return p;
-    }
+        });
 
     private static string Slug(string gpu) => new([.. gpu.ToLowerInvariant().Select(c => char.IsAsciiLetterOrDigit(c) ? c : '-')]);
-
-    internal static (string Name, string Driver) GpuName()
-    {
-        try
-        {
-            ProcessStartInfo psi = new("nvidia-smi", "--query-gpu=name,driver_version --format=csv,noheader") { RedirectStandardOutput = true, UseShellExecute = false };
-            using Process p = Process.Start(psi)!;
-            string line = p.StandardOutput.ReadLine() ?? string.Empty;
-            p.WaitForExit(10_000);
-            string[] parts = line.Split(',', StringSplitOptions.TrimEntries);
-            return parts.Length >= 2 ? (parts[0], parts[1]) : ("unknown GPU", "unknown");
-        }
-        catch (Exception e) when (e is System.ComponentModel.Win32Exception or InvalidOperationException)
-        {
-            return ("unknown GPU (no nvidia-smi)", "unknown");
-        }
-    }
 }
 
 /// <summary>A progress bar on a terminal, one line per point otherwise.</summary>

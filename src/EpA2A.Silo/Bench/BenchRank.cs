@@ -5,6 +5,7 @@ using EpA2A.Backends.Cuda;
 using EpA2A.Config;
 using EpA2A.Layer;
 using EpA2A.Numerics;
+using EpA2A.Silo.Commands;
 
 namespace EpA2A.Silo.Bench;
 
@@ -19,7 +20,6 @@ namespace EpA2A.Silo.Bench;
 internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextWriter log)
 {
     public const string ProgressPrefix = "bench-progress ";
-    private const string UidFile = "uid";
 
     private string ResultPath => Path.Combine(dir, $"result_{rank}.json");
 
@@ -27,7 +27,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
     {
         BenchManifest manifest = JsonSerializer.Deserialize<BenchManifest>(await File.ReadAllTextAsync(Path.Combine(dir, "manifest.json"), ct).ConfigureAwait(false))
             ?? throw new InvalidDataException("empty manifest");
-        byte[] uid = await ExchangeUniqueIdAsync(ct).ConfigureAwait(false);
+        byte[] uid = await RankProcesses.ExchangeUniqueIdAsync(dir, rank, ct).ConfigureAwait(false);
         using NvshmemRuntime runtime = await NvshmemRuntime.InitializeAsync(uid, rank, world, rank % Math.Max(1, gpus), ct).ConfigureAwait(false);
         (long freeBefore, _) = await runtime.DeviceMemoryAsync().ConfigureAwait(false);
         List<BenchRankPoint> results = [];
@@ -152,7 +152,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
         TimeSpan timeout = TimeSpan.FromSeconds(30);
 
         // 1. The normal mode through the C# layer, then the same steps by direct libepa2a calls.
-        PhaseTimes times = new();
+        GpuPhaseTimes times = new();
         using (EpAll2AllLayer layer = EpAll2AllLayer.CreateCuda(config, runtime, new EpLayerOptions { StepTimeout = timeout, Observer = times, DeviceCallsOnCallerThread = manifest.CallerThread }))
         {
             for (int s = 0; s < ids.Length; s++)
@@ -280,80 +280,6 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
     {
         await File.WriteAllTextAsync(ResultPath + ".tmp", JsonSerializer.Serialize(report, BenchJson.Compact)).ConfigureAwait(false);
         File.Move(ResultPath + ".tmp", ResultPath, overwrite: true);
-    }
-
-    private async Task<byte[]> ExchangeUniqueIdAsync(CancellationToken ct)
-    {
-        string path = Path.Combine(dir, UidFile);
-        if (rank == 0)
-        {
-            byte[] id = NvshmemRuntime.CreateUniqueId();
-            await File.WriteAllBytesAsync(path + ".tmp", id, ct).ConfigureAwait(false);
-            File.Move(path + ".tmp", path);
-            return id;
-        }
-
-        Stopwatch sw = Stopwatch.StartNew();
-        while (!File.Exists(path))
-        {
-            if (sw.Elapsed > TimeSpan.FromSeconds(60))
-            {
-                throw new TimeoutException($"rank {rank}: rank 0 wrote no unique id to {path} within 60 s");
-            }
-
-            await Task.Delay(10, ct).ConfigureAwait(false);
-        }
-
-        return await File.ReadAllBytesAsync(path, ct).ConfigureAwait(false);
-    }
-
-    /// <summary>The GPU phases of the latest dispatch and combine (CUDA events), in µs.</summary>
-    private sealed class PhaseTimes : IGpuPhaseObserver
-    {
-        private readonly Lock gate = new();
-        private double prepare;
-        private double gap;
-        private double send;
-        private double combine;
-
-        public bool WantsGpuTimes { get; set; } = true;
-
-        public void OnPhase(int rank, Phase phase, TimeSpan elapsed, long tokens, long bytes)
-        {
-        }
-
-        public void OnGpuPhase(int rank, Phase phase, TimeSpan gpuElapsed, long tokens)
-        {
-            lock (gate)
-            {
-                double us = gpuElapsed.TotalMicroseconds;
-                switch (phase)
-                {
-                    case Phase.DispatchPreprocess:
-                        prepare = us;
-                        break;
-                    case Phase.DispatchOutputSizeWait:
-                        gap = us;
-                        break;
-                    case Phase.DispatchKernel:
-                        send = us;
-                        break;
-                    case Phase.CombineKernel:
-                        combine = us;
-                        break;
-                    default:
-                        break;
-                }
-            }
-        }
-
-        public (double Prepare, double Gap, double Send, double Combine) Last()
-        {
-            lock (gate)
-            {
-                return (prepare, gap, send, combine);
-            }
-        }
     }
 }
 

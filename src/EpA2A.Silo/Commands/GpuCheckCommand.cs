@@ -1,7 +1,6 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
-using System.Reflection;
 using System.Text;
 using System.Text.Json;
 using EpA2A.Backends.Cuda;
@@ -73,7 +72,7 @@ internal static class GpuCheckCommand
             return ExitFailed;
         }
 
-        (string gpu, string driver) = GpuName();
+        (string gpu, string driver) = RankProcesses.GpuName();
         DateTime started = DateTime.UtcNow;
         await console.WriteLineAsync($"== epa2a gpu-check {started:yyyy-MM-ddTHH:mm:ssZ} on {gpu} (driver {driver}), seed {seed}").ConfigureAwait(false);
         List<GpuCheckRow> rows = [];
@@ -125,27 +124,14 @@ internal static class GpuCheckCommand
                 ranks.Add(StartRank(group, r, dir, seed, gpus, filter, logs));
             }
 
-            using CancellationTokenSource deadline = CancellationTokenSource.CreateLinkedTokenSource(ct);
-            deadline.CancelAfter(limit);
-            try
-            {
-                await Task.WhenAll(ranks.Select(p => p.WaitForExitAsync(deadline.Token))).ConfigureAwait(false);
-            }
-            catch (OperationCanceledException)
+            if (!await RankProcesses.WaitAsync(ranks, limit, ct).ConfigureAwait(false))
             {
                 await console.WriteLineAsync($"group {group}: rank processes still running after {limit.TotalSeconds:0} s: killing them").ConfigureAwait(false);
             }
         }
         finally
         {
-            foreach (Process p in ranks)
-            {
-                if (!p.HasExited)
-                {
-                    p.Kill(entireProcessTree: true);
-                    await p.WaitForExitAsync(CancellationToken.None).ConfigureAwait(false);
-                }
-            }
+            await RankProcesses.KillAsync(ranks).ConfigureAwait(false);
         }
 
         lock (logs)
@@ -213,61 +199,19 @@ internal static class GpuCheckCommand
 
     private static Process StartRank(string group, int rank, string dir, int seed, int gpus, string? filter, StringBuilder logs)
     {
-        string self = Environment.ProcessPath ?? throw new InvalidOperationException("cannot find this program's path to start the rank processes");
-        ProcessStartInfo psi = new(self) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        if (Path.GetFileNameWithoutExtension(self) == "dotnet")
-        {
-            psi.ArgumentList.Add(Assembly.GetEntryAssembly()!.Location);
-        }
-
-        foreach (string a in new[] { "gpu-check", "--group", group, "--rank", $"{rank}", "--dir", dir, "--seed", $"{seed}", "--gpus", $"{gpus}" })
-        {
-            psi.ArgumentList.Add(a);
-        }
-
+        List<string> args = ["gpu-check", "--group", group, "--rank", $"{rank}", "--dir", dir, "--seed", $"{seed}", "--gpus", $"{gpus}"];
         if (!string.IsNullOrEmpty(filter))
         {
-            psi.ArgumentList.Add("--filter");
-            psi.ArgumentList.Add(filter);
+            args.AddRange(["--filter", filter]);
         }
 
-        // Non-concurrent GC: no background collection competes with the rank's spinning GPU thread in a timed step.
-        psi.Environment["DOTNET_gcConcurrent"] = "0";
-        Process p = new() { StartInfo = psi };
-        void Append(object? sender, DataReceivedEventArgs e)
+        return RankProcesses.Start(args, (line, _) =>
         {
-            if (e.Data is { } line)
+            lock (logs)
             {
-                lock (logs)
-                {
-                    logs.AppendLine(line);
-                }
+                logs.AppendLine(line);
             }
-        }
-
-        p.OutputDataReceived += Append;
-        p.ErrorDataReceived += Append;
-        p.Start();
-        p.BeginOutputReadLine();
-        p.BeginErrorReadLine();
-        return p;
-    }
-
-    private static (string Name, string Driver) GpuName()
-    {
-        try
-        {
-            ProcessStartInfo psi = new("nvidia-smi", "--query-gpu=name,driver_version --format=csv,noheader") { RedirectStandardOutput = true, UseShellExecute = false };
-            using Process p = Process.Start(psi)!;
-            string line = p.StandardOutput.ReadLine() ?? string.Empty;
-            p.WaitForExit(10_000);
-            string[] parts = line.Split(',', StringSplitOptions.TrimEntries);
-            return parts.Length >= 2 ? (parts[0], parts[1]) : ("unknown GPU", "unknown");
-        }
-        catch (Exception e) when (e is System.ComponentModel.Win32Exception or InvalidOperationException)
-        {
-            return ("unknown GPU (no nvidia-smi)", "unknown");
-        }
+        });
     }
 
     private static string Table(List<GpuCheckRow> rows, double bandwidth, string gpu, string driver, DateTime started)

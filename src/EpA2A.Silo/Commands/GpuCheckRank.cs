@@ -60,15 +60,13 @@ internal sealed record GpuCheckRankReport(int Rank, double CopyBytesPerSecond, L
 /// </summary>
 internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, string dir, int seed, string? filter, TextWriter log)
 {
-    private const string UidFile = "uid";
-
     private readonly List<GpuCheckRankResult> results = [];
 
     private string ResultPath => Path.Combine(dir, $"result_{rank}.json");
 
     public async Task<int> RunAsync(CancellationToken ct)
     {
-        byte[] uid = await ExchangeUniqueIdAsync(ct).ConfigureAwait(false);
+        byte[] uid = await RankProcesses.ExchangeUniqueIdAsync(dir, rank, ct).ConfigureAwait(false);
         using NvshmemRuntime runtime = await NvshmemRuntime.InitializeAsync(uid, rank, world, rank % Math.Max(1, gpus), ct).ConfigureAwait(false);
         string path = ResultPath;
         foreach (GpuCheckCase c in GpuCheckCase.Of(group, filter))
@@ -194,31 +192,6 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         }
 
         return max;
-    }
-
-    private async Task<byte[]> ExchangeUniqueIdAsync(CancellationToken ct)
-    {
-        string path = Path.Combine(dir, UidFile);
-        if (rank == 0)
-        {
-            byte[] id = NvshmemRuntime.CreateUniqueId();
-            await File.WriteAllBytesAsync(path + ".tmp", id, ct).ConfigureAwait(false);
-            File.Move(path + ".tmp", path);
-            return id;
-        }
-
-        Stopwatch sw = Stopwatch.StartNew();
-        while (!File.Exists(path))
-        {
-            if (sw.Elapsed > TimeSpan.FromSeconds(60))
-            {
-                throw new TimeoutException($"rank {rank}: rank 0 wrote no unique id to {path} within 60 s");
-            }
-
-            await Task.Delay(10, ct).ConfigureAwait(false);
-        }
-
-        return await File.ReadAllBytesAsync(path, ct).ConfigureAwait(false);
     }
 
     private async Task<GpuCheckRankResult> RunCaseAsync<T>(GpuCheckCase c, NvshmemRuntime runtime)
@@ -613,53 +586,6 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         T[][] expertOut = [.. got.Select((g, r) => DeterministicExperts.ApplyToBlocks<T>(Flat(g.Output), c.Hidden, r * config.ExpertsPerRank, g.Layout.ExpertRowStarts, g.Layout.RowsPerLocalExpert))];
         Tensor<T>[] back = await cpu.RunAsync((l, r) => l.CombineAsync(Tensor.Create(expertOut[r], [got[r].Layout.RecvRows, c.Hidden]), got[r].Layout, new CombineOptions(c.Weighted))).ConfigureAwait(false);
         RequireClose(Flat(back[rank]), combined, c.TopK, $"rank {rank}: CUDA combine vs CPU backend");
-    }
-
-    /// <summary>The GPU phases of the latest dispatch and combine (CUDA events), in µs.</summary>
-    private sealed class GpuPhaseTimes : IGpuPhaseObserver
-    {
-        private readonly Lock gate = new();
-        private double prepare;
-        private double sizeWait;
-        private double send;
-        private double combine;
-
-        public void OnPhase(int rank, Phase phase, TimeSpan elapsed, long tokens, long bytes)
-        {
-        }
-
-        public void OnGpuPhase(int rank, Phase phase, TimeSpan gpuElapsed, long tokens)
-        {
-            lock (gate)
-            {
-                double us = gpuElapsed.TotalMicroseconds;
-                switch (phase)
-                {
-                    case Phase.DispatchPreprocess:
-                        prepare = us;
-                        break;
-                    case Phase.DispatchOutputSizeWait:
-                        sizeWait = us;
-                        break;
-                    case Phase.DispatchKernel:
-                        send = us;
-                        break;
-                    case Phase.CombineKernel:
-                        combine = us;
-                        break;
-                    default:
-                        break;
-                }
-            }
-        }
-
-        public (double Prepare, double SizeWait, double Send, double Combine) Last()
-        {
-            lock (gate)
-            {
-                return (prepare, sizeWait, send, combine);
-            }
-        }
     }
 }
 
