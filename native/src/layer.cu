@@ -576,7 +576,13 @@ EPA2A_API int epa2a_dispatch_wait_sizes(epa2a_layer* layer, int64_t timeout_ns, 
                   "aborted and needs epa2a_layer_reset",
                   c.me, waited / 1e6);
     }
-    if ((spin & 1023u) == 1023u) sched_yield();
+    // Spin (with a pause) for the first 2 ms: a yield hands the core to any runnable thread on it, and the poller
+    // may then wait a whole scheduler tick (4 ms) for a size that arrived microseconds later. Past 2 ms the peers
+    // are late anyway: yield now and then.
+    if ((spin & 1023u) == 1023u && waited > 2000000) sched_yield();
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   for (size_t i = 0; i < l->info.size(); ++i) l->info[i] = h[i];
