@@ -284,7 +284,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
         RankInfo[] infos = [.. describe.Select(d => d.Result)];
         int[] cuda = [.. infos.Where(i => string.Equals(i.Backend, "cuda", StringComparison.OrdinalIgnoreCase)).Select(i => i.Rank)];
-        if (cuda.Length == 0 || infos.All(i => i.GpuInitialized))
+        if (cuda.Length == 0)
         {
             return;
         }
@@ -295,17 +295,8 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             throw new GroupStepFailedException($"group '{Key.Group}' mixes backends: ranks {string.Join(", ", cuda)} run cuda, ranks {string.Join(", ", cpu)} do not", nextStep + 1, cpu);
         }
 
-        // Ranks that joined an NVSHMEM job while others have not (a process restarted), or that joined different jobs,
-        // hold a job that lost members. NVSHMEM cannot be initialized twice in a process: those ranks restart (their
-        // supervisor starts them again) and every rank then joins one fresh job at the next try.
-        string?[] jobs = [.. infos.Where(i => i.GpuInitialized).Select(i => i.GpuJob).Distinct()];
-        if (infos.Any(i => i.GpuInitialized) && (jobs.Length > 1 || infos.Any(i => !i.GpuInitialized)))
+        if (StaleGpuJobs(infos) is (int[] stale, string reason))
         {
-            int[] stale = [.. infos.Where(i => i.GpuInitialized).Select(i => i.Rank)];
-            int[] fresh = [.. infos.Where(i => !i.GpuInitialized).Select(i => i.Rank)];
-            string reason = fresh.Length > 0
-                ? $"ranks {string.Join(", ", fresh)} restarted and hold no NVSHMEM job"
-                : $"the ranks hold {jobs.Length} different NVSHMEM jobs";
             Task[] restarts = [.. ranks.Where(r => stale.Contains(r.Rank)).Select(r => r.Grain.RestartForFreshGpuJobAsync(reason))];
             try
             {
@@ -321,6 +312,11 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
                 $"group '{Key.Group}' needs a fresh NVSHMEM job ({reason}): ranks {string.Join(", ", stale)} are restarting their processes (exit code 75 for their supervisor); retry once they are back",
                 nextStep + 1,
                 stale);
+        }
+
+        if (infos.All(i => i.GpuInitialized))
+        {
+            return; // one job, every rank in it
         }
 
         byte[] uid = await ranks[0].Grain.CreateUniqueIdAsync().WaitAsync(s.StepTimeout).ConfigureAwait(true);
@@ -341,6 +337,28 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
     [LoggerMessage(Level = LogLevel.Information, Message = "group {Group}: {World} ranks joined NVSHMEM")]
     private static partial void LogBootstrapped(ILogger logger, string group, int world);
+
+    /// <summary>
+    /// Ranks that joined an NVSHMEM job while others have not (a process restarted), or that joined different jobs,
+    /// hold a job that lost members. NVSHMEM cannot be initialized twice in a process: those ranks must restart (their
+    /// supervisor starts them again) so that every rank joins one fresh job at the next try. Null when the ranks are
+    /// all in one job, or none is in any.
+    /// </summary>
+    internal static (int[] Stale, string Reason)? StaleGpuJobs(IReadOnlyList<RankInfo> infos)
+    {
+        string?[] jobs = [.. infos.Where(i => i.GpuInitialized).Select(i => i.GpuJob).Distinct()];
+        if (!infos.Any(i => i.GpuInitialized) || (jobs.Length == 1 && infos.All(i => i.GpuInitialized)))
+        {
+            return null;
+        }
+
+        int[] stale = [.. infos.Where(i => i.GpuInitialized).Select(i => i.Rank)];
+        int[] fresh = [.. infos.Where(i => !i.GpuInitialized).Select(i => i.Rank)];
+        string reason = fresh.Length > 0
+            ? $"ranks {string.Join(", ", fresh)} restarted and hold no NVSHMEM job"
+            : $"the ranks hold {jobs.Length} different NVSHMEM jobs";
+        return (stale, reason);
+    }
 
     private async Task AbortAllAsync((int Rank, IRankGrain Grain)[] ranks, string reason)
     {
