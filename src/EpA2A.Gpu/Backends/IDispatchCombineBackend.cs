@@ -18,6 +18,12 @@ internal interface IDispatchCombineBackend : IDisposable
     /// <summary>Preprocess: bincount this rank's ids, all-gather the counts, and return the plan every rank agrees on.</summary>
     ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step);
 
+    /// <summary>
+    /// Whether some rank's output buffers cannot hold <paramref name="maxRecvRows"/> (the same answer on every rank of the
+    /// step): then the layer has every rank confirm it is in the step before <see cref="EnsureOutputCapacityAsync"/> grows.
+    /// </summary>
+    bool NeedsGrowth(DispatchStep step, int maxRecvRows);
+
     /// <summary>Output-size wait: grow the output buffers to hold <paramref name="maxRecvRows"/> (collective: the same value on every rank).</summary>
     ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows);
 

@@ -430,7 +430,8 @@ public sealed class EpAll2AllLayer : IDisposable
         using Guard guard = Enter();
         int n = input.Lengths[0];
         DeviceStepInputs inputs = new(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
-        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted).ConfigureAwait(false);
+        using OperationScope scope = NewOperation(CancellationToken.None);
+        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted, scope.Operation).ConfigureAwait(false);
         return new EpStepGraph<T>(this, graphs, captured, n);
     }
 
@@ -511,8 +512,16 @@ public sealed class EpAll2AllLayer : IDisposable
         step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
         clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
 
-        // Every rank derives the same maximum from the same table; the backend makes growth collective (each waits,
-        // with the step's deadline, for every rank to confirm it is in this step before it grows).
+        // Every rank derives the same maximum from the same table, so growth is collective. The same table is not
+        // enough, though: a rank that arrives after its peers gave up the step still completes the counts exchange
+        // (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
+        // buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
+        // with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
+        if (backend.NeedsGrowth(step, step.Plan.MaxRecvRows))
+        {
+            await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);
+        }
+
         await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
         clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
 

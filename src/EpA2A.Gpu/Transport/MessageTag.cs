@@ -30,7 +30,4 @@ public enum ExchangePhase
 
     /// <summary>A barrier's empty messages.</summary>
     Barrier = 6,
-
-    /// <summary>Before the output buffers grow (only then): each rank's word that it holds the whole counts table.</summary>
-    GrowOutput = 7,
 }

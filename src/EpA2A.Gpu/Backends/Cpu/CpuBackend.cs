@@ -33,31 +33,24 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     public ValueTask CopyInAsync(CombineStep step) => ValueTask.CompletedTask;
 
     /// <summary>
-    /// Grows the output only once every rank has said it holds this operation's whole counts table. The same table
-    /// on every rank is not enough: a rank that arrives after its peers gave up the operation still completes the
-    /// counts exchange (what they sent before giving up is buffered for it) and would grow alone, which on the CUDA
-    /// backend's symmetric buffers is fatal. A rank that gave up never sends its <see cref="ExchangePhase.GrowOutput"/>
-    /// word, so a late rank cannot grow, whatever the timing: it waits for the word until its own deadline and fails
-    /// naming them, like at any later exchange of that operation. Only a step that some rank's buffers cannot hold
-    /// pays for the round. (A deadline that passes inside the round, after every rank sent its word, can still leave
-    /// some ranks grown and others not: no deadline-bound exchange settles that. Each rank reports its size with its
-    /// counts, so the next step that needs more rows than the smallest buffer brings every rank to the same size.)
+    /// Some rank's output is smaller than <paramref name="maxRecvRows"/>: every rank reports its size with its counts,
+    /// so every rank answers alike even when their sizes differ (a deadline that passed after an earlier confirmation
+    /// can leave some ranks grown and others not; the next step that needs rows brings them all to one size).
     /// </summary>
-    public async ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
+    public bool NeedsGrowth(DispatchStep step, int maxRecvRows)
     {
-        OperationContext op = step.Operation;
-        if (groupOutputRows.Sequence != op.Sequence)
+        if (groupOutputRows.Sequence != step.Operation.Sequence)
         {
-            throw new InvalidOperationException($"rank {Rank}: output capacity of operation {op.Sequence} before its counts exchange");
+            throw new InvalidOperationException($"rank {Rank}: output capacity of operation {step.Operation.Sequence} before its counts exchange");
         }
 
-        if (maxRecvRows <= groupOutputRows.Rows)
-        {
-            return;
-        }
+        return maxRecvRows > groupOutputRows.Rows;
+    }
 
-        await AllArriveAsync(op, AllRanks(), ExchangePhase.GrowOutput).ConfigureAwait(false);
+    public ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
+    {
         step.Context.ReallocateDispatchOutput(maxRecvRows);
+        return ValueTask.CompletedTask;
     }
 
     public async ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step)

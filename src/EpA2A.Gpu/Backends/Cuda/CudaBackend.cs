@@ -207,6 +207,9 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         }).ConfigureAwait(false);
     }
 
+    /// <summary>The symmetric buffers have one size on every rank.</summary>
+    public bool NeedsGrowth(DispatchStep step, int maxRecvRows) => maxRecvRows > buffers.OutputRows;
+
     public async ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
     {
         if (step.DeviceInputs is null)
@@ -219,24 +222,12 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
             return;
         }
 
-        if (fixedCapacity)
-        {
-            // Not reached in practice: libepa2a's exchange kernel stops every rank first (EPA2A_ERR_CAPACITY).
-            throw new InvalidOperationException($"rank {config.Rank}: a rank receives {maxRecvRows} rows but the fixed-capacity buffers hold {buffers.OutputRows}; create the layer with a larger EpLayerOptions.Capacity");
-        }
-
         // The same rounding as the host context, from the same maximum: every rank grows to the same rows.
         long target = (long)(maxRecvRows + DispatchCombineContext.GrowthGranularity - 1) / DispatchCombineContext.GrowthGranularity
             * DispatchCombineContext.GrowthGranularity * capacityFactor;
         int rows = (int)Math.Clamp(target, maxRecvRows, int.MaxValue / Math.Max(1, RowBytes));
         await OnWorkerAsync(step.Operation, () =>
         {
-            // Growth is an NVSHMEM collective without a deadline. A rank that arrives after its peers gave up on this
-            // step still learns the step's sizes (the counts they sent before giving up), so first every rank confirms
-            // it is here, through a layer barrier with the step's deadline: a late rank times out there instead of
-            // growing alone and waiting forever in the collective.
-            Check(epa2a_layer_barrier(layer.Pointer, 0, stream.Pointer), "epa2a_layer_barrier");
-            Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
             Check(epa2a_layer_grow_output(layer.Pointer, Math.Max(rows, maxRecvRows)), "epa2a_layer_grow_output");
             Check(epa2a_layer_get_buffers(layer.Pointer, out buffers), "epa2a_layer_get_buffers");
             return true;
@@ -395,11 +386,11 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         }).ConfigureAwait(false);
     }
 
-    public async ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted)
+    public async ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted, OperationContext operation)
     {
         ThrowIfUnusable();
         combineReady = false;
-        return await worker.RunAsync(() =>
+        return await OnWorkerAsync(operation, () =>
         {
             nint dispatchGraph = 0;
             nint combineGraph = 0;

@@ -11,8 +11,8 @@ internal interface IGraphCaptureBackend
     /// <summary>Rows the fixed-capacity buffers hold.</summary>
     int OutputRows { get; }
 
-    /// <summary>Captures one dispatch (enqueue, no host wait) and one combine into the layer's result buffer.</summary>
-    ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted);
+    /// <summary>Captures one dispatch (enqueue, no host wait) and one combine into the layer's result buffer; native failures become the layer's exceptions.</summary>
+    ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted, OperationContext operation);
 
     /// <summary>Replays the dispatch graph, the combine graph or both back to back, then waits (bounded) for the stream.</summary>
     ValueTask<GraphReplay> ReplayAsync(CapturedStep step, bool dispatch, bool combine, OperationContext operation);
