@@ -85,6 +85,9 @@ public sealed record CoreAffinity(int WorkerCore, IReadOnlyList<int> OtherCores)
         new(OtherCoresVariable, string.Join(',', OtherCores)),
     ];
 
+    /// <summary>How often the kernel has taken the CPU from the calling thread while it could run (Linux; -1 elsewhere).</summary>
+    public static long CurrentThreadInvoluntarySwitches() => ThreadCores.InvoluntarySwitches(ThreadCores.CurrentThreadId());
+
     /// <summary>On the worker thread, before NVSHMEM starts: the threads it creates inherit the other cores.</summary>
     internal void EnterSetup() => ThreadCores.PinCurrent(OtherCores);
 
