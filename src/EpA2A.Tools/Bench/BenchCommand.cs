@@ -36,6 +36,7 @@ internal static class BenchCommand
         Option<double> cpuBudget = new("--cpu-max-gb") { Description = "CPU backend: skip points whose received rows exceed this many GB in all", DefaultValueFactory = _ => 3 };
         Option<string> calls = new("--calls") { Description = "CUDA normal mode: libepa2a calls on the caller's thread (caller) or handed to the GPU worker thread (worker)", DefaultValueFactory = _ => "caller" };
         Option<string> pinCores = new("--pin-cores") { Description = "CUDA rank processes: give each rank's GPU thread a core of its own (on) or leave placement to the scheduler (off)", DefaultValueFactory = _ => "on" };
+        Option<int> numSms = new("--num-sms") { Description = "CUDA: blocks of each token kernel per rank (EpConfig.NumSms) of the swept layers", DefaultValueFactory = _ => 32 };
         Option<int> soak = new("--soak-steps") { Description = "CUDA: after the sweep, this many steps with random token counts on one layer, device memory sampled (0: none)", DefaultValueFactory = _ => 0 };
         Option<string?> fromJson = new("--from-json") { HelpName = "FILE", Description = "Only write the markdown and the plot again from a saved bench JSON (next to it)" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where the results go (default: bench/results)" };
@@ -46,7 +47,7 @@ internal static class BenchCommand
 
         Command command = new("bench", "Benchmark dispatch and combine: CUDA (rank processes under MPS) and CPU backends, a PyTorch peer on the same routing, the grain path; JSON, table and plot to bench/results.")
         {
-            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, soak, fromJson, cpuBudget, output, limit, rank, dir, world,
+            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, rank, dir, world,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -80,6 +81,7 @@ internal static class BenchCommand
                 Grains = !p.GetValue(noGrains),
                 SoakSteps = p.GetValue(soak),
                 CallerThread = p.GetValue(calls) switch { "caller" => true, "worker" => false, var c => throw new ArgumentException($"--calls {c}: expected caller or worker") },
+                NumSms = p.GetValue(numSms) is var sms and >= 1 and <= 1024 ? sms : throw new ArgumentException($"--num-sms {p.GetValue(numSms)}: expected 1..1024"),
                 PinCores = p.GetValue(pinCores) switch { "on" => true, "off" => false, var c => throw new ArgumentException($"--pin-cores {c}: expected on or off") },
                 CpuMaxBytes = p.GetValue(cpuBudget) * 1e9,
                 Out = p.GetValue(output) ?? Path.Combine(Environment.CurrentDirectory, "bench", "results"),
@@ -131,6 +133,9 @@ internal sealed class BenchRun
     public bool Grains { get; init; } = true;
 
     public bool CallerThread { get; init; } = true;
+
+    /// <summary>EpConfig.NumSms of the swept CUDA layers.</summary>
+    public int NumSms { get; init; } = 32;
 
     /// <summary>Each CUDA rank process's GPU thread on a core of its own (<see cref="CoreAffinity"/>).</summary>
     public bool PinCores { get; init; } = true;
@@ -276,7 +281,7 @@ internal sealed class BenchRun
             }
         }
 
-        BenchManifest manifest = new() { Seed = Seed, Warmup = Warmup, Iterations = Iterations, CallerThread = CallerThread, PinCores = PinCores, SoakSteps = SoakSteps, Points = points };
+        BenchManifest manifest = new() { Seed = Seed, Warmup = Warmup, Iterations = Iterations, CallerThread = CallerThread, PinCores = PinCores, NumSms = NumSms, SoakSteps = SoakSteps, Points = points };
         File.WriteAllText(Path.Combine(dir, "manifest.json"), JsonSerializer.Serialize(manifest, BenchJson.Indented));
         return manifest;
     }

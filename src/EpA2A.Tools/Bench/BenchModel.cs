@@ -22,6 +22,10 @@ internal sealed record BenchManifest
     [JsonPropertyName("caller_thread")]
     public bool CallerThread { get; init; } = true;
 
+    /// <summary>EpConfig.NumSms of the swept layers (blocks of each token kernel per rank).</summary>
+    [JsonPropertyName("num_sms")]
+    public int NumSms { get; init; } = 32;
+
     /// <summary>Whether each rank's GPU thread had a core of its own (CoreAffinity), for the record.</summary>
     [JsonPropertyName("pin_cores")]
     public bool PinCores { get; init; }

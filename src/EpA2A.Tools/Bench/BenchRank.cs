@@ -146,7 +146,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
 
     private async Task RunPointAsync(BenchManifest manifest, BenchPoint point, NvshmemRuntime runtime, BenchRankPoint result)
     {
-        EpConfig config = new(point.Tokens, point.Hidden, point.TopK, point.Experts, rank, point.World, point.Local, numSms: 32);
+        EpConfig config = new(point.Tokens, point.Hidden, point.TopK, point.Experts, rank, point.World, point.Local, numSms: manifest.NumSms);
         int n = point.Tokens;
         Random rng = new(unchecked((manifest.Seed * 1_000_003) + (rank * 7919) + (point.Hidden * 31) + point.Tokens)); // the same tokens in every run of a seed
         BFloat16[] tokens = new BFloat16[n * point.Hidden];
