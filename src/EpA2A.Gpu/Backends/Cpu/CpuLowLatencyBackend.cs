@@ -88,6 +88,13 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
 
     public nint DeviceCombineBuffer => 0;
 
+    /// <summary>The receive buffers, for tests that poison them before a step.</summary>
+    internal BFloat16[] ReceivedBf16 => receivedBf16;
+
+    internal byte[]? ReceivedFp8 => receivedFp8;
+
+    internal float[]? ReceivedScales => receivedScales;
+
     private bool Fp8 => format.Format == LowLatencyFormat.Fp8;
 
     /// <summary>Bytes of one row on the wire: bf16, or e4m3 codes plus their scales.</summary>
@@ -431,7 +438,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     private ReadOnlySpan<BFloat16> ExpertRows(LowLatencyExpertOutput output) => output switch
     {
         ZeroCopyExpertOutput => combineBuffer,
-        HostExpertOutput host => host.Rows.GetSpan(stackalloc nint[3], (int)host.Rows.FlattenedLength),
+        HostExpertOutput host => MemoryMarshal.CreateReadOnlySpan(ref host.Rows.GetPinnableReference(), (int)host.Rows.FlattenedLength), // dense (the layer made sure)
         _ => throw new NotSupportedException("the cpu backend has no device buffers"),
     };
 }
