@@ -79,6 +79,21 @@ public sealed class EpLowLatencyLayer : IDisposable
 
     internal ILowLatencyBackend Backend => backend;
 
+    /// <summary>
+    /// Checks, without creating anything, that a low-latency layer can serve <paramref name="config"/> (and
+    /// <paramref name="format"/>, when given): bf16 tokens, one node, the fixed layout, FP8 only with Hidden a multiple of 128.
+    /// </summary>
+    /// <exception cref="ArgumentException">A rule is broken; the message names it.</exception>
+    public static void ThrowIfUnsupported(EpConfig config, LowLatencyDispatchOptions? format = null, EpLowLatencyOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        LowLatencyValidator.Create(config, options ?? EpLowLatencyOptions.Default);
+        if (format is not null)
+        {
+            LowLatencyValidator.Format(config, format);
+        }
+    }
+
     /// <summary>A low-latency layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
     /// <exception cref="ArgumentException">The config is not bf16 or not intra-node, or an option is out of range.</exception>
     public static EpLowLatencyLayer CreateCpu(EpConfig config, IRankTransport transport, EpLowLatencyOptions? options = null)
