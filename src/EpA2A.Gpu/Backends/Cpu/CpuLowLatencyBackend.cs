@@ -199,11 +199,11 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
             }
 
             int theirFormat = r.ReadInt();
-            int[] theirs = [r.ReadInt(), r.ReadInt(), r.ReadInt(), r.ReadInt()];
-            int[] mine = [config.MaxTokens, config.Hidden, config.NumExperts, config.WorldSize];
-            if (!theirs.AsSpan().SequenceEqual(mine))
+            (int MaxTokens, int Hidden, int NumExperts, int WorldSize) theirs = (r.ReadInt(), r.ReadInt(), r.ReadInt(), r.ReadInt());
+            (int, int, int, int) mine = (config.MaxTokens, config.Hidden, config.NumExperts, config.WorldSize);
+            if (theirs != mine)
             {
-                (mismatches ??= []).Add($"rank {s} has MaxTokens, Hidden, NumExperts, WorldSize = {string.Join(", ", theirs)}, rank {config.Rank} has {string.Join(", ", mine)}");
+                (mismatches ??= []).Add($"rank {s} has (MaxTokens, Hidden, NumExperts, WorldSize) = {theirs}, rank {config.Rank} has {mine}");
                 continue;
             }
 
