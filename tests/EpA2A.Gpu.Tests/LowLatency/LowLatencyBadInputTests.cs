@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using EpA2A.Config;
+using EpA2A.Errors;
 using EpA2A.LowLatency;
 using EpA2A.Numerics;
 using EpA2A.Reference;
@@ -149,6 +150,25 @@ public sealed class LowLatencyBadInputTests
         {
             Assert.Contains("normal EpAll2AllLayer", e.Message, StringComparison.Ordinal);
         }
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Ranks_that_disagree_on_the_format_or_the_config_fail_together_naming_the_difference(bool format)
+    {
+        CancellationToken ct = TestContext.Current.CancellationToken;
+        EpConfig config = new(4, 128, 2, 4, 0, 2, 2);
+        InProcessFabric fabric = new(2);
+        using EpLowLatencyLayer rank0 = EpLowLatencyLayer.CreateCpu(config, fabric.TransportFor(0), Options());
+        using EpLowLatencyLayer rank1 = EpLowLatencyLayer.CreateCpu(format ? config.ForRank(1) : new EpConfig(4, 256, 2, 4, 1, 2, 2), fabric.TransportFor(1), Options());
+        int[] ids = [0, 3];
+        Task<LowLatencyDispatchResult> a = Task.Run(() => rank0.DispatchAsync(Tensor.Create(new BFloat16[128], [1, 128]), Tensor.Create(ids, [1, 2]), cancellationToken: ct).AsTask(), ct);
+        Task<LowLatencyDispatchResult> b = Task.Run(() => rank1.DispatchAsync(Tensor.Create(new BFloat16[format ? 128 : 256], [1, format ? 128 : 256]), Tensor.Create(ids, [1, 2]), null, format ? LowLatencyDispatchOptions.Fp8 : null, ct).AsTask(), ct);
+        EpConfigMismatchException ea = await Assert.ThrowsAsync<EpConfigMismatchException>(() => a);
+        EpConfigMismatchException eb = await Assert.ThrowsAsync<EpConfigMismatchException>(() => b);
+        Assert.Contains(format ? "rank 1 dispatched Fp8, rank 0 Bf16" : "rank 1 has (MaxTokens, Hidden, NumExperts, WorldSize) = (4, 256, 4, 2)", ea.Message, StringComparison.Ordinal);
+        Assert.Contains("rank 0", eb.Message, StringComparison.Ordinal);
     }
 
     internal static EpLowLatencyOptions Options() => new() { StepTimeout = TimeSpan.FromSeconds(20) };
