@@ -1,4 +1,5 @@
 using EpA2A.Config;
+using EpA2A.LowLatency;
 
 namespace EpA2A.Grains;
 
@@ -58,6 +59,21 @@ public sealed record LayerSpec
     [Id(11)]
     public TimeSpan StepTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>Which layer the ranks run: the normal one (default) or the low-latency (decode) one.</summary>
+    [Id(12)]
+    public LayerMode Mode { get; init; } = LayerMode.Normal;
+
+    /// <summary>Low-latency mode: the dispatch format (bf16, or FP8 with Hidden a multiple of 128, optionally power-of-two scales).</summary>
+    [Id(13)]
+    public LowLatencyFormat LowLatencyFormat { get; init; } = LowLatencyFormat.Bf16;
+
+    /// <summary>Low-latency FP8: power-of-two (UE8M0) scales.</summary>
+    [Id(14)]
+    public bool PowerOfTwoScales { get; init; }
+
+    /// <summary>The low-latency dispatch options these fields describe.</summary>
+    public LowLatencyDispatchOptions LowLatencyDispatch => new(LowLatencyFormat, PowerOfTwoScales && LowLatencyFormat == LowLatencyFormat.Fp8);
+
     /// <summary>The configuration of <paramref name="rank"/>; throws <see cref="ArgumentException"/> naming a bad field.</summary>
     public EpConfig ToConfig(int rank) => new(
         MaxTokens,
@@ -76,7 +92,17 @@ public sealed record LayerSpec
     /// <summary>Validates every field (as rank 0) and the deadline.</summary>
     public LayerSpec Validated()
     {
-        _ = ToConfig(0);
+        EpConfig config = ToConfig(0);
+        if (!Enum.IsDefined(Mode))
+        {
+            throw new ArgumentException($"LayerSpec.Mode = {Mode} is not Normal or LowLatency", nameof(Mode));
+        }
+
+        if (Mode == LayerMode.LowLatency)
+        {
+            EpLowLatencyLayer.ThrowIfUnsupported(config, LowLatencyDispatch);
+        }
+
         if (StepTimeout <= TimeSpan.Zero || StepTimeout > TimeSpan.FromHours(1))
         {
             throw new ArgumentException($"LayerSpec.StepTimeout = {StepTimeout} must be in (0, 1 h]", nameof(StepTimeout));
@@ -84,4 +110,14 @@ public sealed record LayerSpec
 
         return this;
     }
+}
+
+/// <summary>Which layer a <see cref="LayerSpec"/> asks the ranks to run.</summary>
+public enum LayerMode
+{
+    /// <summary><see cref="Layer.EpAll2AllLayer"/>: any token type, inter-node, growable buffers.</summary>
+    Normal = 0,
+
+    /// <summary><see cref="EpLowLatencyLayer"/>: decode-sized steps, fixed capacity, expert-major layout, bf16 or FP8 dispatch.</summary>
+    LowLatency = 1,
 }

@@ -3,6 +3,8 @@ using System.Numerics.Tensors;
 using EpA2A.Config;
 using EpA2A.Experts;
 using EpA2A.Layer;
+using EpA2A.LowLatency;
+using EpA2A.Numerics;
 
 namespace EpA2A.Cluster.Tests;
 
@@ -42,5 +44,16 @@ public sealed class StallingExpertCompute : IExpertCompute
         }
 
         return output;
+    }
+
+    /// <summary>Low-latency layers: the built-in experts, rank 1 stalling on "stall-*" layers.</summary>
+    public async ValueTask<Tensor<BFloat16>> ComputeLowLatencyAsync(string layer, EpConfig config, LowLatencyDispatchResult dispatched, CancellationToken cancellationToken)
+    {
+        if (layer.StartsWith("stall-", StringComparison.Ordinal) && config.Rank == 1)
+        {
+            await Task.Delay(Stall, cancellationToken);
+        }
+
+        return await inner.ComputeLowLatencyAsync(layer, config, dispatched, cancellationToken);
     }
 }

@@ -1,6 +1,8 @@
 using System.Numerics.Tensors;
 using EpA2A.Config;
 using EpA2A.Layer;
+using EpA2A.LowLatency;
+using EpA2A.Numerics;
 
 namespace EpA2A.Experts;
 
@@ -20,5 +22,12 @@ public sealed class DelayedExpertCompute(IExpertCompute inner, TimeSpan delay) :
     {
         await Task.Delay(Delay, cancellationToken).ConfigureAwait(false);
         return await inner.ComputeAsync(layer, config, dispatched, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <inheritdoc />
+    public async ValueTask<Tensor<BFloat16>> ComputeLowLatencyAsync(string layer, EpConfig config, LowLatencyDispatchResult dispatched, CancellationToken cancellationToken)
+    {
+        await Task.Delay(Delay, cancellationToken).ConfigureAwait(false);
+        return await inner.ComputeLowLatencyAsync(layer, config, dispatched, cancellationToken).ConfigureAwait(false);
     }
 }

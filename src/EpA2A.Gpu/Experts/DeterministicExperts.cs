@@ -1,4 +1,7 @@
 using System.Numerics.Tensors;
+using System.Runtime.InteropServices;
+using EpA2A.Config;
+using EpA2A.LowLatency;
 using EpA2A.Numerics;
 
 namespace EpA2A.Experts;
@@ -43,4 +46,54 @@ public static class DeterministicExperts
 
         return output;
     }
+
+    /// <summary>
+    /// Applies each local expert to its rows of a low-latency dispatch (bf16, or FP8 dequantized as code * scale), in the
+    /// receive layout [ExpertsPerRank, WorldSize*MaxTokens, Hidden]; rows past RowsPerExpert[j] are left zero.
+    /// </summary>
+    public static BFloat16[] ApplyToLowLatencyBlocks(EpConfig config, LowLatencyDispatchResult dispatched)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(dispatched);
+        int[] rows = new int[config.ExpertsPerRank];
+        dispatched.RowsPerExpert.FlattenTo(rows);
+        return ApplyToLowLatencyBlocks(
+            config,
+            rows,
+            dispatched.Tokens is { } t ? Dense(t) : default,
+            dispatched.Fp8Tokens is { } f ? Dense(f) : default,
+            dispatched.Scales is { } s ? Dense(s) : default);
+    }
+
+    /// <summary>
+    /// The same on flat arrays of the receive layout of rank <see cref="EpConfig.Rank"/>: bf16 rows, or (when
+    /// <paramref name="bf16"/> is empty) e4m3 codes with their per-128-channel scales.
+    /// </summary>
+    public static BFloat16[] ApplyToLowLatencyBlocks(EpConfig config, ReadOnlySpan<int> rowsPerExpert, ReadOnlySpan<BFloat16> bf16, ReadOnlySpan<byte> codes, ReadOnlySpan<float> scales)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        int h = config.Hidden;
+        int block = config.WorldSize * config.MaxTokens;
+        int groups = h / Fp8E4M3.GroupSize;
+        bool fp8 = bf16.IsEmpty;
+        BFloat16[] output = new BFloat16[config.ExpertsPerRank * block * h];
+        for (int j = 0; j < rowsPerExpert.Length; j++)
+        {
+            int expert = (config.Rank * config.ExpertsPerRank) + j;
+            for (int row = j * block; row < (j * block) + rowsPerExpert[j]; row++)
+            {
+                for (int x = 0; x < h; x++)
+                {
+                    int i = (row * h) + x;
+                    float v = fp8 ? Fp8E4M3.ToSingle(codes[i]) * scales[(row * groups) + (x / Fp8E4M3.GroupSize)] : bf16[i].ToSingle();
+                    output[i] = BFloat16.FromSingle(Apply(expert, v));
+                }
+            }
+        }
+
+        return output;
+    }
+
+    private static ReadOnlySpan<T> Dense<T>(Tensor<T> tensor) =>
+        MemoryMarshal.CreateReadOnlySpan(ref tensor.GetPinnableReference(), (int)tensor.FlattenedLength);
 }

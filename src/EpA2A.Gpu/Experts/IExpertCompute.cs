@@ -1,6 +1,7 @@
 using System.Numerics.Tensors;
 using EpA2A.Config;
 using EpA2A.Layer;
+using EpA2A.LowLatency;
 using EpA2A.Numerics;
 
 namespace EpA2A.Experts;
@@ -14,6 +15,13 @@ public interface IExpertCompute
     /// <summary>Computes the expert outputs, [layout.RecvRows, Hidden].</summary>
     ValueTask<Tensor<T>> ComputeAsync<T>(string layer, EpConfig config, DispatchResult<T> dispatched, CancellationToken cancellationToken)
         where T : unmanaged;
+
+    /// <summary>
+    /// Low-latency layers: from the expert-major rows [ExpertsPerRank, WorldSize*MaxTokens, Hidden] (bf16, or FP8 with
+    /// scales; rows below RowsPerExpert[j] of block j) to bf16 outputs in the same layout (only those rows are read).
+    /// </summary>
+    ValueTask<Tensor<BFloat16>> ComputeLowLatencyAsync(string layer, EpConfig config, LowLatencyDispatchResult dispatched, CancellationToken cancellationToken) =>
+        throw new NotSupportedException($"{GetType().Name} has no low-latency expert path");
 }
 
 /// <summary>The built-in <see cref="IExpertCompute"/>: <see cref="DeterministicExperts"/>, each expert a different affine map.</summary>
@@ -29,5 +37,14 @@ public sealed class DeterministicExpertCompute : IExpertCompute
         EpAllToAllLayout layout = dispatched.Layout;
         T[] output = DeterministicExperts.ApplyToBlocks<T>(rows, config.Hidden, config.Rank * config.ExpertsPerRank, layout.ExpertRowStarts, layout.RowsPerLocalExpert);
         return ValueTask.FromResult(Tensor.Create(output, [layout.RecvRows, config.Hidden]));
+    }
+
+    /// <inheritdoc />
+    public ValueTask<Tensor<BFloat16>> ComputeLowLatencyAsync(string layer, EpConfig config, LowLatencyDispatchResult dispatched, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(dispatched);
+        BFloat16[] output = DeterministicExperts.ApplyToLowLatencyBlocks(config, dispatched);
+        return ValueTask.FromResult(Tensor.Create(output, [config.ExpertsPerRank, config.WorldSize * config.MaxTokens, config.Hidden]));
     }
 }

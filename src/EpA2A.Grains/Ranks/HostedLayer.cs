@@ -5,6 +5,7 @@ using EpA2A.Config;
 using EpA2A.Errors;
 using EpA2A.Experts;
 using EpA2A.Layer;
+using EpA2A.LowLatency;
 using EpA2A.Numerics;
 using EpA2A.Telemetry;
 using EpA2A.Transport;
@@ -12,7 +13,8 @@ using EpA2A.Transport;
 namespace EpA2A.Grains.Ranks;
 
 /// <summary>
-/// One layer hosted by a rank's silo: its <see cref="EpAll2AllLayer"/>, the mailbox its peers deliver into,
+/// One layer hosted by a rank's silo: its <see cref="EpAll2AllLayer"/> (or, for a spec in low-latency mode, its
+/// <see cref="EpLowLatencyLayer"/>), the mailbox its peers deliver into,
 /// the inputs a client staged for a step, and the step's combined output until the client has read it.
 /// </summary>
 internal sealed class HostedLayer : IDisposable
@@ -25,6 +27,17 @@ internal sealed class HostedLayer : IDisposable
     private bool aborted;
 
     public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create)
+        : this(name, spec, epoch, config, create, createLowLatency: null)
+    {
+    }
+
+    public HostedLayer(
+        string name,
+        LayerSpec spec,
+        long epoch,
+        EpConfig config,
+        Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create,
+        Func<EpConfig, EpLowLatencyOptions, RankMailbox, EpLowLatencyLayer>? createLowLatency)
     {
         Name = name;
         Spec = spec;
@@ -32,7 +45,16 @@ internal sealed class HostedLayer : IDisposable
         Config = config;
         Mailbox = new RankMailbox();
         assembler = new MessageAssembler(config, Mailbox);
-        Layer = create(config, new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name }, Mailbox);
+        if (spec.Mode == LayerMode.LowLatency)
+        {
+            Func<EpConfig, EpLowLatencyOptions, RankMailbox, EpLowLatencyLayer> make = createLowLatency
+                ?? throw new NotSupportedException($"layer '{name}': this rank cannot host low-latency layers");
+            LowLatencyLayer = make(config, new EpLowLatencyOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name, NumSms = spec.NumSms }, Mailbox);
+        }
+        else
+        {
+            Layer = create(config, new EpLayerOptions { StepTimeout = spec.StepTimeout, Epoch = epoch, Observer = Phases, LayerName = name }, Mailbox);
+        }
     }
 
     public string Name { get; }
@@ -45,7 +67,11 @@ internal sealed class HostedLayer : IDisposable
 
     public RankMailbox Mailbox { get; }
 
-    public EpAll2AllLayer Layer { get; }
+    /// <summary>The normal layer (null in low-latency mode).</summary>
+    public EpAll2AllLayer? Layer { get; }
+
+    /// <summary>The low-latency layer (null in normal mode).</summary>
+    public EpLowLatencyLayer? LowLatencyLayer { get; }
 
     public PhaseRecorder Phases { get; } = new();
 
@@ -173,7 +199,9 @@ internal sealed class HostedLayer : IDisposable
         try
         {
             input.ThrowIfIncomplete(Config.Rank);
-            (byte[] bytes, int rows) = Config.TokenType switch
+            (byte[] bytes, int rows) = LowLatencyLayer is { } lowLatency
+                ? await RunLowLatencyAsync(lowLatency, input, weighted, compute, cts.Token).ConfigureAwait(false)
+                : Config.TokenType switch
             {
                 TokenType.BFloat16 => await RunAsync<BFloat16>(input, weighted, compute, cts.Token).ConfigureAwait(false),
                 TokenType.Float16 => await RunAsync<Half>(input, weighted, compute, cts.Token).ConfigureAwait(false),
@@ -208,24 +236,58 @@ internal sealed class HostedLayer : IDisposable
         }
     }
 
-    public void Dispose() => Layer.Dispose();
+    public void Dispose()
+    {
+        Layer?.Dispose();
+        LowLatencyLayer?.Dispose();
+    }
 
     private async Task<(byte[] Bytes, int Rows)> RunAsync<T>(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
         where T : unmanaged
     {
         int n = input.Header.Tokens;
         int k = Config.TopK;
-        DispatchResult<T> dispatched = await Layer.DispatchAsync(
+        EpAll2AllLayer layer = Layer!;
+        DispatchResult<T> dispatched = await layer.DispatchAsync(
             Tensor.Create(MemoryMarshal.Cast<byte, T>(input.Tokens).ToArray(), [n, Config.Hidden]),
             Tensor.Create(MemoryMarshal.Cast<byte, int>(input.Ids).ToArray(), [n, k]),
             input.Weights is { } w ? Tensor.Create(MemoryMarshal.Cast<byte, float>(w).ToArray(), [n, k]) : null,
             input.Scatter is { } s ? Tensor.Create(MemoryMarshal.Cast<byte, int>(s).ToArray(), [n, k]) : null,
             token).ConfigureAwait(false);
         Tensor<T> expertOutput = await compute.ComputeAsync(Name, Config, dispatched, token).ConfigureAwait(false);
-        Tensor<T> combined = await Layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
+        Tensor<T> combined = await layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
         byte[] bytes = new byte[n * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(combined, MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
         return (bytes, dispatched.Layout.RecvRows);
+    }
+
+    /// <summary>A low-latency step: dispatch, the experts on the expert-major rows, combine (weighted as the client asked).</summary>
+    private async Task<(byte[] Bytes, int Rows)> RunLowLatencyAsync(EpLowLatencyLayer layer, StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
+    {
+        if (input.Scatter is not null)
+        {
+            throw new ArgumentException("scatter indices are a normal-mode input: a low-latency layer places every row itself", nameof(input));
+        }
+
+        int n = input.Header.Tokens;
+        int k = Config.TopK;
+        LowLatencyDispatchResult dispatched = await layer.DispatchAsync(
+            Tensor.Create(MemoryMarshal.Cast<byte, BFloat16>(input.Tokens).ToArray(), [n, Config.Hidden]),
+            Tensor.Create(MemoryMarshal.Cast<byte, int>(input.Ids).ToArray(), [n, k]),
+            input.Weights is { } w ? Tensor.Create(MemoryMarshal.Cast<byte, float>(w).ToArray(), [n, k]) : null,
+            Spec.LowLatencyDispatch,
+            token).ConfigureAwait(false);
+        int rows = 0;
+        foreach (int r in dispatched.RowsPerExpert)
+        {
+            rows += r;
+        }
+
+        Tensor<BFloat16> expertOutput = await compute.ComputeLowLatencyAsync(Name, Config, dispatched, token).ConfigureAwait(false);
+        Tensor<BFloat16> combined = await layer.CombineAsync(expertOutput, dispatched.Handle, weighted, token).ConfigureAwait(false);
+        byte[] bytes = new byte[n * Config.Hidden * 2];
+        combined.FlattenTo(MemoryMarshal.Cast<byte, BFloat16>(bytes.AsSpan()));
+        return (bytes, rows);
     }
 
     private RankStepReport Failed(string error, int? blamed) =>

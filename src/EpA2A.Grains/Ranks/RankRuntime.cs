@@ -3,6 +3,7 @@ using EpA2A.Backends.Cuda;
 using EpA2A.Experts;
 using EpA2A.Grains.Hosting;
 using EpA2A.Layer;
+using EpA2A.LowLatency;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 
@@ -108,12 +109,23 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
         if (IsCuda)
         {
             NvshmemRuntime runtime = gpu ?? throw new InvalidOperationException($"rank {rank} has not joined NVSHMEM: the coordinator initializes the GPU before creating layers");
-            layer = await Task.Run(() => new HostedLayer(name, spec, epoch, spec.ToConfig(rank), (config, options, _) => EpAll2AllLayer.CreateCuda(config, runtime, options))).ConfigureAwait(false);
+            layer = await Task.Run(() => new HostedLayer(
+                name,
+                spec,
+                epoch,
+                spec.ToConfig(rank),
+                (config, options, _) => EpAll2AllLayer.CreateCuda(config, runtime, options),
+                (config, options, _) => EpLowLatencyLayer.CreateCuda(config, runtime, options))).ConfigureAwait(false);
         }
         else
         {
-            layer = new HostedLayer(name, spec, epoch, spec.ToConfig(rank), (config, options, mailbox) =>
-                EpAll2AllLayer.CreateCpu(config, new GrainRankTransport(grains, Options.Group, name, rank, Options.ChunkBytes, mailbox), options));
+            layer = new HostedLayer(
+                name,
+                spec,
+                epoch,
+                spec.ToConfig(rank),
+                (config, options, mailbox) => EpAll2AllLayer.CreateCpu(config, new GrainRankTransport(grains, Options.Group, name, rank, Options.ChunkBytes, mailbox), options),
+                (config, options, mailbox) => EpLowLatencyLayer.CreateCpu(config, new GrainRankTransport(grains, Options.Group, name, rank, Options.ChunkBytes, mailbox), options));
         }
 
         if (layers.TryGetValue(name, out HostedLayer? old))

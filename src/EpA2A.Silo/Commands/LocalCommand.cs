@@ -4,6 +4,7 @@ using System.Net;
 
 using EpA2A.Config;
 using EpA2A.Grains;
+using EpA2A.LowLatency;
 using EpA2A.Numerics;
 using EpA2A.Silo.Hosting;
 using EpA2A.Silo.Telemetry;
@@ -38,11 +39,14 @@ internal static class LocalCommand
         Option<int> seed = new("--seed") { Description = "Seed of the random routing", DefaultValueFactory = _ => 1 };
         Option<int> portBase = new("--port-base") { Description = "First silo port; gateways start 100 above", DefaultValueFactory = _ => 11111 };
         Option<double> timeout = new("--timeout-seconds") { Description = "Step deadline", DefaultValueFactory = _ => 30 };
+        Option<string> mode = new("--mode") { Description = "normal, or low-latency (the decode layer: bf16, one node)", DefaultValueFactory = _ => "normal" };
+        Option<bool> fp8 = new("--fp8") { Description = "Low-latency mode: FP8 e4m3 dispatch (--hidden a multiple of 128)" };
+        Option<bool> pow2 = new("--pow2-scales") { Description = "Low-latency FP8: power-of-two (UE8M0) scales" };
 
         TelemetryCommandOptions telemetry = new();
         Command command = new("local", "Start a local cluster of silos (CPU backend) and run checked steps through the grains.")
         {
-            ranks, local, steps, maxTokens, hidden, topK, experts, tokenType, drop, skewed, weighted, localCombine, seed, portBase, timeout,
+            ranks, local, steps, maxTokens, hidden, topK, experts, tokenType, drop, skewed, weighted, localCombine, seed, portBase, timeout, mode, fp8, pow2,
         };
         telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
@@ -58,6 +62,9 @@ internal static class LocalCommand
                 TokenType = ParseTokenType(p.GetValue(tokenType)!),
                 EnableLocalCombine = p.GetValue(localCombine),
                 StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
+                Mode = ParseMode(p.GetValue(mode)!),
+                LowLatencyFormat = p.GetValue(fp8) ? LowLatencyFormat.Fp8 : LowLatencyFormat.Bf16,
+                PowerOfTwoScales = p.GetValue(pow2),
             }.Validated();
             LocalRun run = new(spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase))
             {
@@ -67,6 +74,13 @@ internal static class LocalCommand
         });
         return command;
     }
+
+    internal static LayerMode ParseMode(string text) => text.ToUpperInvariant() switch
+    {
+        "NORMAL" => LayerMode.Normal,
+        "LOW-LATENCY" or "LOWLATENCY" or "LL" => LayerMode.LowLatency,
+        _ => throw new ArgumentException($"--mode '{text}' is not normal or low-latency"),
+    };
 
     internal static TokenType ParseTokenType(string text) => text.ToUpperInvariant() switch
     {
@@ -122,7 +136,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
                 });
             await clientHost.StartAsync(cancellationToken);
             IClusterClient client = clientHost.Services.GetRequiredService<IClusterClient>();
-            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a local: {Spec.WorldSize} silos (CPU backend), {Spec.WorldSize / (Spec.LocalWorldSize ?? Spec.WorldSize)} node(s), hidden {Spec.Hidden}, top-{Spec.TopK} of {Spec.NumExperts} experts, {Spec.TokenType}, seed {Seed}"));
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a local: {Spec.WorldSize} silos (CPU backend), {Spec.WorldSize / (Spec.LocalWorldSize ?? Spec.WorldSize)} node(s), hidden {Spec.Hidden}, top-{Spec.TopK} of {Spec.NumExperts} experts, {Spec.TokenType}{(Spec.Mode == LayerMode.LowLatency ? $", low-latency {Spec.LowLatencyDispatch.Format}{(Spec.LowLatencyDispatch.PowerOfTwoScales ? " (pow2 scales)" : "")}" : "")}, seed {Seed}"));
             int failures = Spec.TokenType switch
             {
                 TokenType.BFloat16 => await RunStepsAsync<BFloat16>(client, output, cancellationToken),

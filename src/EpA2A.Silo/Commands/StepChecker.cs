@@ -1,6 +1,7 @@
 using EpA2A.Config;
 using EpA2A.Experts;
 using EpA2A.Grains;
+using EpA2A.LowLatency;
 using EpA2A.Numerics;
 using EpA2A.Reference;
 
@@ -22,10 +23,9 @@ internal static class StepChecker
             [.. inputs.Select(i => new RankStepInput<T>(i.Tokens, i.Count, i.ExpertIds, i.Weights))], weighted, cancellationToken);
         TimeSpan roundTrip = System.Diagnostics.Stopwatch.GetElapsedTime(start);
 
-        ReferenceStep<T> dispatched = ReferenceAllToAll.Dispatch(config, inputs);
-        T[][] expertOutputs = [.. dispatched.PerRank.Select((d, r) =>
-            DeterministicExperts.ApplyToBlocks<T>(d.Output, spec.Hidden, r * config.ExpertsPerRank, d.ExpertRowStarts, d.RowsPerLocalExpert))];
-        T[][] expected = ReferenceAllToAll.Combine(config, inputs, dispatched, expertOutputs, weighted);
+        T[][] expected = spec.Mode == LayerMode.LowLatency
+            ? (T[][])(object)ExpectedLowLatency(spec, (RankInput<BFloat16>[])(object)inputs, weighted) // a low-latency spec is bf16 (validated)
+            : Expected(config, inputs, weighted);
         double worst = 0;
         float relative = spec.TokenType switch { TokenType.BFloat16 => 1f / 128f, TokenType.Float16 => 1f / 1024f, _ => 1e-6f };
         for (int r = 0; r < spec.WorldSize; r++)
@@ -45,5 +45,25 @@ internal static class StepChecker
         }
 
         return (outcome.Report, worst, roundTrip);
+    }
+
+    private static T[][] Expected<T>(EpConfig config, RankInput<T>[] inputs, bool weighted)
+        where T : unmanaged
+    {
+        ReferenceStep<T> dispatched = ReferenceAllToAll.Dispatch(config, inputs);
+        T[][] expertOutputs = [.. dispatched.PerRank.Select((d, r) =>
+            DeterministicExperts.ApplyToBlocks<T>(d.Output, config.Hidden, r * config.ExpertsPerRank, d.ExpertRowStarts, d.RowsPerLocalExpert))];
+        return ReferenceAllToAll.Combine(config, inputs, dispatched, expertOutputs, weighted);
+    }
+
+    /// <summary>The low-latency reference: its own placement and FP8 quantizer, the built-in experts on the expert-major rows.</summary>
+    private static BFloat16[][] ExpectedLowLatency(LayerSpec spec, RankInput<BFloat16>[] inputs, bool weighted)
+    {
+        EpConfig config = spec.ToConfig(0);
+        LowLatencyDispatchOptions format = spec.LowLatencyDispatch;
+        ReferenceLowLatencyStep dispatched = ReferenceLowLatency.Dispatch(config, inputs, format.Format == LowLatencyFormat.Fp8, format.PowerOfTwoScales);
+        BFloat16[][] expertOutputs = [.. dispatched.PerRank.Select((d, r) =>
+            DeterministicExperts.ApplyToLowLatencyBlocks(spec.ToConfig(r), d.RowsPerExpert, d.Tokens ?? [], d.Fp8Tokens ?? [], d.Scales ?? []))];
+        return ReferenceLowLatency.Combine(config, inputs, dispatched, expertOutputs, weighted);
     }
 }
