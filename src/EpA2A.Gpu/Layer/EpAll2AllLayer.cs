@@ -113,7 +113,7 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = new(this);
+        PhaseClock clock = NewClock();
         int n = (int)input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
         using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
@@ -192,7 +192,7 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = new(this);
+        PhaseClock clock = NewClock();
         using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
@@ -242,7 +242,7 @@ public sealed class EpAll2AllLayer : IDisposable
     public async ValueTask BarrierAllAsync(bool intraNodeOnly = false, CancellationToken cancellationToken = default)
     {
         using Guard guard = Enter();
-        PhaseClock clock = new(this);
+        PhaseClock clock = NewClock();
         using OperationScope scope = NewOperation(cancellationToken);
         using OperationTrace trace = telemetry.Begin(LayerOperation.Barrier, scope.Operation.Sequence, 0);
         try
@@ -286,7 +286,7 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = new(this);
+        PhaseClock clock = NewClock();
         int n = input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
         using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
@@ -352,7 +352,7 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = new(this);
+        PhaseClock clock = NewClock();
         using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
@@ -579,50 +579,13 @@ public sealed class EpAll2AllLayer : IDisposable
     private OperationScope NewOperation(CancellationToken cancellationToken)
     {
         long seq = ++sequence;
-        return new OperationScope(Config, options, seq, cancellationToken);
+        return new OperationScope(Config, options.Epoch, options.StepTimeout, seq, cancellationToken);
     }
+
+    private PhaseClock NewClock() => new(Config.Rank, options.Observer, telemetry);
 
     private readonly struct Guard(EpAll2AllLayer layer) : IDisposable
     {
         public void Dispose() => Volatile.Write(ref layer.busy, 0);
-    }
-
-    private sealed class OperationScope : IDisposable
-    {
-        private readonly CancellationTokenSource deadline;
-        private readonly CancellationTokenSource linked;
-
-        public OperationScope(EpConfig config, EpLayerOptions options, long sequence, CancellationToken caller)
-        {
-            deadline = new CancellationTokenSource(options.StepTimeout);
-            linked = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token, caller);
-            Operation = new OperationContext(config, options.Epoch, sequence, options.StepTimeout, deadline.Token, linked.Token);
-        }
-
-        public OperationContext Operation { get; }
-
-        public void Dispose()
-        {
-            linked.Dispose();
-            deadline.Dispose();
-        }
-    }
-
-    private struct PhaseClock(EpAll2AllLayer layer)
-    {
-        private long start = Stopwatch.GetTimestamp();
-
-        /// <summary>
-        /// Ends a phase. <paramref name="gpuElapsed"/> is the seam for the CUDA backend: the GPU time of the
-        /// phase's kernels from CUDA events, recorded as epa2a.phase.gpu.duration and on the phase's span.
-        /// </summary>
-        public void Lap(Phase phase, long tokens, long bytes, TimeSpan? gpuElapsed = null)
-        {
-            long now = Stopwatch.GetTimestamp();
-            TimeSpan elapsed = Stopwatch.GetElapsedTime(start, now);
-            layer.options.Observer?.OnPhase(layer.Config.Rank, phase, elapsed, tokens, bytes);
-            layer.telemetry.PhaseEnded(phase, elapsed, tokens, bytes, gpuElapsed);
-            start = now;
-        }
     }
 }

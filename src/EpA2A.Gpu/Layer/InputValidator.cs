@@ -25,28 +25,14 @@ internal static class InputValidator
         Shape(expertIds, nameof(expertIds), n, c.TopK, "[n, TopK]");
         int[] ids = new int[(int)expertIds.FlattenedLength];
         expertIds.FlattenTo(ids);
-        for (int i = 0; i < ids.Length; i++)
-        {
-            if ((uint)ids[i] > (uint)c.NumExperts)
-            {
-                throw new ArgumentException(
-                    $"expertIds[{i / c.TopK}, {i % c.TopK}] = {ids[i]} is outside [0, NumExperts = {c.NumExperts}] (NumExperts marks a dropped slot)",
-                    nameof(expertIds));
-            }
-        }
+        ExpertIds(c, ids, nameof(expertIds));
 
         if (weights is not null)
         {
             Shape(weights, nameof(weights), n, c.TopK, "[n, TopK]");
             float[] w = new float[(int)weights.FlattenedLength];
             weights.FlattenTo(w);
-            for (int i = 0; i < w.Length; i++)
-            {
-                if (!float.IsFinite(w[i]))
-                {
-                    throw new ArgumentException($"weights[{i / c.TopK}, {i % c.TopK}] = {w[i]} is not finite", nameof(weights));
-                }
-            }
+            FiniteWeights(c, w, nameof(weights));
         }
 
         if (scatterIndices is not null)
@@ -91,6 +77,32 @@ internal static class InputValidator
         WeightsForWeightedCombine(layout, options);
     }
 
+    /// <summary>Every id of a flat [n, TopK] array is an expert or NumExperts (a dropped slot).</summary>
+    internal static void ExpertIds(EpConfig c, ReadOnlySpan<int> ids, string argument)
+    {
+        for (int i = 0; i < ids.Length; i++)
+        {
+            if ((uint)ids[i] > (uint)c.NumExperts)
+            {
+                throw new ArgumentException(
+                    $"{argument}[{i / c.TopK}, {i % c.TopK}] = {ids[i]} is outside [0, NumExperts = {c.NumExperts}] (NumExperts marks a dropped slot)",
+                    argument);
+            }
+        }
+    }
+
+    /// <summary>Every weight of a flat [n, TopK] array is finite.</summary>
+    internal static void FiniteWeights(EpConfig c, ReadOnlySpan<float> weights, string argument)
+    {
+        for (int i = 0; i < weights.Length; i++)
+        {
+            if (!float.IsFinite(weights[i]))
+            {
+                throw new ArgumentException($"{argument}[{i / c.TopK}, {i % c.TopK}] = {weights[i]} is not finite", argument);
+            }
+        }
+    }
+
     /// <summary>A weighted combine needs the weights its dispatch carried (host and device paths alike).</summary>
     internal static void WeightsForWeightedCombine(EpAllToAllLayout layout, CombineOptions options)
     {
@@ -120,7 +132,7 @@ internal static class InputValidator
         }
     }
 
-    private static void Shape<TElement>(Tensor<TElement> t, string argument, long rows, long columns, string expected)
+    internal static void Shape<TElement>(Tensor<TElement> t, string argument, long rows, long columns, string expected)
     {
         long[] lengths = new long[t.Lengths.Length];
         for (int d = 0; d < lengths.Length; d++)

@@ -29,6 +29,18 @@ public enum Phase
 
     /// <summary>A barrier.</summary>
     Barrier = 8,
+
+    /// <summary>Low-latency dispatch send: tokens quantized (or copied) and issued to every destination with their counts.</summary>
+    LowLatencyDispatchSend = 9,
+
+    /// <summary>Low-latency dispatch receive: every source's rows placed in the expert-major output.</summary>
+    LowLatencyDispatchReceive = 10,
+
+    /// <summary>Low-latency combine send: expert outputs issued back to their sources.</summary>
+    LowLatencyCombineSend = 11,
+
+    /// <summary>Low-latency combine receive: each token's rows weighted, summed in fp32 and rounded once.</summary>
+    LowLatencyCombineReceive = 12,
 }
 
 /// <summary>Receives each phase's duration as it ends (telemetry hooks in here).</summary>

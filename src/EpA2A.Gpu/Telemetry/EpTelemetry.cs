@@ -38,7 +38,7 @@ public static class EpTelemetry
         /// <summary>Metric tag: the backend ("cpu", "cuda").</summary>
         public const string Backend = "backend";
 
-        /// <summary>Metric tag: dispatch, combine or barrier.</summary>
+        /// <summary>Metric tag: dispatch, combine, barrier, ll_dispatch or ll_combine.</summary>
         public const string Operation = "operation";
 
         /// <summary>Metric tag: the global expert id (expert rows).</summary>
@@ -161,6 +161,10 @@ public static class EpTelemetry
         Phase.CombineKernel => "combine_kernel",
         Phase.CombineCrossNodeReduce => "combine_cross_node_reduce",
         Phase.Barrier => "barrier",
+        Phase.LowLatencyDispatchSend => "ll_dispatch_send",
+        Phase.LowLatencyDispatchReceive => "ll_dispatch_receive",
+        Phase.LowLatencyCombineSend => "ll_combine_send",
+        Phase.LowLatencyCombineReceive => "ll_combine_receive",
         _ => phase.ToString(),
     };
 

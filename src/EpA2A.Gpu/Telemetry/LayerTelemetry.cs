@@ -12,6 +12,8 @@ internal enum LayerOperation
     Dispatch = 0,
     Combine = 1,
     Barrier = 2,
+    LowLatencyDispatch = 3,
+    LowLatencyCombine = 4,
 }
 
 /// <summary>
@@ -22,12 +24,12 @@ internal enum LayerOperation
 /// </summary>
 internal sealed class LayerTelemetry
 {
-    private static readonly string[] OperationNames = ["dispatch", "combine", "barrier"];
-    private static readonly string[] OperationSpanNames = ["epa2a.dispatch", "epa2a.combine", "epa2a.barrier"];
+    private static readonly string[] OperationNames = ["dispatch", "combine", "barrier", "ll_dispatch", "ll_combine"];
+    private static readonly string[] OperationSpanNames = ["epa2a.dispatch", "epa2a.combine", "epa2a.barrier", "epa2a.ll_dispatch", "epa2a.ll_combine"];
     private static readonly string[] PhaseNames = ByPhase(EpTelemetry.PhaseName);
     private static readonly string[] PhaseSpanNames = ByPhase(p => "epa2a." + EpTelemetry.PhaseName(p));
 
-    private readonly DispatchCombineContext context;
+    private readonly DispatchCombineContext? context;
     private readonly object rank;
     private readonly string backend;
     private readonly int firstExpert;
@@ -37,7 +39,8 @@ internal sealed class LayerTelemetry
     private long step;
     private Activity? span;
 
-    public LayerTelemetry(EpConfig config, string backend, string? layerName, DispatchCombineContext context)
+    /// <param name="context">The normal layer's growable buffers (reallocations are counted from it); null for a fixed-capacity layer.</param>
+    public LayerTelemetry(EpConfig config, string backend, string? layerName, DispatchCombineContext? context)
     {
         this.context = context;
         this.backend = backend;
@@ -45,7 +48,7 @@ internal sealed class LayerTelemetry
         rank = config.Rank;
         firstExpert = config.Rank * config.ExpertsPerRank;
         Layer = string.IsNullOrEmpty(layerName) ? "layer" : layerName;
-        seenReallocations = context.Reallocations;
+        seenReallocations = context?.Reallocations ?? 0;
     }
 
     public EpConfig Config { get; }
@@ -97,12 +100,19 @@ internal sealed class LayerTelemetry
             EpTelemetry.Bytes.Add(bytes, Tags(EpTelemetry.Tags.Phase, name));
         }
 
-        if (phase is Phase.DispatchKernel or Phase.CombineKernel && EpTelemetry.Tokens.Enabled)
+        if (phase is Phase.DispatchKernel or Phase.CombineKernel or Phase.LowLatencyDispatchSend or Phase.LowLatencyCombineReceive && EpTelemetry.Tokens.Enabled)
         {
-            EpTelemetry.Tokens.Add(tokens, Tags(EpTelemetry.Tags.Operation, OperationNames[phase == Phase.DispatchKernel ? 0 : 1]));
+            LayerOperation counted = phase switch
+            {
+                Phase.DispatchKernel => LayerOperation.Dispatch,
+                Phase.CombineKernel => LayerOperation.Combine,
+                Phase.LowLatencyDispatchSend => LayerOperation.LowLatencyDispatch,
+                _ => LayerOperation.LowLatencyCombine,
+            };
+            EpTelemetry.Tokens.Add(tokens, Tags(EpTelemetry.Tags.Operation, OperationNames[(int)counted]));
         }
 
-        if (phase == Phase.DispatchOutputSizeWait && context.Reallocations != seenReallocations)
+        if (phase == Phase.DispatchOutputSizeWait && context is not null && context.Reallocations != seenReallocations)
         {
             // The backend grows the buffers inside this phase; the context counts it.
             if (EpTelemetry.Reallocations.Enabled)
@@ -110,7 +120,7 @@ internal sealed class LayerTelemetry
                 EpTelemetry.Reallocations.Add(context.Reallocations - seenReallocations, Tags());
             }
 
-            seenReallocations = context.Reallocations;
+            seenReallocations = context?.Reallocations ?? 0;
         }
 
         // A barrier's operation span is its only span.
@@ -139,16 +149,18 @@ internal sealed class LayerTelemetry
     }
 
     /// <summary>Rows received per local expert (the expert load), after a dispatch.</summary>
-    public void Received(EpAllToAllLayout layout)
+    public void Received(EpAllToAllLayout layout) => Received(layout.RecvRows, layout.RowsPerLocalExpert);
+
+    /// <summary>Rows received per local expert (the expert load): <paramref name="recvRows"/> in all, <paramref name="rows"/> per expert.</summary>
+    public void Received(int recvRows, ReadOnlySpan<int> rows)
     {
-        span?.SetTag(EpTelemetry.Tags.SpanRows, layout.RecvRows);
+        span?.SetTag(EpTelemetry.Tags.SpanRows, recvRows);
         if (!EpTelemetry.ExpertRows.Enabled)
         {
             return;
         }
 
         expertTags ??= [.. Enumerable.Range(firstExpert, Config.ExpertsPerRank).Select(e => (object)e.ToString(CultureInfo.InvariantCulture))];
-        ReadOnlySpan<int> rows = layout.RowsPerLocalExpert;
         for (int j = 0; j < rows.Length; j++)
         {
             EpTelemetry.ExpertRows.Add(rows[j], Tags(EpTelemetry.Tags.Expert, expertTags[j]));

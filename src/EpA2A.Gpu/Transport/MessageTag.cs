@@ -30,4 +30,10 @@ public enum ExchangePhase
 
     /// <summary>A barrier's empty messages.</summary>
     Barrier = 6,
+
+    /// <summary>Low-latency dispatch: one message per destination, its counts, entries and rows together.</summary>
+    LowLatencyDispatch = 7,
+
+    /// <summary>Low-latency combine: the expert outputs of one source's entries, in the order it sent them.</summary>
+    LowLatencyCombine = 8,
 }
