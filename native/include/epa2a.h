@@ -245,6 +245,7 @@ EPA2A_API int epa2a_mem_info(size_t* free_bytes, size_t* total_bytes);
 #define EPA2A_PHASE_LL_DISPATCH_SEND 20 /* routing a low-latency dispatch (bad expert id) */
 #define EPA2A_PHASE_LL_DISPATCH_RECV 21 /* waiting for a peer's low-latency dispatch */
 #define EPA2A_PHASE_LL_COMBINE_RECV 22  /* waiting for a peer's low-latency combine */
+#define EPA2A_PHASE_LL_BARRIER 23       /* waiting at the low-latency layer's barrier */
 
 /* The same on every rank except rank. 56 bytes, no implicit padding. */
 typedef struct epa2a_ll_config {
@@ -288,6 +289,8 @@ EPA2A_API int epa2a_ll_layer_status(epa2a_ll_layer* layer, epa2a_status* status)
 EPA2A_API int epa2a_ll_layer_sync(epa2a_ll_layer* layer, void* stream);
 /* Collective: after a failed step, clears signals, epochs, status and abort flag on every rank. */
 EPA2A_API int epa2a_ll_layer_reset(epa2a_ll_layer* layer);
+/* A barrier of all ranks on the device with the layer's deadline (enqueued; capturable); touches no step state. */
+EPA2A_API int epa2a_ll_layer_barrier(epa2a_ll_layer* layer, void* stream);
 /* x [n, hidden] bf16, expert_ids [n, topk] int32, weights [n, topk] fp32 or NULL (then every weight is 1);
  * device pointers, 16-byte aligned, read by this call's kernel only. 0 <= n <= max_tokens; format
  * EPA2A_LL_FORMAT_*. An id outside [0, num_experts] is dropped and recorded as EPA2A_ERR_BAD_EXPERT_ID. */

@@ -426,7 +426,25 @@ __global__ void __launch_bounds__(kLLThreads)
   }
 }
 
+// Every rank stores this barrier's epoch into slot `me` of every rank's barrier signals, then waits for all.
+__global__ void ll_barrier_kernel(LLCtx c) {
+  if (failed(c)) return;
+  const uint64_t epoch = __ldcg(c.dep + 2) + 1;
+  __threadfence_system();
+  for (int r = threadIdx.x; r < c.W; r += blockDim.x)
+    st_release_sys(peer_ptr<uint64_t>(c, kPeerBarSig, r) + c.me, epoch);
+  for (int r = threadIdx.x; r < c.W; r += blockDim.x)
+    wait_signal<LLCtx, kLLMaxSleepNs>(c, c.bar_sig + r, epoch, r, EPA2A_PHASE_LL_BARRIER, r);
+  __syncthreads();
+  if (threadIdx.x == 0) c.dep[2] = epoch;
+}
+
 }  // namespace
+
+cudaError_t ll_launch_barrier(const LLCtx& c, cudaStream_t s) {
+  ll_barrier_kernel<<<1, 32, 0, s>>>(c);
+  return cudaGetLastError();
+}
 
 size_t ll_dispatch_send_smem(int E) {
   return (size_t)(kLLThreads / 32 + 1) * E * sizeof(int);

@@ -14,6 +14,7 @@ namespace epa2a {
 constexpr int kLLThreads = 256;  // threads per block of every low-latency kernel
 constexpr int kLLMaxRanks = 32;
 constexpr int kLLGroup = 128;  // fp8: channels per scale
+constexpr int kLLEpochs = 3;
 
 // Peer pointer tables, [kind][W] in device memory (symmetric objects through nvshmem_ptr).
 enum LLPeer {
@@ -24,6 +25,7 @@ enum LLPeer {
   kPeerComb,
   kPeerDispSig,
   kPeerCombSig,
+  kPeerBarSig,
   kPeerKinds
 };
 
@@ -36,7 +38,7 @@ struct LLCtx {
   int has_weights;
   int meta_stride;  // ints of one source's section of meta: counts[Epr] + entries[Epr][M*K]
   int64_t timeout_ns;
-  uint64_t* dep;   // [2]: dispatch epoch, combine epoch (device memory, bumped by the send kernels)
+  uint64_t* dep;   // [3]: dispatch, combine, barrier epochs (device memory, bumped by the kernels)
   unsigned* done;  // [2]: completion counters of the two send kernels (back to 0 after each launch)
   // symmetric (this rank's copies)
   char* send_x;        // [M, H * 2] bf16 or fp8 bytes
@@ -46,6 +48,7 @@ struct LLCtx {
   char* comb;  // [Epr, W*M, H] bf16
   uint64_t* disp_sig;  // [W]: dispatch signal of source s
   uint64_t* comb_sig;  // [W]: combine signal of destination d
+  uint64_t* bar_sig;   // [W]: barrier signal of rank r
   void* const* peers;  // [kPeerKinds][W]
   // local
   char* out_x;           // [Epr, W*M, H] bf16 or [Epr, W*M, H] fp8
@@ -67,6 +70,7 @@ cudaError_t ll_launch_dispatch_send(const LLCtx& c, int blocks, cudaStream_t s);
 cudaError_t ll_launch_dispatch_recv(const LLCtx& c, int blocks, cudaStream_t s);
 cudaError_t ll_launch_combine_send(const LLCtx& c, const void* expert_output, int blocks, cudaStream_t s);
 cudaError_t ll_launch_combine_recv(const LLCtx& c, void* out, int weighted, int blocks, cudaStream_t s);
+cudaError_t ll_launch_barrier(const LLCtx& c, cudaStream_t s);
 // Raises the dynamic shared-memory limits of the kernels for this layer's sizes (once, at creation).
 cudaError_t ll_prepare_kernels(int W, int E);
 // Dynamic shared memory of the two dispatch kernels.

@@ -73,6 +73,8 @@ const char* ll_phase_name(int phase) {
       return "waiting for a peer's low-latency dispatch";
     case EPA2A_PHASE_LL_COMBINE_RECV:
       return "waiting for a peer's low-latency combine";
+    case EPA2A_PHASE_LL_BARRIER:
+      return "waiting at the low-latency layer's barrier";
     default:
       return nullptr;
   }
@@ -191,7 +193,8 @@ int clear_state(epa2a_ll_layer* l, const char* fn) {
   epa2a::LLCtx& c = l->ctx;
   EPA2A_CUDA(fn, cudaMemset(c.disp_sig, 0, c.W * sizeof(uint64_t)));
   EPA2A_CUDA(fn, cudaMemset(c.comb_sig, 0, c.W * sizeof(uint64_t)));
-  EPA2A_CUDA(fn, cudaMemset(c.dep, 0, 2 * sizeof(uint64_t)));
+  EPA2A_CUDA(fn, cudaMemset(c.bar_sig, 0, c.W * sizeof(uint64_t)));
+  EPA2A_CUDA(fn, cudaMemset(c.dep, 0, epa2a::kLLEpochs * sizeof(uint64_t)));
   EPA2A_CUDA(fn, cudaMemset(c.done, 0, 2 * sizeof(unsigned)));
   EPA2A_CUDA(fn, cudaMemset(c.fatal, 0, 2 * sizeof(int)));
   EPA2A_CUDA(fn, cudaDeviceSynchronize());
@@ -250,6 +253,8 @@ EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_laye
   c.disp_sig = static_cast<uint64_t*>(p);
   TRY(alloc_sym(l, W * sizeof(uint64_t), &p, fn, "combine signals"));
   c.comb_sig = static_cast<uint64_t*>(p);
+  TRY(alloc_sym(l, W * sizeof(uint64_t), &p, fn, "barrier signals"));
+  c.bar_sig = static_cast<uint64_t*>(p);
   TRY(alloc_dev(l, rows * H * 2, &p, fn));
   c.out_x = static_cast<char*>(p);
   TRY(alloc_dev(l, rows * groups * sizeof(float), &p, fn));
@@ -260,7 +265,7 @@ EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_laye
   c.route = static_cast<int*>(p);
   TRY(alloc_dev(l, MK * sizeof(float), &p, fn));
   c.wts = static_cast<float*>(p);
-  TRY(alloc_dev(l, 2 * sizeof(uint64_t), &p, fn));
+  TRY(alloc_dev(l, epa2a::kLLEpochs * sizeof(uint64_t), &p, fn));
   c.dep = static_cast<uint64_t*>(p);
   TRY(alloc_dev(l, 2 * sizeof(unsigned), &p, fn));
   c.done = static_cast<unsigned*>(p);
@@ -282,7 +287,7 @@ EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_laye
   c.abort_flag = static_cast<const int*>(dp);
   // Peer pointers of every symmetric object, [kind][W].
   void* const mine[epa2a::kPeerKinds] = {c.meta, c.send_x,   c.send_scales, c.pos,
-                                         c.comb, c.disp_sig, c.comb_sig};
+                                         c.comb, c.disp_sig, c.comb_sig,    c.bar_sig};
   std::vector<void*> tab(epa2a::kPeerKinds * W, nullptr);
   for (int kind = 0; kind < epa2a::kPeerKinds; ++kind) {
     for (int r = 0; r < c.W; ++r) {
@@ -380,6 +385,15 @@ EPA2A_API int epa2a_ll_layer_reset(epa2a_ll_layer* layer) {
   nvshmem_barrier_all();  // every rank's kernels have ended: no signal is in flight
   if ((rc = clear_state(layer, fn))) return rc;
   nvshmem_barrier_all();
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_ll_layer_barrier(epa2a_ll_layer* layer, void* stream) {
+  const char* fn = "epa2a_ll_layer_barrier";
+  int rc = check(layer, fn);
+  if (rc) return rc;
+  const cudaError_t err = epa2a::ll_launch_barrier(layer->ctx, static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "ll_barrier launch");
   return EPA2A_OK;
 }
 

@@ -533,13 +533,13 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
   for (auto& e : ev) CK(epa2a_event_create(&e));
   std::vector<double> t[4];
   for (int it = 0; it < iters + 20; ++it) {
-    CK(epa2a_barrier_all(stream));
+    CK(epa2a_ll_layer_barrier(g.l, stream));
     CK(epa2a_event_record(ev[0], stream));
     CK(epa2a_graph_launch(gr[0], stream));
     CK(epa2a_event_record(ev[1], stream));
     CK(epa2a_graph_launch(gr[2], stream));
     CK(epa2a_event_record(ev[2], stream));
-    CK(epa2a_barrier_all(stream));
+    CK(epa2a_ll_layer_barrier(g.l, stream));
     CK(epa2a_event_record(ev[3], stream));
     CK(epa2a_graph_launch(gr[1], stream));
     CK(epa2a_event_record(ev[4], stream));
