@@ -41,7 +41,7 @@ __device__ void finish_and_signal(const LLCtx& c, unsigned* counter, uint64_t* e
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();  // this block's stores (local and peer) before its arrival
+    __threadfence_system();  // this block's stores (local and peer, system scope) before its arrival
     last = atomicInc(counter, gridDim.x - 1) == gridDim.x - 1;
   }
   __syncthreads();

@@ -143,9 +143,28 @@ Expected expected_layout(const Shape& s, const std::vector<RankInput>& in, int r
       for (int t = 0; t < in[src].n; ++t)
         for (int k = 0; k < s.K; ++k)
           if (in[src].ids[(size_t)t * s.K + k] == e) x.origins[j].push_back({src, t, k});
+    if ((int)x.origins[j].size() > s.W * s.M) x.origins[j].resize((size_t)s.W * s.M);
     x.rows[j] = (int32_t)x.origins[j].size();
   }
   return x;
+}
+
+std::vector<uint8_t> past_capacity(const Shape& s, const std::vector<RankInput>& in, int src) {
+  std::vector<uint8_t> past((size_t)in[src].n * s.K, 0);
+  std::vector<int> seen(s.E, 0);
+  for (int r = 0; r < s.W; ++r)
+    for (int t = 0; t < in[r].n; ++t)
+      for (int k = 0; k < s.K; ++k) {
+        const int e = in[r].ids[(size_t)t * s.K + k];
+        if (e < 0 || e >= s.E) continue;
+        if (seen[e]++ >= s.W * s.M && r == src) past[(size_t)t * s.K + k] = 1;
+      }
+  return past;
+}
+
+void pile_on_expert0(std::vector<RankInput>& in, int K) {
+  for (RankInput& x : in)
+    for (int i = 0; i < x.n * K; ++i) x.ids[i] = 0;
 }
 
 uint16_t expert_value(uint64_t seed, int e, int s, int t, int k, int h) {
@@ -158,13 +177,14 @@ uint16_t expert_value(uint64_t seed, int e, int s, int t, int k, int h) {
 std::vector<uint16_t> expected_combine(const Shape& s, const std::vector<RankInput>& in, int src,
                                        bool weighted, uint64_t expert_seed) {
   const RankInput& x = in[src];
+  const std::vector<uint8_t> past = past_capacity(s, in, src);
   std::vector<uint16_t> out((size_t)x.n * s.H);
   for (int t = 0; t < x.n; ++t) {
     for (int h = 0; h < s.H; ++h) {
       float acc = 0.f;
       for (int k = 0; k < s.K; ++k) {
         const int e = x.ids[(size_t)t * s.K + k];
-        if (e < 0 || e >= s.E) continue;
+        if (e < 0 || e >= s.E || past[(size_t)t * s.K + k]) continue;
         const float w = weighted ? x.weights[(size_t)t * s.K + k] : 1.f;
         const float prod = w * bf16_to_float(expert_value(expert_seed, e, src, t, k, h));
         acc = acc + prod;

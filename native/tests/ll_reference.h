@@ -41,8 +41,19 @@ struct Expected {
   std::vector<std::vector<Origin>> origins;  // [Epr][row]
 };
 
-// The receive layout of rank r: inside local expert j, rows by (source, token, k).
+// The receive layout of rank r: inside local expert j, rows by (source, token, k); at most W*M rows an expert
+// (the rest are dropped: only a token that lists one expert many times can get there).
 Expected expected_layout(const Shape& s, const std::vector<RankInput>& in, int r);
+
+// [n*K] of rank src: 1 where the entry fell past its expert's W*M rows on the destination (dropped there;
+// only a token that lists one expert many times can get there).
+std::vector<uint8_t> past_capacity(const Shape& s, const std::vector<RankInput>& in, int src);
+
+// Every token of every rank lists expert 0 in each of its K slots: expert 0 overflows its W*M rows.
+void pile_on_expert0(std::vector<RankInput>& in, int K);
+
+// [n*K] of rank src: 1 where the entry fell past its expert's W*M rows on the destination (dropped there).
+std::vector<uint8_t> past_capacity(const Shape& s, const std::vector<RankInput>& in, int src);
 
 // What the test's expert returns for the row of (expert e, source s, token t, k) at channel h (bf16 bits).
 uint16_t expert_value(uint64_t seed, int e, int s, int t, int k, int h);
