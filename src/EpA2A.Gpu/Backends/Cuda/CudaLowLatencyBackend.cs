@@ -123,6 +123,9 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
 
     public nint DeviceCombineBuffer => buffers.CombineInput;
 
+    /// <summary>Where the device combine receive writes [MaxTokens, Hidden] bf16.</summary>
+    public nint CombineOutputPointer => combined.Pointer;
+
     /// <summary>Creates the layer's device state on the worker (collective: every rank calls it together).</summary>
     public static CudaLowLatencyBackend Create(EpConfig config, NvshmemRuntime runtime, EpLowLatencyOptions options)
     {
@@ -356,6 +359,66 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
                 Between(EvDispatched, EvCombineSent),
                 Between(EvCombineSent, EvCombined));
         }).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// Waits for the layer's stream (the device API's results are then on the device), then reports what the device
+    /// recorded: a failed wait (the layer needs RecoverAsync) or a dropped input.
+    /// </summary>
+    public Task SynchronizeAsync()
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        return worker.RunAsync(() =>
+        {
+            int status = epa2a_ll_layer_sync(layer.Pointer, stream.Pointer);
+            if (status == 0)
+            {
+                return true;
+            }
+
+            string message = LastError();
+            if (status is (int)NativeCode.BadExpertId or (int)NativeCode.Capacity && epa2a_ll_layer_status(layer.Pointer, out NativeStatus s) == 0)
+            {
+                if (inputErrorReported)
+                {
+                    return true;
+                }
+
+                inputErrorReported = true;
+                throw InputError(s);
+            }
+
+            if (IsFatal(status))
+            {
+                needsRecovery = true;
+                int peer = epa2a_ll_layer_status(layer.Pointer, out NativeStatus f) == 0 ? f.Peer : -1;
+                throw status == (int)NativeCode.Timeout
+                    ? new EpStepTimeoutException($"rank {config.Rank}: {message}; every rank must call RecoverAsync together before the next step", peer)
+                    : new EpStepAbortedException($"rank {config.Rank}: {message}; every rank must call RecoverAsync together before the next step", peer);
+            }
+
+            throw new NativeCallException("epa2a_ll_layer_sync", (NativeCode)status, message);
+        });
+    }
+
+    /// <summary>Fills the receive buffers, rows per expert and the combine result with 0xFF bytes (NaN, -1) between steps.</summary>
+    public Task PoisonReceiveBuffersAsync()
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        long rows = (long)epr * blockRows;
+        return worker.RunAsync(() =>
+        {
+            Check(epa2a_memset_async(buffers.Tokens, 0xFF, (nuint)(rows * config.Hidden * 2), stream.Pointer), "epa2a_memset_async");
+            if (config.Hidden % LowLatencyDispatchOptions.ScaleGroup == 0)
+            {
+                Check(epa2a_memset_async(buffers.Scales, 0xFF, (nuint)(rows * (config.Hidden / LowLatencyDispatchOptions.ScaleGroup) * 4), stream.Pointer), "epa2a_memset_async");
+            }
+
+            Check(epa2a_memset_async(buffers.RowsPerExpert, 0xFF, (nuint)(epr * 4), stream.Pointer), "epa2a_memset_async");
+            Check(epa2a_memset_async(combined.Pointer, 0xFF, (nuint)((long)config.MaxTokens * config.Hidden * 2), stream.Pointer), "epa2a_memset_async");
+            Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
+            return true;
+        });
     }
 
     public void Release(LowLatencyCapturedStep step)
