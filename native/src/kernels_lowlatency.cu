@@ -5,12 +5,12 @@
 // into every destination's meta section of this rank. The other blocks quantize (or copy) the tokens into
 // this rank's symmetric send rows. The last block to finish sets every rank's dispatch signal [me].
 // dispatch_recv: waits for every source's signal, prefixes the counts per local expert over sources, pulls
-// each row (16-byte loads, kUnroll in flight) from its source's send rows into the compact layout, and stores
-// the row it landed at into the source's pos.
-// combine_send: copies the expert rows into the symmetric combine buffer (nothing for zero-copy), then the
-// last block sets every rank's combine signal [me]. combine_recv: waits for every rank's signal, then each
-// token pulls its K rows at pos, weights them, sums in fp32 in k order and rounds once. Signals are monotonic
-// epochs kept in device memory, bumped by the send kernels, so graph replays stay fresh.
+// each row (16-byte loads, kLLUnroll in flight) from its source's send rows into the compact layout, and
+// stores the row it landed at into the source's pos. combine_send: copies the expert rows into the symmetric
+// combine buffer (nothing for zero-copy), then the last block sets every rank's combine signal [me].
+// combine_recv: waits for every rank's signal, then each token pulls its K rows at pos, weights them, sums in
+// fp32 in k order and rounds once. Signals are monotonic epochs kept in device memory, bumped by the send
+// kernels, so graph replays stay fresh.
 #include <cuda_fp8.h>
 
 #include "ll_internal.h"
@@ -104,21 +104,21 @@ __device__ void route_entries(const LLCtx& c) {
   }
 }
 
-// bf16: the tokens into the send rows, kUnroll 16-byte loads in flight per thread.
+// bf16: the tokens into the send rows, kLLUnroll 16-byte loads in flight per thread.
 __device__ void copy_tokens(const LLCtx& c, int qb, int nqb) {
   const size_t units = (size_t)c.n * c.H / 8;
   const int4* src = reinterpret_cast<const int4*>(c.x);
   int4* dst = reinterpret_cast<int4*>(c.send_x);
   const size_t nt = (size_t)nqb * blockDim.x;
-  for (size_t b = (size_t)qb * blockDim.x + threadIdx.x; b < units; b += nt * kUnroll) {
-    int4 r[kUnroll];
+  for (size_t b = (size_t)qb * blockDim.x + threadIdx.x; b < units; b += nt * kLLUnroll) {
+    int4 r[kLLUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLLUnroll; ++u) {
       const size_t q = b + u * nt;
       if (q < units) r[u] = __ldg(src + q);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLLUnroll; ++u) {
       const size_t q = b + u * nt;
       if (q < units) dst[q] = r[u];
     }
@@ -129,7 +129,7 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned short b) {
   return __uint_as_float((unsigned)b << 16);
 }
 
-// fp8: a half-warp per 128-channel group (8 channels a lane), kUnroll groups per half-warp in flight.
+// fp8: a half-warp per 128-channel group (8 channels a lane), kLLUnroll groups per half-warp in flight.
 __device__ void quantize_tokens(const LLCtx& c, int qb, int nqb) {
   const int G = c.H / kLLGroup;
   const int pairs = (G + 1) / 2;
@@ -138,10 +138,10 @@ __device__ void quantize_tokens(const LLCtx& c, int qb, int nqb) {
   const int wpb = blockDim.x >> 5;
   const int gw = qb * wpb + (threadIdx.x >> 5), nw = nqb * wpb;
   const bool pow2 = c.format == EPA2A_LL_FORMAT_FP8_POW2;
-  for (int b = gw * kUnroll; b < items; b += nw * kUnroll) {
-    int4 v[kUnroll];
+  for (int b = gw * kLLUnroll; b < items; b += nw * kLLUnroll) {
+    int4 v[kLLUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLLUnroll; ++u) {
       const int it = b + u, t = it / pairs, g = (it - t * pairs) * 2 + half;
       v[u] = make_int4(0, 0, 0, 0);
       if (it < items && g < G)
@@ -149,7 +149,7 @@ __device__ void quantize_tokens(const LLCtx& c, int qb, int nqb) {
             __ldg(reinterpret_cast<const int4*>(c.x + ((size_t)t * c.H + (size_t)g * kLLGroup + hl * 8) * 2));
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLLUnroll; ++u) {
       const int it = b + u, t = it / pairs, g = (it - t * pairs) * 2 + half;
       const unsigned short* h = reinterpret_cast<const unsigned short*>(&v[u]);
       float f[8];
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
   __syncthreads();
   if (blockIdx.x == 0)
     for (int j = tid; j < Epr; j += blockDim.x) c.rows[j] = erow[j + 1] - erow[j];
-  const int rb = row_bytes(c), units = rb / 16, seg_units = 32 * kUnroll;
+  const int rb = row_bytes(c), units = rb / 16, seg_units = 32 * kLLUnroll;
   const int segs = (units + seg_units - 1) / seg_units;
   const int items = erow[Epr] * segs;
   const bool fp8 = c.format != EPA2A_LL_FORMAT_BF16;
@@ -276,14 +276,14 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
     const int4* src = reinterpret_cast<const int4*>(s_x[s] + (size_t)t * rb);
     int4* dst = reinterpret_cast<int4*>(c.out_x + orow * rb);
     const int u0 = sg * seg_units;
-    int4 v[kUnroll];
+    int4 v[kLLUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLLUnroll; ++u) {
       const int q = u0 + u * 32 + lane;
       if (q < units) v[u] = __ldcg(src + q);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kLLUnroll; ++u) {
       const int q = u0 + u * 32 + lane;
       if (q < units) dst[q] = v[u];
     }
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLCtx c, co
       erow[Epr] = acc;
     }
     __syncthreads();
-    const int units = c.H / 8, seg_units = 32 * kUnroll, segs = (units + seg_units - 1) / seg_units;
+    const int units = c.H / 8, seg_units = 32 * kLLUnroll, segs = (units + seg_units - 1) / seg_units;
     const int items = erow[Epr] * segs;
     int4* dst = reinterpret_cast<int4*>(c.comb);
     for (int it = blockIdx.x * wpb + (threadIdx.x >> 5); it < items; it += gridDim.x * wpb) {
@@ -337,14 +337,14 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLCtx c, co
       const size_t row = (size_t)j * WM + (g - erow[j]);
       const int4* s = src + row * units;
       int4* d = dst + row * units;
-      int4 v[kUnroll];
+      int4 v[kLLUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kLLUnroll; ++u) {
         const int q = sg * seg_units + u * 32 + lane;
         if (q < units) v[u] = __ldg(s + q);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kLLUnroll; ++u) {
         const int q = sg * seg_units + u * 32 + lane;
         if (q < units) d[q] = v[u];
       }
@@ -391,11 +391,11 @@ __global__ void __launch_bounds__(kLLThreads)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
     for (unsigned m = use; m;) {
-      int4 raw[kUnroll];
-      float sc[kUnroll];
-      bool have[kUnroll];
+      int4 raw[kLLUnroll];
+      float sc[kLLUnroll];
+      bool have[kLLUnroll];
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
+      for (int q = 0; q < kLLUnroll; ++q) {
         sc[q] = 0.f;
         raw[q] = make_int4(0, 0, 0, 0);
         have[q] = m != 0;
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kLLThreads)
       }
       // In k order, one product and one sum each (no fused multiply-add), as the reference does.
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
+      for (int q = 0; q < kLLUnroll; ++q) {
         if (!have[q]) continue;
         const unsigned short* h = reinterpret_cast<const unsigned short*>(&raw[q]);
 #pragma unroll

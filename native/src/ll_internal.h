@@ -15,6 +15,9 @@ constexpr int kLLThreads = 256;  // threads per block of every low-latency kerne
 constexpr int kLLMaxRanks = 32;
 constexpr int kLLGroup = 128;  // fp8: channels per scale
 constexpr int kLLEpochs = 3;
+// 16-byte vectors (or rows, in combine) a lane loads before it stores or sums: 8 keeps a 7 KB FP8 row in two
+// warp loads and all top-8 rows of a token in flight at once.
+constexpr int kLLUnroll = 8;
 
 // Peer pointer tables, [kind][W] in device memory (symmetric objects through nvshmem_ptr).
 enum LLPeer {
