@@ -289,6 +289,8 @@ EPA2A_API int epa2a_ll_layer_status(epa2a_ll_layer* layer, epa2a_status* status)
 EPA2A_API int epa2a_ll_layer_sync(epa2a_ll_layer* layer, void* stream);
 /* Collective: after a failed step, clears signals, epochs, status and abort flag on every rank. */
 EPA2A_API int epa2a_ll_layer_reset(epa2a_ll_layer* layer);
+/* Launches one empty kernel on stream (times the launch path alone, e.g. inside a CUDA graph). */
+EPA2A_API int epa2a_noop_kernel(void* stream);
 /* A barrier of all ranks on the device with the layer's deadline (enqueued; capturable); touches no step state. */
 EPA2A_API int epa2a_ll_layer_barrier(epa2a_ll_layer* layer, void* stream);
 /* x [n, hidden] bf16, expert_ids [n, topk] int32, weights [n, topk] fp32 or NULL (then every weight is 1);

@@ -56,18 +56,25 @@ __device__ void finish_and_signal(const LLCtx& c, unsigned* counter, uint64_t* e
 
 // Block 0 of dispatch_send: the slot of every entry and the counts, into each destination's meta[me].
 __device__ void route_entries(const LLCtx& c) {
-  extern __shared__ int smem[];  // wcnt[warps][E], base[E]
+  extern __shared__ int smem[];  // wcnt[warps][E], base[E], ids[M * K]
   const int E = c.E, Epr = c.Epr, MK = c.M * c.K;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   int* wcnt = smem;
   int* base = smem + nwarps * E;
+  int* sid = base + E;
+  const int total = c.n * c.K;
+  // Every id (and weight) first, all loads in flight at once; then the chunks work from shared memory.
+#pragma unroll 8
+  for (int i = tid; i < total; i += blockDim.x) {
+    sid[i] = __ldg(c.ids + i);
+    c.wts[i] = c.weights ? __ldg(c.weights + i) : 1.f;
+  }
   for (int e = tid; e < E; e += blockDim.x) base[e] = 0;
   __syncthreads();
-  const int total = c.n * c.K;
   for (int c0 = 0; c0 < total; c0 += blockDim.x) {
     const int i = c0 + tid;
     const bool in = i < total;
-    int e = in ? __ldg(c.ids + i) : E;
+    int e = in ? sid[i] : E;
     if (in && (e < 0 || e > E)) {
       record_error(c, EPA2A_ERR_BAD_EXPERT_ID, EPA2A_PHASE_LL_DISPATCH_SEND, -1, i, e, 0, 0, 0, false);
       e = E;  // dropped
@@ -88,7 +95,6 @@ __device__ void route_entries(const LLCtx& c) {
         m[slot] = i;
       }
       c.route[i] = valid ? e : -1;
-      c.wts[i] = c.weights ? __ldg(c.weights + i) : 1.f;
     }
     __syncthreads();
     for (int x = tid; x < E; x += blockDim.x) {
@@ -234,11 +240,19 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
     wait_signal<LLCtx, kLLMaxSleepNs>(c, c.disp_sig + r, epoch, r, EPA2A_PHASE_LL_DISPATCH_RECV, r);
   __syncthreads();
   if (failed(c)) return;
+  // Every (source, local expert) count in parallel (one round trip), then prefixed over sources in shared
+  // memory.
+  for (int q = tid; q < W * Epr; q += blockDim.x) {
+    const int s = q / Epr, j = q - s * Epr;
+    pre[j * (W + 1) + s] = min(max(__ldcg(c.meta + (size_t)s * c.meta_stride + j), 0), MK);
+  }
+  __syncthreads();
   for (int j = tid; j < Epr; j += blockDim.x) {
     int run = 0;
     for (int s = 0; s < W; ++s) {
+      const int v = pre[j * (W + 1) + s];
       pre[j * (W + 1) + s] = run;
-      run += min(max(__ldcg(c.meta + (size_t)s * c.meta_stride + j), 0), MK);
+      run += v;
     }
     pre[j * (W + 1) + W] = run;
   }
@@ -254,44 +268,63 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
   __syncthreads();
   if (blockIdx.x == 0)
     for (int j = tid; j < Epr; j += blockDim.x) c.rows[j] = erow[j + 1] - erow[j];
+  // Work items: (row, part of the row). Few rows (1 token) spread a row over several warps; many rows give a
+  // warp whole rows, and each item's entry is loaded while the previous item's data is in flight.
   const int rb = row_bytes(c), units = rb / 16, seg_units = 32 * kLLUnroll;
   const int segs = (units + seg_units - 1) / seg_units;
-  const int items = erow[Epr] * segs;
+  const int R = erow[Epr];
+  const int nw = gridDim.x * wpb;
+  const int parts = R > 0 ? max(1, min(segs, nw / R)) : 1;
+  const int per_part = (segs + parts - 1) / parts;
+  const int items = R * parts;
   const bool fp8 = c.format != EPA2A_LL_FORMAT_BF16;
-  for (int it = blockIdx.x * wpb + warp; it < items; it += gridDim.x * wpb) {
-    const int g = it / segs, sg = it - g * segs;
-    const int j = last_at_most(erow, Epr, g);
-    const int r = g - erow[j];
+  auto entry_of = [&](int it, int& j, int& r, int& s, int& slot) {
+    const int g = it / parts;
+    j = last_at_most(erow, Epr, g);
+    r = g - erow[j];
     const int* pj = pre + j * (W + 1);
-    const int s = last_at_most(pj, W, r);
-    const int slot = r - pj[s];
-    const int i = __ldcg(c.meta + (size_t)s * c.meta_stride + Epr + (size_t)j * MK + slot);
+    s = last_at_most(pj, W, r);
+    slot = r - pj[s];
+    return __ldcg(c.meta + (size_t)s * c.meta_stride + Epr + (size_t)j * MK + slot);
+  };
+  int it = blockIdx.x * wpb + warp;
+  int j = 0, r = 0, s = 0, slot = 0, i = -1;
+  if (it < items) i = entry_of(it, j, r, s, slot);
+  while (it < items) {
+    const int next = it + nw;
+    int jn = 0, rn = 0, sn = 0, slotn = 0, in = -1;
+    if (next < items) in = entry_of(next, jn, rn, sn, slotn);  // in flight during this item's copy
+    const int part = it - (it / parts) * parts;
     if ((unsigned)i >= (unsigned)MK) {
       if (lane == 0)
         record_error(c, EPA2A_ERR_BAD_ROW, EPA2A_PHASE_LL_DISPATCH_RECV, s, slot, i, 0, 0, 0, true);
-      continue;
-    }
-    const int t = i / c.K;
-    const size_t orow = (size_t)j * WM + r;
-    const int4* src = reinterpret_cast<const int4*>(s_x[s] + (size_t)t * rb);
-    int4* dst = reinterpret_cast<int4*>(c.out_x + orow * rb);
-    const int u0 = sg * seg_units;
-    int4 v[kLLUnroll];
+    } else {
+      const int t = i / c.K;
+      const size_t orow = (size_t)j * WM + r;
+      const int4* src = reinterpret_cast<const int4*>(s_x[s] + (size_t)t * rb);
+      int4* dst = reinterpret_cast<int4*>(c.out_x + orow * rb);
+      const int u_end = min(units, (part + 1) * per_part * seg_units);
+      for (int u0 = part * per_part * seg_units; u0 < u_end; u0 += seg_units) {
+        int4 v[kLLUnroll];
 #pragma unroll
-    for (int u = 0; u < kLLUnroll; ++u) {
-      const int q = u0 + u * 32 + lane;
-      if (q < units) v[u] = __ldcg(src + q);
-    }
+        for (int u = 0; u < kLLUnroll; ++u) {
+          const int q = u0 + u * 32 + lane;
+          if (q < u_end) v[u] = __ldcg(src + q);
+        }
 #pragma unroll
-    for (int u = 0; u < kLLUnroll; ++u) {
-      const int q = u0 + u * 32 + lane;
-      if (q < units) dst[q] = v[u];
+        for (int u = 0; u < kLLUnroll; ++u) {
+          const int q = u0 + u * 32 + lane;
+          if (q < u_end) dst[q] = v[u];
+        }
+      }
+      if (part == 0) {
+        if (lane == 0) s_pos[s][i] = (int)orow;
+        if (fp8)
+          for (int x = lane; x < G; x += 32) c.out_scales[orow * G + x] = __ldcg(s_sc[s] + (size_t)t * G + x);
+      }
     }
-    if (sg == 0) {
-      if (lane == 0) s_pos[s][i] = (int)orow;
-      if (fp8)
-        for (int x = lane; x < G; x += 32) c.out_scales[orow * G + x] = __ldcg(s_sc[s] + (size_t)t * G + x);
-    }
+    it = next;
+    j = jn, r = rn, s = sn, slot = slotn, i = in;
   }
   // Rows past an expert's capacity (only a token that lists one expert many times can cause it): dropped, and
   // their sources told so (pos -1), so the step still completes on every rank.
@@ -319,13 +352,11 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLCtx c, co
   if (src) {
     const int Epr = c.Epr, WM = c.W * c.M;
     const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    for (int j = threadIdx.x; j < Epr; j += blockDim.x) erow[j + 1] = min(max(__ldcg(c.rows + j), 0), WM);
+    __syncthreads();
     if (threadIdx.x == 0) {
-      int acc = 0;
-      for (int j = 0; j < Epr; ++j) {
-        erow[j] = acc;
-        acc += min(max(__ldcg(c.rows + j), 0), WM);
-      }
-      erow[Epr] = acc;
+      erow[0] = 0;
+      for (int j = 0; j < Epr; ++j) erow[j + 1] += erow[j];
     }
     __syncthreads();
     const int units = c.H / 8, seg_units = 32 * kLLUnroll, segs = (units + seg_units - 1) / seg_units;
@@ -365,63 +396,87 @@ __global__ void __launch_bounds__(kLLThreads)
     wait_signal<LLCtx, kLLMaxSleepNs>(c, c.comb_sig + r, epoch, r, EPA2A_PHASE_LL_COMBINE_RECV, r);
   __syncthreads();
   if (failed(c)) return;
-  const int units = H / 8, segs = (units + 31) / 32, items = c.n * segs;
+  // Work items: (token, part of its channels). One token spreads over many warps; many tokens give a warp a
+  // whole token. Each item loads its K entries' destination, row and weight once (together), then sums two
+  // 256-channel segments at a time with every row of both in flight.
+  const int units = H / 8, segs = (units + 31) / 32;
+  const int nw = gridDim.x * wpb;
+  const int parts = c.n > 0 ? max(1, min(segs, nw / c.n)) : 1;
+  const int per_part = (segs + parts - 1) / parts;
+  const int items = c.n * parts;
   const int bound = c.Epr * W * c.M;
-  for (int it = blockIdx.x * wpb + (tid >> 5); it < items; it += gridDim.x * wpb) {
-    const int t = it / segs, sg = it - t * segs;
+  for (int it = blockIdx.x * wpb + (tid >> 5); it < items; it += nw) {
+    const int t = it / parts, part = it - t * parts;
     int d = -1, p = -1;
     float w = 0.f;
     if (lane < K) {
       const int e = __ldcg(c.route + t * K + lane);
+      const int pp = __ldcg(c.pos + t * K + lane);
+      const float ww = __ldcg(c.wts + t * K + lane);
       if (e >= 0) {
-        p = __ldcg(c.pos + t * K + lane);
+        p = pp;
         if (p >= bound) {
           record_error(c, EPA2A_ERR_BAD_ROW, EPA2A_PHASE_LL_COMBINE_RECV, e / c.Epr, t * K + lane, p, 0, 0, 0,
                        false);
           p = -1;
         }
         d = e / c.Epr;
-        w = weighted ? __ldcg(c.wts + t * K + lane) : 1.f;
+        w = weighted ? ww : 1.f;
       }
     }
     const unsigned use = __ballot_sync(kFullMask, d >= 0 && p >= 0);
-    const int u = sg * 32 + lane;
-    const bool active = u < units;
-    float acc[8];
+    const int sg_end = min(segs, (part + 1) * per_part);
+    for (int sg = part * per_part; sg < sg_end; sg += 2) {
+      const int u0 = sg * 32 + lane, u1 = u0 + 32;
+      const bool a0 = u0 < units, a1 = sg + 1 < sg_end && u1 < units;
+      float acc0[8], acc1[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-    for (unsigned m = use; m;) {
-      int4 raw[kLLUnroll];
-      float sc[kLLUnroll];
-      bool have[kLLUnroll];
+      for (int i = 0; i < 8; ++i) acc0[i] = acc1[i] = 0.f;
+      for (unsigned m = use; m;) {
+        int4 r0[kLLUnroll], r1[kLLUnroll];
+        float sc[kLLUnroll];
+        bool have[kLLUnroll];
 #pragma unroll
-      for (int q = 0; q < kLLUnroll; ++q) {
-        sc[q] = 0.f;
-        raw[q] = make_int4(0, 0, 0, 0);
-        have[q] = m != 0;
-        if (m) {
-          const int kk = __ffs(m) - 1;
-          m &= m - 1;
-          const int d2 = __shfl_sync(kFullMask, d, kk), p2 = __shfl_sync(kFullMask, p, kk);
-          sc[q] = __shfl_sync(kFullMask, w, kk);
-          if (active) raw[q] = __ldcg(reinterpret_cast<const int4*>(s_comb[d2] + (size_t)p2 * H * 2) + u);
+        for (int q = 0; q < kLLUnroll; ++q) {
+          sc[q] = 0.f;
+          r0[q] = r1[q] = make_int4(0, 0, 0, 0);
+          have[q] = m != 0;
+          if (m) {
+            const int kk = __ffs(m) - 1;
+            m &= m - 1;
+            const int d2 = __shfl_sync(kFullMask, d, kk), p2 = __shfl_sync(kFullMask, p, kk);
+            sc[q] = __shfl_sync(kFullMask, w, kk);
+            const int4* row = reinterpret_cast<const int4*>(s_comb[d2] + (size_t)p2 * H * 2);
+            if (a0) r0[q] = __ldcg(row + u0);
+            if (a1) r1[q] = __ldcg(row + u1);
+          }
+        }
+        // In k order, one product and one sum each (no fused multiply-add), as the reference does.
+#pragma unroll
+        for (int q = 0; q < kLLUnroll; ++q) {
+          if (!have[q]) continue;
+          const unsigned short* h0 = reinterpret_cast<const unsigned short*>(&r0[q]);
+          const unsigned short* h1 = reinterpret_cast<const unsigned short*>(&r1[q]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            acc0[i] = __fadd_rn(acc0[i], __fmul_rn(sc[q], bf16_bits_to_float(h0[i])));
+            acc1[i] = __fadd_rn(acc1[i], __fmul_rn(sc[q], bf16_bits_to_float(h1[i])));
+          }
         }
       }
-      // In k order, one product and one sum each (no fused multiply-add), as the reference does.
-#pragma unroll
-      for (int q = 0; q < kLLUnroll; ++q) {
-        if (!have[q]) continue;
-        const unsigned short* h = reinterpret_cast<const unsigned short*>(&raw[q]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(sc[q], bf16_bits_to_float(h[i])));
-      }
-    }
-    if (active) {
+      int4* dst = reinterpret_cast<int4*>(out + (size_t)t * H);
       int4 o;
       unsigned short* ob = reinterpret_cast<unsigned short*>(&o);
+      if (a0) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) ob[i] = __bfloat16_as_ushort(__float2bfloat16_rn(acc[i]));
-      reinterpret_cast<int4*>(out + (size_t)t * H)[u] = o;
+        for (int i = 0; i < 8; ++i) ob[i] = __bfloat16_as_ushort(__float2bfloat16_rn(acc0[i]));
+        dst[u0] = o;
+      }
+      if (a1) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ob[i] = __bfloat16_as_ushort(__float2bfloat16_rn(acc1[i]));
+        dst[u1] = o;
+      }
     }
   }
 }
@@ -439,15 +494,22 @@ __global__ void ll_barrier_kernel(LLCtx c) {
   if (threadIdx.x == 0) c.dep[2] = epoch;
 }
 
+__global__ void noop_kernel() {}
+
 }  // namespace
+
+cudaError_t launch_noop(cudaStream_t s) {
+  noop_kernel<<<1, 32, 0, s>>>();
+  return cudaGetLastError();
+}
 
 cudaError_t ll_launch_barrier(const LLCtx& c, cudaStream_t s) {
   ll_barrier_kernel<<<1, 32, 0, s>>>(c);
   return cudaGetLastError();
 }
 
-size_t ll_dispatch_send_smem(int E) {
-  return (size_t)(kLLThreads / 32 + 1) * E * sizeof(int);
+size_t ll_dispatch_send_smem(int E, int MK) {
+  return ((size_t)(kLLThreads / 32 + 1) * E + MK) * sizeof(int);
 }
 
 size_t ll_dispatch_recv_smem(int W, int Epr) {
@@ -458,10 +520,10 @@ static size_t combine_send_smem(int Epr) {
   return ((size_t)Epr + 1) * sizeof(int);
 }
 
-cudaError_t ll_prepare_kernels(int W, int E) {
+cudaError_t ll_prepare_kernels(int W, int E, int MK) {
   const int Epr = E / W;
   cudaError_t e = cudaFuncSetAttribute(ll_dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)ll_dispatch_send_smem(E));
+                                       (int)ll_dispatch_send_smem(E, MK));
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(ll_dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)ll_dispatch_recv_smem(W, Epr));
@@ -472,7 +534,7 @@ cudaError_t ll_prepare_kernels(int W, int E) {
 }
 
 cudaError_t ll_launch_dispatch_send(const LLCtx& c, int blocks, cudaStream_t s) {
-  ll_dispatch_send_kernel<<<blocks, kLLThreads, ll_dispatch_send_smem(c.E), s>>>(c);
+  ll_dispatch_send_kernel<<<blocks, kLLThreads, ll_dispatch_send_smem(c.E, c.M * c.K), s>>>(c);
   return cudaGetLastError();
 }
 

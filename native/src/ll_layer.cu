@@ -158,7 +158,11 @@ int validate(const epa2a_ll_config& k, const char* fn) {
   const int64_t rows = (int64_t)k.num_experts * k.max_tokens;  // Epr * W * M
   CHECK_CFG(rows <= INT_MAX / 2, "config: num_experts * max_tokens = %lld receive rows exceeds int32",
             (long long)rows);
-  CHECK_CFG((int64_t)k.max_tokens * k.topk <= INT_MAX / 2, "config: max_tokens * topk exceeds int32");
+  CHECK_CFG(
+      (int64_t)k.max_tokens * k.topk <= 16384,
+      "config: max_tokens * topk = %lld must be at most 16384 (the routing block keeps every id in shared "
+      "memory; the low-latency layer is for decode sizes)",
+      (long long)k.max_tokens * k.topk);
   return EPA2A_OK;
 }
 
@@ -305,7 +309,7 @@ EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_laye
   auto init = [&]() -> int {
     EPA2A_CUDA(fn, cudaMemcpy(const_cast<void**>(c.peers), tab.data(), tab.size() * sizeof(void*),
                               cudaMemcpyHostToDevice));
-    EPA2A_CUDA(fn, epa2a::ll_prepare_kernels(c.W, c.E));
+    EPA2A_CUDA(fn, epa2a::ll_prepare_kernels(c.W, c.E, c.M * c.K));
     EPA2A_CUDA(fn, cudaMemset(c.rows, 0, Epr * sizeof(int)));
     return clear_state(l, fn);
   };
@@ -385,6 +389,12 @@ EPA2A_API int epa2a_ll_layer_reset(epa2a_ll_layer* layer) {
   nvshmem_barrier_all();  // every rank's kernels have ended: no signal is in flight
   if ((rc = clear_state(layer, fn))) return rc;
   nvshmem_barrier_all();
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_noop_kernel(void* stream) {
+  const cudaError_t err = epa2a::launch_noop(static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, "epa2a_noop_kernel", "empty kernel launch");
   return EPA2A_OK;
 }
 
