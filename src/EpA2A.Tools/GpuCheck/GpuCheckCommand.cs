@@ -26,7 +26,7 @@ internal static class GpuCheckCommand
 
     public static Command Create()
     {
-        Option<string> groups = new("--groups") { Description = "Comma-separated groups to run: w1, w2, w4, w8, inter, big (all: every group but w1)", DefaultValueFactory = _ => "all" };
+        Option<string> groups = new("--groups") { Description = "Comma-separated groups to run: w1, w2, w4, w8, inter, graph, big, ll2, ll4, ll8 (all: every group but w1)", DefaultValueFactory = _ => "all" };
         Option<string?> filter = new("--filter") { Description = "Only cases whose name contains one of these comma-separated strings" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where gpu-check.json and gpu-check.md go (default: $OUT, else ./gpu-check-results)" };
         Option<int> seed = new("--seed") { Description = "Seed of the random inputs", DefaultValueFactory = _ => 42 };

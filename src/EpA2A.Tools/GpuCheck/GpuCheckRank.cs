@@ -74,7 +74,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             Stopwatch sw = Stopwatch.StartNew();
             try
             {
-                r = c.Type switch
+                r = c.LowLatency ? await new GpuCheckLowLatency(c, rank, world, dir, seed).RunAsync(runtime).ConfigureAwait(false) : c.Type switch
                 {
                     TokenType.BFloat16 => await RunCaseAsync<BFloat16>(c, runtime).ConfigureAwait(false),
                     TokenType.Float16 => await RunCaseAsync<Half>(c, runtime).ConfigureAwait(false),
