@@ -201,12 +201,7 @@ internal sealed class HostedLayer : IDisposable
             input.ThrowIfIncomplete(Config.Rank);
             (byte[] bytes, int rows) = LowLatencyLayer is { } lowLatency
                 ? await RunLowLatencyAsync(lowLatency, input, weighted, compute, cts.Token).ConfigureAwait(false)
-                : Config.TokenType switch
-            {
-                TokenType.BFloat16 => await RunAsync<BFloat16>(input, weighted, compute, cts.Token).ConfigureAwait(false),
-                TokenType.Float16 => await RunAsync<Half>(input, weighted, compute, cts.Token).ConfigureAwait(false),
-                _ => await RunAsync<float>(input, weighted, compute, cts.Token).ConfigureAwait(false),
-            };
+                : await RunNormalAsync(input, weighted, compute, cts.Token).ConfigureAwait(false);
             lock (gate)
             {
                 output = (ticket.Step, bytes);
@@ -241,6 +236,13 @@ internal sealed class HostedLayer : IDisposable
         Layer?.Dispose();
         LowLatencyLayer?.Dispose();
     }
+
+    private Task<(byte[] Bytes, int Rows)> RunNormalAsync(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token) => Config.TokenType switch
+    {
+        TokenType.BFloat16 => RunAsync<BFloat16>(input, weighted, compute, token),
+        TokenType.Float16 => RunAsync<Half>(input, weighted, compute, token),
+        _ => RunAsync<float>(input, weighted, compute, token),
+    };
 
     private async Task<(byte[] Bytes, int Rows)> RunAsync<T>(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
         where T : unmanaged

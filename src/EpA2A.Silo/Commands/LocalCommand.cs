@@ -60,11 +60,11 @@ internal static class LocalCommand
                 WorldSize = p.GetValue(ranks),
                 LocalWorldSize = p.GetValue(local),
                 TokenType = ParseTokenType(p.GetValue(tokenType)!),
-                EnableLocalCombine = p.GetValue(localCombine),
-                StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
                 Mode = ParseMode(p.GetValue(mode)!),
                 LowLatencyFormat = p.GetValue(fp8) ? LowLatencyFormat.Fp8 : LowLatencyFormat.Bf16,
                 PowerOfTwoScales = p.GetValue(pow2),
+                EnableLocalCombine = p.GetValue(localCombine),
+                StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
             }.Validated();
             LocalRun run = new(spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase))
             {
