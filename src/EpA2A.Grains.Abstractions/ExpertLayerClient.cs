@@ -168,7 +168,17 @@ public sealed class ExpertLayerClient
         }
 
         // The coordinator bounds the step itself (twice the step deadline plus a second); this is its backstop.
-        StepReport report = await CoordinatorCallAsync(Coordinator.RunStepAsync(ticket, weighted), "RunStepAsync", (spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
+        StepReport report;
+        try
+        {
+            report = await CoordinatorCallAsync(Coordinator.RunStepAsync(ticket, weighted), "RunStepAsync", (spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is GroupStepFailedException or InvalidOperationException)
+        {
+            await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
+            throw;
+        }
+
         Task<T[]>[] reads = [.. report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))];
         try
         {
@@ -176,7 +186,8 @@ public sealed class ExpertLayerClient
         }
         catch (Exception e) when (e is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
         {
-            // The step ran, but a rank's silo went away before its output was read.
+            // The step ran, but a rank's silo went away before its output was read, or a client took the layer over.
+            await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             int[] failed = [.. reads.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
             string why = string.Join("; ", failed.Select(r => $"rank {r}: {(reads[r].IsFaulted ? reads[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             throw new GroupStepFailedException($"step {ticket.Step} of layer '{Layer}': reading the combined output failed on {why}", ticket.Step, failed);
@@ -222,7 +233,7 @@ public sealed class ExpertLayerClient
         if (now is not null && !now.Equals(mine))
         {
             throw new LayerSpecConflictException(
-                $"step {ticket.Step} of layer '{Layer}' was cut short: {info.ConfiguredBy ?? "another client"} re-configured the layer ({mine.DescribeChanges(now)}). Configure the layer again to step with the new spec",
+                $"step {ticket.Step} of layer '{Layer}' was cut short: the layer was re-configured by {info.ConfiguredBy ?? "another client"} ({mine.DescribeChanges(now)}). Configure the layer again to step with the new spec",
                 info.ConfiguredBy);
         }
     }

@@ -154,7 +154,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         if (pending?.Ticket != ticket && reconfigured is { } r && ticket.Epoch <= r.Epoch)
         {
             throw new LayerSpecConflictException(
-                $"step {ticket.Step} of layer '{Key.Layer}' was begun under a spec that {r.By} replaced at {r.At:HH:mm:ss} UTC ({r.Old.DescribeChanges(RequireSpec())}): the step is not run. Configure the layer again to step with the new spec",
+                $"step {ticket.Step} of layer '{Key.Layer}' was begun under a spec that was re-configured by {r.By} at {r.At:HH:mm:ss} UTC ({r.Old.DescribeChanges(RequireSpec())}): the step is not run. Configure the layer again to step with the new spec",
                 configuredBy);
         }
 
