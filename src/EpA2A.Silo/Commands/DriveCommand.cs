@@ -7,6 +7,7 @@ using EpA2A.Numerics;
 using EpA2A.Silo.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
 
 namespace EpA2A.Silo.Commands;
 
@@ -76,7 +77,13 @@ internal static class DriveCommand
                 TokenType = LocalCommand.ParseTokenType(p.GetValue(tokenType)!),
                 StepTimeout = stepTimeout,
             });
-            using IHost host = EpA2AHosts.BuildClient(kind, [.. Enumerable.Range(0, spec.WorldSize).Select(r => basePort + offset + r)], p.GetValue(redis), p.GetValue(clusterId)!);
+            // A start that fails is reported as one line below; the host's own log of it is a stack trace.
+            using IHost host = EpA2AHosts.BuildClient(
+                kind,
+                [.. Enumerable.Range(0, spec.WorldSize).Select(r => basePort + offset + r)],
+                p.GetValue(redis),
+                p.GetValue(clusterId)!,
+                configure: b => b.Logging.AddFilter("Microsoft.Extensions.Hosting", LogLevel.None));
             await StartWithDeadlineAsync(host, connectBound, kind == ClusteringKind.Redis ? $"Redis {p.GetValue(redis)}" : $"gateways on ports {basePort + offset}-{basePort + offset + spec.WorldSize - 1}", ct);
             IClusterClient client = host.Services.GetRequiredService<IClusterClient>();
             ExpertLayerClient layerClient = new(client, p.GetValue(group)!, p.GetValue(layer)!, clientName: $"epa2a drive (process {Environment.ProcessId} on {Environment.MachineName})");
