@@ -1,6 +1,7 @@
 using System.Numerics.Tensors;
 using EpA2A.Config;
 using EpA2A.Layer;
+using EpA2A.Numerics;
 
 namespace EpA2A.Experts;
 
@@ -24,8 +25,7 @@ public sealed class DeterministicExpertCompute : IExpertCompute
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(dispatched);
-        T[] rows = new T[(int)dispatched.Output.FlattenedLength];
-        dispatched.Output.FlattenTo(rows);
+        T[] rows = TensorCopy.ToArray(dispatched.Output);
         EpAllToAllLayout layout = dispatched.Layout;
         T[] output = DeterministicExperts.ApplyToBlocks<T>(rows, config.Hidden, config.Rank * config.ExpertsPerRank, layout.ExpertRowStarts, layout.RowsPerLocalExpert);
         return ValueTask.FromResult(Tensor.Create(output, [layout.RecvRows, config.Hidden]));

@@ -123,7 +123,7 @@ public sealed class EpAll2AllLayer : IDisposable
         lastDispatchSequence = scope.Operation.Sequence;
 
         byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
-        input.FlattenTo(MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
+        TensorCopy.FlattenTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
         {
             Operation = scope.Operation,
@@ -197,7 +197,7 @@ public sealed class EpAll2AllLayer : IDisposable
         int n = layout.NumDispatchTokens;
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
-        expertOutput.FlattenTo(MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
+        TensorCopy.FlattenTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
             Operation = scope.Operation,
@@ -492,12 +492,7 @@ public sealed class EpAll2AllLayer : IDisposable
     private static Tensor<float> Vector(float[] buffer, int length) =>
         Tensor.Create(buffer, 0, [length], ReadOnlySpan<nint>.Empty);
 
-    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor)
-    {
-        TElement[] flat = new TElement[(int)tensor.FlattenedLength];
-        tensor.FlattenTo(flat);
-        return flat;
-    }
+    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor) => TensorCopy.ToArray(tensor);
 
     /// <summary>
     /// The phases every dispatch runs, whether its inputs are host tensors or device buffers: copy-in,

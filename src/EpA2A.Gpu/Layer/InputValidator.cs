@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using EpA2A.Config;
+using EpA2A.Numerics;
 
 namespace EpA2A.Layer;
 
@@ -23,8 +24,7 @@ internal static class InputValidator
         }
 
         Shape(expertIds, nameof(expertIds), n, c.TopK, "[n, TopK]");
-        int[] ids = new int[(int)expertIds.FlattenedLength];
-        expertIds.FlattenTo(ids);
+        int[] ids = TensorCopy.ToArray(expertIds);
         for (int i = 0; i < ids.Length; i++)
         {
             if ((uint)ids[i] > (uint)c.NumExperts)
@@ -38,8 +38,7 @@ internal static class InputValidator
         if (weights is not null)
         {
             Shape(weights, nameof(weights), n, c.TopK, "[n, TopK]");
-            float[] w = new float[(int)weights.FlattenedLength];
-            weights.FlattenTo(w);
+            float[] w = TensorCopy.ToArray(weights);
             for (int i = 0; i < w.Length; i++)
             {
                 if (!float.IsFinite(w[i]))
@@ -57,8 +56,7 @@ internal static class InputValidator
             }
 
             Shape(scatterIndices, nameof(scatterIndices), n, c.TopK, "[n, TopK]");
-            int[] rows = new int[(int)scatterIndices.FlattenedLength];
-            scatterIndices.FlattenTo(rows);
+            int[] rows = TensorCopy.ToArray(scatterIndices);
             HashSet<int> seen = [];
             for (int i = 0; i < rows.Length; i++)
             {
