@@ -7,7 +7,8 @@ using EpA2A.Experts;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Reference;
-using EpA2A.Silo.Safetensors;
+using EpA2A.Safetensors;
+using EpA2A.Silo.StepFiles;
 
 namespace EpA2A.Silo.Commands;
 
