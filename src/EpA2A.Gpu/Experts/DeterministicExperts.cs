@@ -1,3 +1,4 @@
+using System.Numerics.Tensors;
 using EpA2A.Numerics;
 
 namespace EpA2A.Experts;
@@ -9,80 +10,37 @@ namespace EpA2A.Experts;
 /// </summary>
 public static class DeterministicExperts
 {
-    /// <summary>Below this many elements the experts run on the calling thread without tables.</summary>
-    private const long ParallelElements = 1L << 22;
-
-    /// <summary>Rows of one work item when the experts run in parallel.</summary>
-    private const int RowsPerItem = 64;
-
     /// <summary>Expert <paramref name="expert"/> applied to one value.</summary>
     public static float Apply(int expert, float x) => (x * (1f + ((expert % 7) / 8f))) - ((expert % 5) / 16f);
 
     /// <summary>
     /// Applies each local expert to its block of rows of a dispatch output ([rows, hidden], blocks given by
-    /// starts and unpadded row counts). Padding rows are left zero. Large outputs run in parallel, 16-bit types
-    /// through a <see cref="TokenTable{T}"/> per expert (the same bits as the direct computation).
+    /// starts and unpadded row counts). Padding rows are left zero.
     /// </summary>
-    public static T[] ApplyToBlocks<T>(ReadOnlyMemory<T> rows, int hidden, int firstExpert, ReadOnlySpan<int> starts, ReadOnlySpan<int> counts)
+    public static T[] ApplyToBlocks<T>(ReadOnlySpan<T> rows, int hidden, int firstExpert, ReadOnlySpan<int> starts, ReadOnlySpan<int> counts)
         where T : unmanaged
     {
         T[] output = new T[rows.Length];
-        long elements = 0;
-        foreach (int c in counts)
-        {
-            elements += (long)c * hidden;
-        }
-
-        if (elements < ParallelElements)
-        {
-            ReadOnlySpan<T> src = rows.Span;
-            for (int j = 0; j < starts.Length; j++)
-            {
-                int expert = firstExpert + j;
-                int begin = starts[j] * hidden;
-                int end = (starts[j] + counts[j]) * hidden;
-                for (int i = begin; i < end; i++)
-                {
-                    output[i] = TokenConvert.FromSingle<T>(Apply(expert, TokenConvert.ToSingle(src[i])));
-                }
-            }
-
-            return output;
-        }
-
-        TokenTable<T>?[] tables = new TokenTable<T>?[starts.Length];
-        List<(int Expert, int Row, int Rows)> items = [];
+        float[] wide = new float[Math.Min(rows.Length, 16 * hidden)];
         for (int j = 0; j < starts.Length; j++)
         {
             int expert = firstExpert + j;
-            if (TokenTable.Supports<T>() && counts[j] > 0)
-            {
-                tables[j] = new TokenTable<T>(x => Apply(expert, x));
-            }
+            float scale = 1f + ((expert % 7) / 8f);
+            float shift = (expert % 5) / 16f;
 
-            for (int r = 0; r < counts[j]; r += RowsPerItem)
+            // Apply's two roundings (the product, then the difference), a block of rows at a time.
+            int begin = starts[j] * hidden;
+            int end = (starts[j] + counts[j]) * hidden;
+            for (int at = begin; at < end; at += wide.Length)
             {
-                items.Add((j, starts[j] + r, Math.Min(RowsPerItem, counts[j] - r)));
+                Span<float> chunk = wide.AsSpan(0, Math.Min(wide.Length, end - at));
+                TokenRows.Widen(rows.Slice(at, chunk.Length), chunk);
+                TensorPrimitives.Multiply(chunk, scale, chunk);
+                TensorPrimitives.Subtract(chunk, shift, chunk);
+                TokenRows.Narrow<T>(chunk, output.AsSpan(at, chunk.Length));
             }
         }
 
-        Parallel.For(0, items.Count, i =>
-        {
-            (int j, int row, int n) = items[i];
-            ReadOnlySpan<T> src = rows.Span.Slice(row * hidden, n * hidden);
-            Span<T> dst = output.AsSpan(row * hidden, n * hidden);
-            if (tables[j] is { } table)
-            {
-                table.Apply(src, dst);
-                return;
-            }
-
-            int expert = firstExpert + j;
-            for (int x = 0; x < src.Length; x++)
-            {
-                dst[x] = TokenConvert.FromSingle<T>(Apply(expert, TokenConvert.ToSingle(src[x])));
-            }
-        });
         return output;
     }
 }

@@ -123,7 +123,7 @@ public sealed class EpAll2AllLayer : IDisposable
         lastDispatchSequence = scope.Operation.Sequence;
 
         byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
-        TensorCopy.FlattenTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
+        DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
         {
             Operation = scope.Operation,
@@ -197,7 +197,7 @@ public sealed class EpAll2AllLayer : IDisposable
         int n = layout.NumDispatchTokens;
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
-        TensorCopy.FlattenTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
+        DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
             Operation = scope.Operation,
@@ -222,7 +222,7 @@ public sealed class EpAll2AllLayer : IDisposable
             }
             else
             {
-                TokenConvert.Round<T>(step.Accumulator, result);
+                TokenRows.Narrow<T>(step.Accumulator, result);
             }
 
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
@@ -492,7 +492,7 @@ public sealed class EpAll2AllLayer : IDisposable
     private static Tensor<float> Vector(float[] buffer, int length) =>
         Tensor.Create(buffer, 0, [length], ReadOnlySpan<nint>.Empty);
 
-    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor) => TensorCopy.ToArray(tensor);
+    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor) => DenseTensor.ToArray(tensor);
 
     /// <summary>
     /// The phases every dispatch runs, whether its inputs are host tensors or device buffers: copy-in,

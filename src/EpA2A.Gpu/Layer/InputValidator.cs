@@ -24,7 +24,7 @@ internal static class InputValidator
         }
 
         Shape(expertIds, nameof(expertIds), n, c.TopK, "[n, TopK]");
-        int[] ids = TensorCopy.ToArray(expertIds);
+        int[] ids = DenseTensor.ToArray(expertIds);
         for (int i = 0; i < ids.Length; i++)
         {
             if ((uint)ids[i] > (uint)c.NumExperts)
@@ -38,7 +38,7 @@ internal static class InputValidator
         if (weights is not null)
         {
             Shape(weights, nameof(weights), n, c.TopK, "[n, TopK]");
-            float[] w = TensorCopy.ToArray(weights);
+            float[] w = DenseTensor.ToArray(weights);
             for (int i = 0; i < w.Length; i++)
             {
                 if (!float.IsFinite(w[i]))
@@ -56,7 +56,7 @@ internal static class InputValidator
             }
 
             Shape(scatterIndices, nameof(scatterIndices), n, c.TopK, "[n, TopK]");
-            int[] rows = TensorCopy.ToArray(scatterIndices);
+            int[] rows = DenseTensor.ToArray(scatterIndices);
             HashSet<int> seen = [];
             for (int i = 0; i < rows.Length; i++)
             {

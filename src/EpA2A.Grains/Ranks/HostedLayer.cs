@@ -224,7 +224,7 @@ internal sealed class HostedLayer : IDisposable
         Tensor<T> expertOutput = await compute.ComputeAsync(Name, Config, dispatched, token).ConfigureAwait(false);
         Tensor<T> combined = await Layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
         byte[] bytes = new byte[n * Config.Hidden * Config.TokenBytes];
-        TensorCopy.FlattenTo(combined, MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
+        DenseTensor.CopyTo(combined, MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
         return (bytes, dispatched.Layout.RecvRows);
     }
 
