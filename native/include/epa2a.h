@@ -67,6 +67,7 @@ extern "C" {
 #define EPA2A_SLOT_COMBINE_READY 2
 #define EPA2A_SLOT_BARRIER_ALL 3
 #define EPA2A_SLOT_BARRIER_NODE 4
+#define EPA2A_SLOT_LIFECYCLE 5 /* a life-cycle barrier of grow or reset (host record; peer: the rank) */
 
 /* Token element types. */
 #define EPA2A_TOKEN_BF16 0
@@ -147,6 +148,10 @@ EPA2A_API int epa2a_sym_peer_ptr(void* ptr, int32_t peer, void** peer_ptr);
 /* NVSHMEM barriers on a stream (no deadline: for setup; layers use epa2a_layer_barrier). */
 EPA2A_API int epa2a_barrier_all(void* stream);
 EPA2A_API int epa2a_barrier_node(void* stream);
+/* Deadline of the collective barriers in layer create, destroy, grow and reset and in epa2a_finalize: a rank
+ * missing there makes the others fail with EPA2A_ERR_TIMEOUT naming it. <= 0 selects the default: 60 s, or
+ * EPA2A_COLLECTIVE_TIMEOUT_MS from the environment at epa2a_init. */
+EPA2A_API int epa2a_set_collective_timeout(int64_t timeout_ns);
 EPA2A_API int epa2a_stream_create(void** stream);
 EPA2A_API int epa2a_stream_destroy(void* stream);
 EPA2A_API int epa2a_stream_sync(void* stream);
@@ -164,8 +169,12 @@ EPA2A_API int epa2a_device_free(void* ptr);
 EPA2A_API int epa2a_device_sync(void);
 
 /* ---- layer ---- */
-EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer** layer); /* collective */
-EPA2A_API int epa2a_layer_destroy(epa2a_layer* layer);                                   /* collective */
+/* Collective. Local allocations come first; a rank that fails there tells the others at the first barrier. */
+EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer** layer);
+/* Collective; always releases the layer. When the barrier fails (a rank missing) or the CUDA context is dead
+ * (a sticky error such as cudaErrorIllegalAddress), the symmetric buffers are not freed (that is collective:
+ * they go with the process), the rest is, and the error says so. */
+EPA2A_API int epa2a_layer_destroy(epa2a_layer* layer);
 EPA2A_API int epa2a_layer_get_buffers(epa2a_layer* layer, epa2a_layer_buffers* buffers);
 /* Collective: every rank passes the same rows (the maximum receive size over ranks). */
 EPA2A_API int epa2a_layer_grow_output(epa2a_layer* layer, int32_t rows);

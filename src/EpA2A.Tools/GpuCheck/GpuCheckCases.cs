@@ -46,6 +46,23 @@ internal sealed record GpuCheckCase(
 
     public int TimedSteps => Fault ? 0 : Large ? 5 : 20;
 
+    /// <summary>
+    /// What one rank process of this case may need, from its work: a fixed part (layer create and destroy, JIT,
+    /// steps, the fault's timeouts; more for graph captures and the in-process CPU group) plus its host elements
+    /// at a pessimistic 40 M a second (about a fifth of what one core did on a 2-core VM) (every rank's tokens drawn, then this rank's reference combine, received
+    /// rows, expert outputs and checks, each about max tokens x top-k x hidden). Group deadlines add these up.
+    /// </summary>
+    public TimeSpan Budget
+    {
+        get
+        {
+            double draw = (double)World * MaxTokens * Hidden;
+            double mine = 4.0 * MaxTokens * TopK * Hidden;
+            double seconds = 10 + (Graph ? 15 : 0) + (CompareWithCpu ? 5 : 0) + ((draw + mine) / 40e6);
+            return TimeSpan.FromSeconds(Math.Ceiling(seconds));
+        }
+    }
+
     public string TypeName => Type switch
     {
         TokenType.BFloat16 => "bf16",
@@ -124,5 +141,9 @@ internal sealed record GpuCheckCase(
         [.. All.Where(c => c.Group == group && (string.IsNullOrEmpty(filter) || filter.Split(',').Any(f => c.Name.Contains(f, StringComparison.OrdinalIgnoreCase))))];
 
     /// <summary>The data seed of a case: the same on every rank, different per case.</summary>
-    public int Seed(int runSeed) => (runSeed * 131) + All.ToList().IndexOf(this);
+    public int Seed(int runSeed) => unchecked((runSeed * 131) + All.ToList().IndexOf(this));
+
+    /// <summary>The deadline of a group's rank processes: start-up (runtime, NVSHMEM bootstrap) plus 1.5 times its cases' budgets.</summary>
+    public static TimeSpan GroupDeadline(IEnumerable<GpuCheckCase> cases) =>
+        TimeSpan.FromSeconds(60 + Math.Ceiling(1.5 * cases.Sum(c => c.Budget.TotalSeconds)));
 }
