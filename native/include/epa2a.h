@@ -313,6 +313,13 @@ EPA2A_API int epa2a_ll_dispatch_recv(epa2a_ll_layer* layer, void* stream);
 EPA2A_API int epa2a_ll_combine_send(epa2a_ll_layer* layer, const void* expert_output, void* stream);
 /* out [n, hidden] bf16 (n of the latest dispatch); weighted: multiply each row by its routing weight. */
 EPA2A_API int epa2a_ll_combine_recv(epa2a_ll_layer* layer, void* out, int32_t weighted, void* stream);
+/* One-kernel forms (send and receive in one launch, one launch less a phase; no compute can overlap the exchange):
+ * epa2a_ll_dispatch = dispatch_send + dispatch_recv, epa2a_ll_combine = combine_send + combine_recv, same arguments.
+ * Each needs all its blocks resident at once (num_sms blocks of 256 threads a rank). */
+EPA2A_API int epa2a_ll_dispatch(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids, const float* weights,
+                                int32_t num_tokens, int32_t format, void* stream);
+EPA2A_API int epa2a_ll_combine(epa2a_ll_layer* layer, const void* expert_output, void* out, int32_t weighted,
+                               void* stream);
 
 #ifdef __cplusplus
 }

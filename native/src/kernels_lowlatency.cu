@@ -13,6 +13,8 @@
 // kernels, so graph replays stay fresh.
 #include <cuda_fp8.h>
 
+#include <algorithm>
+
 #include "ll_internal.h"
 
 namespace epa2a {
@@ -194,8 +196,8 @@ __device__ void quantize_tokens(const LLCtx& c, int qb, int nqb) {
   }
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LLCtx c) {
-  if (failed(c)) return;
+// Route (block 0) and quantize or copy (the others) this rank's tokens.
+__device__ void dispatch_send_body(const LLCtx& c) {
   if (blockIdx.x == 0) route_entries(c);
   if (gridDim.x == 1 || blockIdx.x > 0) {
     const int qb = gridDim.x == 1 ? 0 : blockIdx.x - 1, nqb = gridDim.x == 1 ? 1 : gridDim.x - 1;
@@ -204,6 +206,11 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LLCtx c) {
     else
       quantize_tokens(c, qb, nqb);
   }
+}
+
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LLCtx c) {
+  if (failed(c)) return;
+  dispatch_send_body(c);
   finish_and_signal(c, c.done + 0, c.dep + 0, kPeerDispSig);
 }
 
@@ -220,7 +227,8 @@ __device__ __forceinline__ int last_at_most(const int* a, int n, int v) {
   return lo;
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
+// Waits for every source's dispatch signal `epoch`, then pulls the rows into the compact layout.
+__device__ void dispatch_recv_body(const LLCtx& c, uint64_t epoch) {
   extern __shared__ int smem[];  // pre[Epr][W + 1], erow[Epr + 1]
   __shared__ const char* s_x[kLLMaxRanks];
   __shared__ const float* s_sc[kLLMaxRanks];
@@ -235,7 +243,6 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
     s_sc[r] = peer_ptr<const float>(c, kPeerSendScales, r);
     s_pos[r] = peer_ptr<int>(c, kPeerPos, r);
   }
-  const uint64_t epoch = __ldcg(c.dep + 0);
   for (int r = tid; r < W; r += blockDim.x)
     wait_signal<LLCtx, kLLMaxSleepNs>(c, c.disp_sig + r, epoch, r, EPA2A_PHASE_LL_DISPATCH_RECV, r);
   __syncthreads();
@@ -346,9 +353,13 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
   }
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLCtx c, const int4* src) {
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LLCtx c) {
+  dispatch_recv_body(c, __ldcg(c.dep + 0));
+}
+
+// Copies the expert rows below rows_per_expert into the combine buffer (nothing for zero-copy: src NULL).
+__device__ void combine_send_body(const LLCtx& c, const int4* src) {
   extern __shared__ int erow[];  // [Epr + 1]
-  if (failed(c)) return;
   if (src) {
     const int Epr = c.Epr, WM = c.W * c.M;
     const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
@@ -381,17 +392,22 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLCtx c, co
       }
     }
   }
+}
+
+__global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLCtx c, const int4* src) {
+  if (failed(c)) return;
+  combine_send_body(c, src);
   finish_and_signal(c, c.done + 1, c.dep + 1, kPeerCombSig);
 }
 
-__global__ void __launch_bounds__(kLLThreads)
-    ll_combine_recv_kernel(LLCtx c, unsigned short* out, int weighted) {
+// Waits for every rank's combine signal `epoch`, then each token's weighted fp32 sum of its rows, rounded
+// once.
+__device__ void combine_recv_body(const LLCtx& c, unsigned short* out, int weighted, uint64_t epoch) {
   __shared__ const char* s_comb[kLLMaxRanks];
   if (failed(c)) return;
   const int W = c.W, K = c.K, H = c.H;
   const int tid = threadIdx.x, lane = tid & 31, wpb = blockDim.x >> 5;
   for (int r = tid; r < W; r += blockDim.x) s_comb[r] = peer_ptr<const char>(c, kPeerComb, r);
-  const uint64_t epoch = __ldcg(c.dep + 1);
   for (int r = tid; r < W; r += blockDim.x)
     wait_signal<LLCtx, kLLMaxSleepNs>(c, c.comb_sig + r, epoch, r, EPA2A_PHASE_LL_COMBINE_RECV, r);
   __syncthreads();
@@ -481,6 +497,33 @@ __global__ void __launch_bounds__(kLLThreads)
   }
 }
 
+__global__ void __launch_bounds__(kLLThreads)
+    ll_combine_recv_kernel(LLCtx c, unsigned short* out, int weighted) {
+  combine_recv_body(c, out, weighted, __ldcg(c.dep + 1));
+}
+
+// One-kernel forms: send, then (every block, once it has arrived) receive. Each block reads this step's epoch
+// before it arrives, so before the last block stores it. Needs every block of the grid resident at once (the
+// receivers wait for the signals of their own last block), which the small grids of the decode sizes are.
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LLCtx c) {
+  if (failed(c)) return;
+  const uint64_t epoch = __ldcg(c.dep + 0) + 1;
+  dispatch_send_body(c);
+  finish_and_signal(c, c.done + 0, c.dep + 0, kPeerDispSig);
+  __syncthreads();
+  dispatch_recv_body(c, epoch);
+}
+
+__global__ void __launch_bounds__(kLLThreads)
+    ll_combine_fused_kernel(LLCtx c, const int4* src, unsigned short* out, int weighted) {
+  if (failed(c)) return;
+  const uint64_t epoch = __ldcg(c.dep + 1) + 1;
+  combine_send_body(c, src);
+  finish_and_signal(c, c.done + 1, c.dep + 1, kPeerCombSig);
+  __syncthreads();
+  combine_recv_body(c, out, weighted, epoch);
+}
+
 // Every rank stores this barrier's epoch into slot `me` of every rank's barrier signals, then waits for all.
 __global__ void ll_barrier_kernel(LLCtx c) {
   if (failed(c)) return;
@@ -500,6 +543,22 @@ __global__ void noop_kernel() {}
 
 cudaError_t launch_noop(cudaStream_t s) {
   noop_kernel<<<1, 32, 0, s>>>();
+  return cudaGetLastError();
+}
+
+static size_t fused_dispatch_smem(const LLCtx& c) {
+  return std::max(ll_dispatch_send_smem(c.E, c.M * c.K), ll_dispatch_recv_smem(c.W, c.Epr));
+}
+
+cudaError_t ll_launch_dispatch_fused(const LLCtx& c, int blocks, cudaStream_t s) {
+  ll_dispatch_fused_kernel<<<blocks, kLLThreads, fused_dispatch_smem(c), s>>>(c);
+  return cudaGetLastError();
+}
+
+cudaError_t ll_launch_combine_fused(const LLCtx& c, const void* expert_output, void* out, int weighted,
+                                    int blocks, cudaStream_t s) {
+  ll_combine_fused_kernel<<<blocks, kLLThreads, ((size_t)c.Epr + 1) * sizeof(int), s>>>(
+      c, static_cast<const int4*>(expert_output), static_cast<unsigned short*>(out), weighted);
   return cudaGetLastError();
 }
 
@@ -530,6 +589,12 @@ cudaError_t ll_prepare_kernels(int W, int E, int MK) {
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(ll_combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)combine_send_smem(Epr));
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(ll_combine_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)combine_send_smem(Epr));
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(ll_dispatch_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)std::max(ll_dispatch_send_smem(E, MK), ll_dispatch_recv_smem(W, Epr)));
   return e;
 }
 

@@ -74,6 +74,10 @@ cudaError_t ll_launch_dispatch_recv(const LLCtx& c, int blocks, cudaStream_t s);
 cudaError_t ll_launch_combine_send(const LLCtx& c, const void* expert_output, int blocks, cudaStream_t s);
 cudaError_t ll_launch_combine_recv(const LLCtx& c, void* out, int weighted, int blocks, cudaStream_t s);
 cudaError_t ll_launch_barrier(const LLCtx& c, cudaStream_t s);
+// One-kernel dispatch (send + receive) and combine (send + receive).
+cudaError_t ll_launch_dispatch_fused(const LLCtx& c, int blocks, cudaStream_t s);
+cudaError_t ll_launch_combine_fused(const LLCtx& c, const void* expert_output, void* out, int weighted,
+                                    int blocks, cudaStream_t s);
 cudaError_t launch_noop(cudaStream_t s);
 // Raises the dynamic shared-memory limits of the kernels for this layer's sizes (once, at creation).
 cudaError_t ll_prepare_kernels(int W, int E, int MK);

@@ -208,6 +208,46 @@ int clear_state(epa2a_ll_layer* l, const char* fn) {
   return EPA2A_OK;
 }
 
+// Checks a dispatch's arguments before anything is launched, then launches the send kernel (or, fused, the
+// one-kernel send + receive).
+int start_dispatch(epa2a_ll_layer* layer, const char* fn, const void* x, const int32_t* expert_ids,
+                   const float* weights, int32_t num_tokens, int32_t format, void* stream, bool fused) {
+  int rc = check(layer, fn);
+  if (rc) return rc;
+  epa2a_ll_layer* l = layer;
+  if ((rc = expect_step(l, fn, LLStep::Idle))) return rc;
+  epa2a::LLCtx& c = l->ctx;
+  if (num_tokens < 0 || num_tokens > c.M)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "num_tokens = %d must be in [0, max_tokens = %d]", num_tokens,
+                c.M);
+  if (format < EPA2A_LL_FORMAT_BF16 || format > EPA2A_LL_FORMAT_FP8_POW2)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "format = %d must be EPA2A_LL_FORMAT_BF16, _FP8 or _FP8_POW2",
+                format);
+  if (format != EPA2A_LL_FORMAT_BF16 && c.H % epa2a::kLLGroup != 0)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "fp8 needs hidden to be a multiple of 128 (hidden = %d)",
+                c.H);
+  if (num_tokens > 0) {
+    if (!x || !expert_ids) return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "x and expert_ids must not be NULL");
+    if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(expert_ids) % 4 != 0 ||
+        reinterpret_cast<uintptr_t>(weights) % 4 != 0)
+      return fail(EPA2A_ERR_INVALID_ARGUMENT, fn,
+                  "x must be 16-byte aligned, expert_ids and weights 4-byte aligned");
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if ((rc = check_usable(l, fn, s))) return rc;
+  c.n = num_tokens;
+  c.format = format;
+  c.x = static_cast<const char*>(x);
+  c.ids = expert_ids;
+  c.weights = weights;
+  c.has_weights = weights != nullptr;
+  const cudaError_t err = fused ? epa2a::ll_launch_dispatch_fused(c, l->blocks, s)
+                                : epa2a::ll_launch_dispatch_send(c, l->blocks, s);
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "low-latency dispatch launch");
+  l->step = fused ? LLStep::Dispatched : LLStep::DispatchSent;
+  return EPA2A_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -409,39 +449,33 @@ EPA2A_API int epa2a_ll_layer_barrier(epa2a_ll_layer* layer, void* stream) {
 
 EPA2A_API int epa2a_ll_dispatch_send(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids,
                                      const float* weights, int32_t num_tokens, int32_t format, void* stream) {
-  const char* fn = "epa2a_ll_dispatch_send";
+  return start_dispatch(layer, "epa2a_ll_dispatch_send", x, expert_ids, weights, num_tokens, format, stream,
+                        false);
+}
+
+EPA2A_API int epa2a_ll_dispatch(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids,
+                                const float* weights, int32_t num_tokens, int32_t format, void* stream) {
+  return start_dispatch(layer, "epa2a_ll_dispatch", x, expert_ids, weights, num_tokens, format, stream, true);
+}
+
+EPA2A_API int epa2a_ll_combine(epa2a_ll_layer* layer, const void* expert_output, void* out, int32_t weighted,
+                               void* stream) {
+  const char* fn = "epa2a_ll_combine";
   int rc = check(layer, fn);
   if (rc) return rc;
-  epa2a_ll_layer* l = layer;
-  if ((rc = expect_step(l, fn, LLStep::Idle))) return rc;
-  epa2a::LLCtx& c = l->ctx;
-  if (num_tokens < 0 || num_tokens > c.M)
-    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "num_tokens = %d must be in [0, max_tokens = %d]", num_tokens,
-                c.M);
-  if (format < EPA2A_LL_FORMAT_BF16 || format > EPA2A_LL_FORMAT_FP8_POW2)
-    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "format = %d must be EPA2A_LL_FORMAT_BF16, _FP8 or _FP8_POW2",
-                format);
-  if (format != EPA2A_LL_FORMAT_BF16 && c.H % epa2a::kLLGroup != 0)
-    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "fp8 needs hidden to be a multiple of 128 (hidden = %d)",
-                c.H);
-  if (num_tokens > 0) {
-    if (!x || !expert_ids) return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "x and expert_ids must not be NULL");
-    if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(expert_ids) % 4 != 0 ||
-        reinterpret_cast<uintptr_t>(weights) % 4 != 0)
-      return fail(EPA2A_ERR_INVALID_ARGUMENT, fn,
-                  "x must be 16-byte aligned, expert_ids and weights 4-byte aligned");
-  }
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if ((rc = check_usable(l, fn, s))) return rc;
-  c.n = num_tokens;
-  c.format = format;
-  c.x = static_cast<const char*>(x);
-  c.ids = expert_ids;
-  c.weights = weights;
-  c.has_weights = weights != nullptr;
-  const cudaError_t err = epa2a::ll_launch_dispatch_send(c, l->blocks, s);
-  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "ll_dispatch_send launch");
-  l->step = LLStep::DispatchSent;
+  if ((rc = expect_step(layer, fn, LLStep::Dispatched))) return rc;
+  const epa2a::LLCtx& c = layer->ctx;
+  if (expert_output == c.comb) expert_output = nullptr;
+  if (reinterpret_cast<uintptr_t>(expert_output) % 16 != 0)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "expert_output must be 16-byte aligned");
+  if (c.n > 0 && (!out || reinterpret_cast<uintptr_t>(out) % 16 != 0))
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "out must be a 16-byte aligned device pointer");
+  if (weighted && !c.has_weights)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "a weighted combine needs routing weights at dispatch");
+  const cudaError_t err = epa2a::ll_launch_combine_fused(c, expert_output, out, weighted ? 1 : 0,
+                                                         layer->blocks, static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "ll_combine (fused) launch");
+  layer->step = LLStep::Idle;
   return EPA2A_OK;
 }
 

@@ -80,7 +80,7 @@ enum class Kind { Check, Fault, BadInput, Timed };
 
 // What a timed case measures, each after a device barrier of all ranks (graph replays, CUDA events on the
 // stream).
-constexpr int kPhases = 10;
+constexpr int kPhases = 12;
 const char* const kPhaseNames[kPhases] = {"dispatch fp8 (send+recv)",
                                           "dispatch bf16 (send+recv)",
                                           "combine zero-copy (send+recv)",
@@ -90,7 +90,9 @@ const char* const kPhaseNames[kPhases] = {"dispatch fp8 (send+recv)",
                                           "(c) fp8 dispatch send only",
                                           "(d) fp8 send, recv: 2 graphs",
                                           "(e) combine send only (zero-copy)",
-                                          "(f) combine send, recv: 2 graphs"};
+                                          "(f) combine send, recv: 2 graphs",
+                                          "(g) fp8 dispatch, one kernel",
+                                          "(h) combine zero-copy, one kernel"};
 
 struct Case {
   std::string name;
@@ -99,10 +101,11 @@ struct Case {
   int format = EPA2A_LL_FORMAT_BF16;
   bool weighted = true, zero_copy = false, skew = false, graph = false;
   double drop = 0.1;
-  int bad_rank = -1;  // that rank sends one id outside [0, E]
-  bool pile = false;  // every slot of every token lists expert 0: it overflows its W*M rows on rank 0
-  int steps = 3;      // checked steps, fresh inputs each
-  int fixed_n = -1;   // Timed: tokens per rank
+  int bad_rank = -1;   // that rank sends one id outside [0, E]
+  bool fused = false;  // the one-kernel epa2a_ll_dispatch / epa2a_ll_combine
+  bool pile = false;   // every slot of every token lists expert 0: it overflows its W*M rows on rank 0
+  int steps = 3;       // checked steps, fresh inputs each
+  int fixed_n = -1;    // Timed: tokens per rank
   int64_t timeout_ns = 5000000000LL;
   uint64_t seed = 1;
 };
@@ -158,6 +161,16 @@ std::vector<Case> cases_for(int W, uint64_t seed, int timed_iters) {
   c.format = EPA2A_LL_FORMAT_FP8;
   c.graph = true, c.zero_copy = true;
   c.shape = shape(4 * W, 8, 2048, 16);
+  add(c);
+  c = {};
+  c.name = "fp8 one-kernel dispatch+combine";
+  c.format = EPA2A_LL_FORMAT_FP8, c.fused = true;
+  c.shape = shape(8 * W, 8, 1024, 32);
+  add(c);
+  c = {};
+  c.name = "bf16 one-kernel graph zero-copy";
+  c.fused = true, c.graph = true, c.zero_copy = true;
+  c.shape = shape(4 * W, 4, 512, 24);
   add(c);
   c = {};
   c.name = "bad expert id on rank 1";
@@ -274,12 +287,21 @@ struct Io {
 };
 
 void enqueue_dispatch(epa2a_ll_layer* l, Io& io, int n, int format) {
+  if (io.c.fused) {
+    CK(epa2a_ll_dispatch(l, io.x.p, static_cast<const int32_t*>(io.ids.p), static_cast<const float*>(io.w.p),
+                         n, format, io.stream));
+    return;
+  }
   CK(epa2a_ll_dispatch_send(l, io.x.p, static_cast<const int32_t*>(io.ids.p),
                             static_cast<const float*>(io.w.p), n, format, io.stream));
   CK(epa2a_ll_dispatch_recv(l, io.stream));
 }
 
 void enqueue_combine(epa2a_ll_layer* l, Io& io, bool zero_copy, bool weighted) {
+  if (io.c.fused) {
+    CK(epa2a_ll_combine(l, zero_copy ? nullptr : io.expert.p, io.out.p, weighted ? 1 : 0, io.stream));
+    return;
+  }
   CK(epa2a_ll_combine_send(l, zero_copy ? nullptr : io.expert.p, io.stream));
   CK(epa2a_ll_combine_recv(l, io.out.p, weighted ? 1 : 0, io.stream));
 }
@@ -567,6 +589,14 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
   CK(epa2a_graph_begin(stream));
   CK(epa2a_ll_combine_recv(g.l, io.out.p, 1, stream));
   CK(epa2a_graph_end(stream, &one[3]));
+  void* fused[2] = {};
+  CK(epa2a_graph_begin(stream));
+  CK(epa2a_ll_dispatch(g.l, io.x.p, static_cast<const int32_t*>(io.ids.p), static_cast<const float*>(io.w.p),
+                       n, EPA2A_LL_FORMAT_FP8, stream));
+  CK(epa2a_graph_end(stream, &fused[0]));
+  CK(epa2a_graph_begin(stream));
+  CK(epa2a_ll_combine(g.l, nullptr, io.out.p, 1, stream));
+  CK(epa2a_graph_end(stream, &fused[1]));
   void* noop = nullptr;
   void* bar = nullptr;
   CK(epa2a_graph_begin(stream));
@@ -580,11 +610,12 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
   std::vector<double> t[kPhases];
   // Each entry: the graphs one timed measurement replays. Every rank runs the same sequence, so the epochs
   // match (a send replayed alone just announces the same rows again).
-  const std::vector<void*> plan[kPhases] = {{gr[0]}, {gr[1]},  {gr[2]},          {gr[3]},  {noop},
-                                            {bar},   {one[0]}, {one[0], one[1]}, {one[2]}, {one[2], one[3]}};
+  const std::vector<void*> plan[kPhases] = {
+      {gr[0]},  {gr[1]},          {gr[2]},  {gr[3]},          {noop},     {bar},
+      {one[0]}, {one[0], one[1]}, {one[2]}, {one[2], one[3]}, {fused[0]}, {fused[1]}};
   // Order of one iteration: what each later phase needs has run before it (a receive after its send, a
   // combine after a dispatch).
-  const int order[kPhases] = {4, 5, 6, 7, 8, 9, 0, 2, 1, 3};
+  const int order[kPhases] = {4, 5, 6, 7, 10, 8, 9, 11, 0, 2, 1, 3};
   for (int it = 0; it < iters + 20; ++it) {
     for (int q : order) {
       CK(epa2a_ll_layer_barrier(g.l, stream));
@@ -598,6 +629,7 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
     }
   }
   for (void* x : one) epa2a_graph_destroy(x);
+  for (void* x : fused) epa2a_graph_destroy(x);
   epa2a_graph_destroy(noop);
   epa2a_graph_destroy(bar);
   for (auto& e : ev) epa2a_event_destroy(e);

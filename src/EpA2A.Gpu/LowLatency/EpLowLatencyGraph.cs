@@ -60,6 +60,7 @@ public sealed class EpLowLatencyGraph : IDisposable
     private readonly ILowLatencyGraphBackend backend;
     private readonly LowLatencyCapturedStep step;
     private LowLatencyGraphPhases next = LowLatencyGraphPhases.DispatchSend;
+    private bool oneKernelPhases;
     private bool disposed;
 
     private EpLowLatencyGraph(EpLowLatencyLayer layer, ILowLatencyGraphBackend backend, LowLatencyCapturedStep step, LowLatencyDeviceDispatchResult dispatch)
@@ -80,7 +81,8 @@ public sealed class EpLowLatencyGraph : IDisposable
     /// <summary>
     /// Captures a step of <paramref name="layer"/> (CUDA backend, between steps): dispatch of the given device inputs,
     /// combine from <paramref name="expertOutput"/> (null: the experts write <see cref="EpLowLatencyLayer.DeviceCombineBuffer"/>).
-    /// Nothing runs until a replay.
+    /// Nothing runs until a replay. With <paramref name="oneKernel"/> dispatch and combine are one kernel each (send and
+    /// receive in one launch): a replay must then take a phase's send and receive together.
     /// </summary>
     /// <exception cref="NotSupportedException">The layer's backend cannot capture graphs (CPU).</exception>
     /// <exception cref="ArgumentException">A shape, alignment or format is wrong (checked before anything is captured).</exception>
@@ -91,7 +93,8 @@ public sealed class EpLowLatencyGraph : IDisposable
         DeviceTensor<float>? weights = null,
         LowLatencyDispatchOptions? options = null,
         DeviceTensor<Numerics.BFloat16>? expertOutput = null,
-        bool weighted = true)
+        bool weighted = true,
+        bool oneKernel = false)
     {
         ArgumentNullException.ThrowIfNull(layer);
         options ??= LowLatencyDispatchOptions.Bf16;
@@ -113,7 +116,12 @@ public sealed class EpLowLatencyGraph : IDisposable
         }
 
         LowLatencyCapturedStep step = await layer.BetweenStepsAsync("EpLowLatencyGraph.CaptureAsync", op =>
-            graphs.CaptureAsync(input, options, expertOutput?.Pointer ?? 0, weighted, op)).ConfigureAwait(false);
+            graphs.CaptureAsync(input, options, expertOutput?.Pointer ?? 0, weighted, oneKernel, op)).ConfigureAwait(false);
+        if (oneKernel)
+        {
+            return new EpLowLatencyGraph(layer, graphs, step, layer.DeviceView(step.Received, step.TokenCount, options, weights is not null)) { oneKernelPhases = true };
+        }
+
         LowLatencyDeviceDispatchResult dispatch = layer.DeviceView(step.Received, step.TokenCount, options, weights is not null);
         return new EpLowLatencyGraph(layer, graphs, step, dispatch);
     }
@@ -140,6 +148,11 @@ public sealed class EpLowLatencyGraph : IDisposable
     {
         ObjectDisposedException.ThrowIf(disposed, this);
         LowLatencyGraphPhases after = Continue(phases);
+        if (oneKernelPhases && ((phases & LowLatencyGraphPhases.Dispatch) is LowLatencyGraphPhases.DispatchSend or LowLatencyGraphPhases.DispatchReceive || (phases & LowLatencyGraphPhases.Combine) is LowLatencyGraphPhases.CombineSend or LowLatencyGraphPhases.CombineReceive))
+        {
+            throw new InvalidOperationException($"a graph captured with one kernel a phase replays a phase's send and receive together, not {phases}");
+        }
+
         LowLatencyGraphReplay replay = await layer.BetweenStepsAsync("EpLowLatencyGraph.ReplayAsync", op =>
             backend.ReplayAsync(step, phases, alignRanks, op)).ConfigureAwait(false);
         next = after;

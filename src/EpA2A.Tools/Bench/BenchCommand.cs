@@ -45,6 +45,7 @@ internal static class BenchCommand
         Option<string> decodeTokens = new("--decode-tokens") { Description = "Decode sweep: tokens per rank", DefaultValueFactory = _ => "1,8,32,64,128,256" };
         Option<string> decodeHidden = new("--decode-hidden") { Description = "Decode sweep: hidden sizes", DefaultValueFactory = _ => "7168,4096" };
         Option<string> decodeFormats = new("--decode-formats") { Description = "Decode sweep: dispatch formats (fp8, fp8-pow2, bf16)", DefaultValueFactory = _ => "fp8,bf16" };
+        Option<string> decodeKernels = new("--decode-kernels") { Description = "Decode sweep: split (send and receive kernels, 4 graphs a step) and/or one (one kernel a phase)", DefaultValueFactory = _ => "split,one" };
         Option<int> decodeIterations = new("--decode-iterations") { Description = "Decode sweep: timed graph replays a point", DefaultValueFactory = _ => 1000 };
         Option<int?> decodeSms = new("--decode-sms") { Description = "Decode sweep: blocks of each low-latency kernel per rank (default EpConfig.NumSms)" };
         Option<int?> rank = new("--rank") { Hidden = true };
@@ -53,7 +54,7 @@ internal static class BenchCommand
 
         Command command = new("bench", "Benchmark dispatch and combine: CUDA (rank processes under MPS) and CPU backends, a PyTorch peer on the same routing, the grain path; JSON, table and plot to bench/results.")
         {
-            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, decode, decodeTokens, decodeHidden, decodeFormats, decodeIterations, decodeSms, rank, dir, world,
+            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, decode, decodeTokens, decodeHidden, decodeFormats, decodeKernels, decodeIterations, decodeSms, rank, dir, world,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -79,6 +80,7 @@ internal static class BenchCommand
                     Hidden = Ints(p.GetValue(decodeHidden)!),
                     Routing = Words(p.GetValue(routing)!),
                     Formats = formats,
+                    Kernels = Words(p.GetValue(decodeKernels)!) is { Length: > 0 } kernels && kernels.All(k => k is "split" or "one") ? kernels : throw new ArgumentException("--decode-kernels takes split and/or one"),
                     Iterations = p.GetValue(decodeIterations),
                     Seed = p.GetValue(seed),
                     NumSms = p.GetValue(decodeSms),

@@ -37,7 +37,7 @@ internal static class BenchDecode
         string dir = Directory.CreateTempSubdirectory("epa2a-decode-").FullName;
         await File.WriteAllTextAsync(Path.Combine(dir, ManifestFile), JsonSerializer.Serialize(manifest, BenchJson.Indented), ct).ConfigureAwait(false);
         (string gpu, string driver) = RankProcesses.GpuName();
-        int points = manifest.Tokens.Length * manifest.Hidden.Length * manifest.Routing.Length * manifest.Formats.Length;
+        int points = manifest.Tokens.Length * manifest.Hidden.Length * manifest.Routing.Length * manifest.Formats.Length * manifest.Kernels.Length;
         await console.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"== epa2a-tools bench --decode {started:yyyy-MM-ddTHH:mm:ssZ} on {gpu} (driver {driver}): {manifest.World} ranks, {points} points x {manifest.Iterations} graph replays, seed {manifest.Seed}")).ConfigureAwait(false);
         List<Process> ranks = [];
         StringBuilder logs = new();
@@ -139,9 +139,9 @@ internal static class BenchDecode
             {
                 foreach (int tokens in manifest.Tokens)
                 {
-                    foreach (string format in manifest.Formats)
+                    foreach ((string format, string kernels) in manifest.Formats.SelectMany(f => manifest.Kernels.Select(k => (f, k))))
                     {
-                        BenchDecodeRankPoint point = new() { Hidden = hidden, Tokens = tokens, Routing = routing, Format = format };
+                        BenchDecodeRankPoint point = new() { Hidden = hidden, Tokens = tokens, Routing = routing, Format = format, Kernels = kernels };
                         Stopwatch sw = Stopwatch.StartNew();
                         try
                         {
@@ -203,7 +203,8 @@ internal static class BenchDecode
             new DeviceTensor<float>(weights.Tensor.Pointer, [n, k], weights),
             format,
             expertOutput: null,
-            weighted: true).ConfigureAwait(false);
+            weighted: true,
+            oneKernel: point.Kernels == "one").ConfigureAwait(false);
 
         GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
         GC.WaitForPendingFinalizers();
@@ -286,6 +287,7 @@ internal static class BenchDecode
                 Tokens = lead.Tokens,
                 Routing = lead.Routing,
                 Format = lead.Format,
+                Kernels = lead.Kernels,
                 Error = error,
                 DispatchMedianUs = lead.DispatchMedianUs,
                 DispatchP99Us = lead.DispatchP99Us,
@@ -327,18 +329,18 @@ internal static class BenchDecode
         sb.AppendLine(CultureInfo.InvariantCulture, $"{s.Date}, driver {s.Driver}; {s.World} ranks as processes on the GPU (MPS), top-{s.TopK} of {s.Experts}, {s.NumSms} blocks a kernel; every point captured as CUDA graphs of the four split phases (zero-copy weighted combine) and replayed {s.Iterations} times after a device barrier each.");
         sb.AppendLine(CultureInfo.InvariantCulture, $"GPU times from CUDA events on rank 0 (median, p99) and the slowest rank's median. Copy ceiling {s.CopyBytesPerSecond / 1e12:0.00} TB/s (device-to-device read + write, this run); floor = bytes read + written by all ranks / ceiling (dispatch: FP8 bytes plus scales, or bf16, once per (token, expert) row; combine: every row read once, every token written once). Algorithm bandwidth of rank 0: per (token, expert) pair, and per destination rank deduplicated.");
         sb.AppendLine();
-        sb.AppendLine("| hidden | tokens | routing | format | dispatch us | p99 | p99/med | worst rank | floor us | x floor | combine us | p99 | p99/med | worst rank | floor us | x floor | dispatch GB/s pair / rank | combine GB/s pair / rank |");
-        sb.AppendLine("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        sb.AppendLine("| hidden | tokens | routing | format | kernels | dispatch us | p99 | p99/med | worst rank | floor us | x floor | combine us | p99 | p99/med | worst rank | floor us | x floor | dispatch GB/s pair / rank | combine GB/s pair / rank |");
+        sb.AppendLine("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         foreach (BenchDecodePoint p in s.Points)
         {
             if (p.Error is not null)
             {
-                sb.AppendLine(CultureInfo.InvariantCulture, $"| {p.Hidden} | {p.Tokens} | {p.Routing} | {p.Format} | FAILED: {p.Error} |");
+                sb.AppendLine(CultureInfo.InvariantCulture, $"| {p.Hidden} | {p.Tokens} | {p.Routing} | {p.Format} | {p.Kernels} | FAILED: {p.Error} |");
                 continue;
             }
 
             static string R(double a, double b) => b > 0 ? (a / b).ToString("0.00", CultureInfo.InvariantCulture) : "-";
-            sb.AppendLine(CultureInfo.InvariantCulture, $"| {p.Hidden} | {p.Tokens} | {p.Routing} | {p.Format} | {p.DispatchMedianUs:0.0} | {p.DispatchP99Us:0.0} | {R(p.DispatchP99Us, p.DispatchMedianUs)} | {p.DispatchWorstRankMedianUs:0.0} | {p.DispatchFloorUs:0.0} | {R(p.DispatchMedianUs, p.DispatchFloorUs)} | {p.CombineMedianUs:0.0} | {p.CombineP99Us:0.0} | {R(p.CombineP99Us, p.CombineMedianUs)} | {p.CombineWorstRankMedianUs:0.0} | {p.CombineFloorUs:0.0} | {R(p.CombineMedianUs, p.CombineFloorUs)} | {p.DispatchPairGBps:0} / {p.DispatchRankGBps:0} | {p.CombinePairGBps:0} / {p.CombineRankGBps:0} |");
+            sb.AppendLine(CultureInfo.InvariantCulture, $"| {p.Hidden} | {p.Tokens} | {p.Routing} | {p.Format} | {p.Kernels} | {p.DispatchMedianUs:0.0} | {p.DispatchP99Us:0.0} | {R(p.DispatchP99Us, p.DispatchMedianUs)} | {p.DispatchWorstRankMedianUs:0.0} | {p.DispatchFloorUs:0.0} | {R(p.DispatchMedianUs, p.DispatchFloorUs)} | {p.CombineMedianUs:0.0} | {p.CombineP99Us:0.0} | {R(p.CombineP99Us, p.CombineMedianUs)} | {p.CombineWorstRankMedianUs:0.0} | {p.CombineFloorUs:0.0} | {R(p.CombineMedianUs, p.CombineFloorUs)} | {p.DispatchPairGBps:0} / {p.DispatchRankGBps:0} | {p.CombinePairGBps:0} / {p.CombineRankGBps:0} |");
         }
 
         sb.AppendLine();
@@ -346,7 +348,7 @@ internal static class BenchDecode
         foreach (BenchDecodePoint p in s.Points.Where(p => p.Error is null && p.Hidden == 7168 && p.Routing == "uniform" && p.Format == "fp8" && p.Tokens is 1 or 128))
         {
             double d = p.Tokens == 1 ? 15 : 30, c = p.Tokens == 1 ? 15 : 45;
-            sb.AppendLine(CultureInfo.InvariantCulture, $"- {p.Tokens} token(s): dispatch {p.DispatchMedianUs:0.0} us ({(p.DispatchMedianUs <= d ? "met" : "MISSED")} {d} us), combine {p.CombineMedianUs:0.0} us ({(p.CombineMedianUs <= c ? "met" : "MISSED")} {c} us)");
+            sb.AppendLine(CultureInfo.InvariantCulture, $"- {p.Tokens} token(s), {p.Kernels} kernels: dispatch {p.DispatchMedianUs:0.0} us ({(p.DispatchMedianUs <= d ? "met" : "MISSED")} {d} us), combine {p.CombineMedianUs:0.0} us ({(p.CombineMedianUs <= c ? "met" : "MISSED")} {c} us)");
         }
 
         int tails = s.Points.Count(p => p.Error is null && (p.DispatchP99Us > 1.3 * p.DispatchMedianUs || p.CombineP99Us > 1.3 * p.CombineMedianUs));
@@ -372,6 +374,9 @@ internal sealed record BenchDecodeManifest
 
     public string[] Formats { get; init; } = ["fp8", "bf16"];
 
+    /// <summary>split: a send and a receive kernel a phase (4 graphs); one: one kernel a phase (epa2a_ll_dispatch / _combine).</summary>
+    public string[] Kernels { get; init; } = ["split", "one"];
+
     public int Iterations { get; init; } = 1000;
 
     public int Warmup { get; init; } = 50;
@@ -392,7 +397,9 @@ internal sealed class BenchDecodeRankPoint
 
     public required string Format { get; init; }
 
-    public string Key => $"h{Hidden}-t{Tokens}-{Routing}-{Format}";
+    public string Kernels { get; init; } = "split";
+
+    public string Key => $"h{Hidden}-t{Tokens}-{Routing}-{Format}-{Kernels}";
 
     public string? Error { get; set; }
 
@@ -440,6 +447,8 @@ internal sealed record BenchDecodePoint
     public required string Routing { get; init; }
 
     public required string Format { get; init; }
+
+    public string Kernels { get; init; } = "split";
 
     public string? Error { get; init; }
 

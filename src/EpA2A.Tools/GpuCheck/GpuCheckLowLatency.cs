@@ -407,6 +407,34 @@ internal sealed class GpuCheckLowLatency(GpuCheckCase c, int rank, int world, st
         RequireBitwise<BFloat16>(combined, last, $"rank {rank}: the last timed replay's combine vs the host API's");
         static double Q(List<double> v, double q) => v.Order().ElementAt((int)Math.Round(q * (v.Count - 1)));
         string timing = string.Create(CultureInfo.InvariantCulture, $"graph replays: dispatch median {Q(dispatch, 0.5):0.0} us p99 {Q(dispatch, 0.99):0.0}, combine median {Q(combine, 0.5):0.0} us p99 {Q(combine, 0.99):0.0} ({TimedReplays} replays)");
+
+        // The one-kernel forms (send and receive in one launch) leave the same rows and combine.
+        graph.Dispose();
+        using EpLowLatencyGraph single = await EpLowLatencyGraph.CaptureAsync(layer, x, ids, weights, format, c.ZeroCopy ? null : dExpert.Tensor, c.Weighted, oneKernel: true).ConfigureAwait(false);
+        List<double> oneDispatch = [], oneCombine = [];
+        for (int i = 0; i < 3 + WarmupReplays + TimedReplays; i++)
+        {
+            if (i < 3)
+            {
+                await CudaLowLatencyDiagnostics.PoisonReceiveBuffersAsync(layer).ConfigureAwait(false);
+            }
+
+            LowLatencyGraphReplay r = await single.ReplayStepAsync().ConfigureAwait(false);
+            if (i < 3)
+            {
+                (BFloat16[]? tokens, byte[]? codes, float[]? scales, int[] rows) = await DownloadReceivedAsync(runtime, single.Dispatch).ConfigureAwait(false);
+                CheckRows($"one-kernel graph replay {i}", want.Mine, rows, tokens, codes, scales, poisoned: true);
+                BFloat16[] replayed = await DownloadAsync(runtime, single.CombineOutput).ConfigureAwait(false);
+                RequireBitwise<BFloat16>(combined, replayed, $"rank {rank}: one-kernel graph replay {i} combine vs the host API's");
+            }
+            else if (i >= 3 + WarmupReplays)
+            {
+                oneDispatch.Add(r.Dispatch.TotalMicroseconds);
+                oneCombine.Add(r.Combine.TotalMicroseconds);
+            }
+        }
+
+        timing += string.Create(CultureInfo.InvariantCulture, $"; one kernel a phase: dispatch median {Q(oneDispatch, 0.5):0.0} us p99 {Q(oneDispatch, 0.99):0.0}, combine median {Q(oneCombine, 0.5):0.0} us p99 {Q(oneCombine, 0.99):0.0}");
         return (Q(dispatch, 0.5), Q(combine, 0.5), timing);
     }
 

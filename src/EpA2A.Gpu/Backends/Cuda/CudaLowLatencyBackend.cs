@@ -288,7 +288,7 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
         inputErrorReported = false;
     }
 
-    public async ValueTask<LowLatencyCapturedStep> CaptureAsync(DeviceDispatchInput input, LowLatencyDispatchOptions options, nint expertOutput, bool weightedSum, OperationContext operation)
+    public async ValueTask<LowLatencyCapturedStep> CaptureAsync(DeviceDispatchInput input, LowLatencyDispatchOptions options, nint expertOutput, bool weightedSum, bool oneKernel, OperationContext operation)
     {
         ThrowIfUnusable(operation);
         int format = options.Format == LowLatencyFormat.Fp8
@@ -300,10 +300,19 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
             nint[] graphs = new nint[4];
             try
             {
-                graphs[0] = Capture(() => epa2a_ll_dispatch_send(layer.Pointer, input.Tokens, input.ExpertIds, input.Weights, n, format, stream.Pointer), "epa2a_ll_dispatch_send");
-                graphs[1] = Capture(() => epa2a_ll_dispatch_recv(layer.Pointer, stream.Pointer), "epa2a_ll_dispatch_recv");
-                graphs[2] = Capture(() => epa2a_ll_combine_send(layer.Pointer, expertOutput, stream.Pointer), "epa2a_ll_combine_send");
-                graphs[3] = Capture(() => epa2a_ll_combine_recv(layer.Pointer, combined.Pointer, weightedSum ? 1 : 0, stream.Pointer), "epa2a_ll_combine_recv");
+                if (oneKernel)
+                {
+                    graphs[0] = Capture(() => epa2a_ll_dispatch(layer.Pointer, input.Tokens, input.ExpertIds, input.Weights, n, format, stream.Pointer), "epa2a_ll_dispatch");
+                    graphs[2] = Capture(() => epa2a_ll_combine(layer.Pointer, expertOutput, combined.Pointer, weightedSum ? 1 : 0, stream.Pointer), "epa2a_ll_combine");
+                }
+                else
+                {
+                    graphs[0] = Capture(() => epa2a_ll_dispatch_send(layer.Pointer, input.Tokens, input.ExpertIds, input.Weights, n, format, stream.Pointer), "epa2a_ll_dispatch_send");
+                    graphs[1] = Capture(() => epa2a_ll_dispatch_recv(layer.Pointer, stream.Pointer), "epa2a_ll_dispatch_recv");
+                    graphs[2] = Capture(() => epa2a_ll_combine_send(layer.Pointer, expertOutput, stream.Pointer), "epa2a_ll_combine_send");
+                    graphs[3] = Capture(() => epa2a_ll_combine_recv(layer.Pointer, combined.Pointer, weightedSum ? 1 : 0, stream.Pointer), "epa2a_ll_combine_recv");
+                }
+
                 bool isFp8 = options.Format == LowLatencyFormat.Fp8;
                 return new LowLatencyCapturedStep(
                     graphs,
@@ -336,7 +345,7 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
             Record(EvBarrier);
             for (int i = 0; i < 4; i++)
             {
-                if (((int)phases & (1 << i)) != 0)
+                if (((int)phases & (1 << i)) != 0 && step.Graphs[i] != 0)
                 {
                     Check(epa2a_graph_launch(step.Graphs[i], stream.Pointer), "epa2a_graph_launch");
                 }
@@ -425,7 +434,7 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
     {
         _ = worker.Post(() =>
         {
-            foreach (nint g in step.Graphs)
+            foreach (nint g in step.Graphs.Where(g => g != 0))
             {
                 _ = epa2a_graph_destroy(g);
             }

@@ -8,9 +8,11 @@ internal interface ILowLatencyGraphBackend
 {
     /// <summary>
     /// Captures dispatch send, dispatch receive, combine send (from <paramref name="expertOutput"/>, or the combine
-    /// buffer itself when 0) and combine receive, one graph each; nothing runs. Native failures become the layer's exceptions.
+    /// buffer itself when 0) and combine receive, one graph each; nothing runs. With <paramref name="oneKernel"/> the
+    /// dispatch and the combine are one kernel each (graphs 0 and 2; graphs 1 and 3 are empty, 0). Native failures
+    /// become the layer's exceptions.
     /// </summary>
-    ValueTask<LowLatencyCapturedStep> CaptureAsync(DeviceDispatchInput input, LowLatencyDispatchOptions options, nint expertOutput, bool weighted, OperationContext operation);
+    ValueTask<LowLatencyCapturedStep> CaptureAsync(DeviceDispatchInput input, LowLatencyDispatchOptions options, nint expertOutput, bool weighted, bool oneKernel, OperationContext operation);
 
     /// <summary>
     /// Replays the chosen graphs in phase order (after a device barrier of all ranks when <paramref name="alignRanks"/>),

@@ -49,4 +49,10 @@ internal static partial class NativeMethods
 
     [LibraryImport(Library)]
     internal static partial int epa2a_ll_combine_recv(nint layer, nint output, int weighted, nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_ll_dispatch(nint layer, nint x, nint expertIds, nint weights, int numTokens, int format, nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_ll_combine(nint layer, nint expertOutput, nint output, int weighted, nint stream);
 }
