@@ -360,7 +360,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
 
     /// <summary>
     /// libepa2a's collective reset: waits for every rank's kernels to end, clears signals, status and the abort
-    /// flag everywhere. Every rank of the group must call it (NVSHMEM's barrier inside has no deadline).
+    /// flag everywhere. Every rank of the group must call it (its barriers have the collective deadline: a rank missing there fails the others, naming it).
     /// </summary>
     public async ValueTask RecoverAsync()
     {
