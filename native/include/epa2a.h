@@ -67,6 +67,7 @@ extern "C" {
 #define EPA2A_SLOT_COMBINE_READY 2
 #define EPA2A_SLOT_BARRIER_ALL 3
 #define EPA2A_SLOT_BARRIER_NODE 4
+#define EPA2A_SLOT_LIFECYCLE 5 /* a life-cycle barrier of grow or reset (host record; peer: the rank) */
 
 /* Token element types. */
 #define EPA2A_TOKEN_BF16 0
@@ -147,6 +148,10 @@ EPA2A_API int epa2a_sym_peer_ptr(void* ptr, int32_t peer, void** peer_ptr);
 /* NVSHMEM barriers on a stream (no deadline: for setup; layers use epa2a_layer_barrier). */
 EPA2A_API int epa2a_barrier_all(void* stream);
 EPA2A_API int epa2a_barrier_node(void* stream);
+/* Deadline of the collective barriers in layer create, destroy, grow and reset and in epa2a_finalize: a rank
+ * missing there makes the others fail with EPA2A_ERR_TIMEOUT naming it. <= 0 selects the default: 60 s, or
+ * EPA2A_COLLECTIVE_TIMEOUT_MS from the environment at epa2a_init. */
+EPA2A_API int epa2a_set_collective_timeout(int64_t timeout_ns);
 EPA2A_API int epa2a_stream_create(void** stream);
 EPA2A_API int epa2a_stream_destroy(void* stream);
 EPA2A_API int epa2a_stream_sync(void* stream);
@@ -164,8 +169,12 @@ EPA2A_API int epa2a_device_free(void* ptr);
 EPA2A_API int epa2a_device_sync(void);
 
 /* ---- layer ---- */
-EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer** layer); /* collective */
-EPA2A_API int epa2a_layer_destroy(epa2a_layer* layer);                                   /* collective */
+/* Collective. Local allocations come first; a rank that fails there tells the others at the first barrier. */
+EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer** layer);
+/* Collective; always releases the layer. When the barrier fails (a rank missing) or the CUDA context is dead
+ * (a sticky error such as cudaErrorIllegalAddress), the symmetric buffers are not freed (that is collective:
+ * they go with the process), the rest is, and the error says so. */
+EPA2A_API int epa2a_layer_destroy(epa2a_layer* layer);
 EPA2A_API int epa2a_layer_get_buffers(epa2a_layer* layer, epa2a_layer_buffers* buffers);
 /* Collective: every rank passes the same rows (the maximum receive size over ranks). */
 EPA2A_API int epa2a_layer_grow_output(epa2a_layer* layer, int32_t rows);
@@ -215,6 +224,102 @@ EPA2A_API int epa2a_graph_launch(void* graph_exec, void* stream);
 EPA2A_API int epa2a_graph_destroy(void* graph_exec);
 /* Free and total device memory of the current device (cudaMemGetInfo). */
 EPA2A_API int epa2a_mem_info(size_t* free_bytes, size_t* total_bytes);
+
+/* ---- low-latency layer (decode: 1-256 tokens a rank) ----
+ * A second layer object beside epa2a_layer, intra-node only (every rank reachable by load/store). Capacity is
+ * fixed at creation (max_tokens a rank) and every buffer is allocated once. Per rank R (Epr = num_experts /
+ * world_size local experts, M = max_tokens, W = world_size):
+ *   tokens          [Epr, W*M, hidden]        bf16, or fp8 e4m3 bytes (row stride hidden bytes)
+ *   scales          [Epr, W*M, hidden/128]    fp32, fp8 only: one scale per 128 channels of a row
+ *   rows_per_expert [Epr]                     int32 rows received per local expert
+ *   combine_input   [Epr, W*M, hidden]        bf16, symmetric: the combine's send buffer (zero-copy target)
+ * Inside local expert j's block the rows are compact from row 0, ordered by (source rank, source token, k);
+ * rows past rows_per_expert[j] are not written. No atomic decides a position.
+ * A step, in this order on every rank (one stream; each call only enqueues, none waits on the host):
+ *   epa2a_ll_dispatch_send   quantize (or copy) the tokens, route, announce to every rank      (1 kernel)
+ *   epa2a_ll_dispatch_recv   wait for every rank, pull the rows into the compact layout       (1 kernel)
+ *   ... experts read tokens/scales, write combine_input (or their own buffer) ...
+ *   epa2a_ll_combine_send    copy expert rows into combine_input (skipped for NULL), announce (1 kernel)
+ *   epa2a_ll_combine_recv    wait for every rank, pull each token's rows, weight, fp32 sum, round once
+ * Each call can be captured in a CUDA graph (epochs live in device memory). Every device wait has the layer's
+ * deadline and observes epa2a_ll_layer_abort; a failure is reported by epa2a_ll_layer_sync / _status. */
+#define EPA2A_LL_CONFIG_VERSION 1
+
+/* Token formats of a low-latency dispatch. */
+#define EPA2A_LL_FORMAT_BF16 0
+#define EPA2A_LL_FORMAT_FP8 1      /* e4m3, scale = amax / 448 per 128 channels (1 when amax = 0) */
+#define EPA2A_LL_FORMAT_FP8_POW2 2 /* e4m3, scale = the smallest power of two >= amax / 448 (UE8M0) */
+
+/* Where a low-latency device error was recorded (epa2a_status.phase). */
+#define EPA2A_PHASE_LL_DISPATCH_SEND 20 /* routing a low-latency dispatch (bad expert id) */
+#define EPA2A_PHASE_LL_DISPATCH_RECV 21 /* waiting for a peer's low-latency dispatch */
+#define EPA2A_PHASE_LL_COMBINE_RECV 22  /* waiting for a peer's low-latency combine */
+#define EPA2A_PHASE_LL_BARRIER 23       /* waiting at the low-latency layer's barrier */
+
+/* The same on every rank except rank. 56 bytes, no implicit padding. */
+typedef struct epa2a_ll_config {
+  int32_t size;             /* sizeof(epa2a_ll_config) */
+  int32_t version;          /* EPA2A_LL_CONFIG_VERSION */
+  int64_t timeout_ns;       /* deadline of every device wait on a peer; <= 0 selects 10 s */
+  int32_t max_tokens;       /* tokens one rank dispatches per step, at most */
+  int32_t hidden;           /* bf16 elements per token; a multiple of 8 (of 128 for fp8) */
+  int32_t topk;             /* experts per token, 1..32 */
+  int32_t num_experts;      /* a multiple of world_size; an id equal to it marks a dropped slot */
+  int32_t rank;             /* this rank = the NVSHMEM PE */
+  int32_t world_size;       /* ranks = NVSHMEM PEs, at most 32 */
+  int32_t local_world_size; /* must equal world_size: the low-latency layer is intra-node */
+  int32_t num_sms;          /* SM budget: blocks of each kernel; <= 0 selects 16 */
+  int32_t flags;            /* 0 */
+  int32_t reserved;         /* 0 */
+} epa2a_ll_config;
+
+/* Device pointers owned by a low-latency layer, valid until it is destroyed. */
+typedef struct epa2a_ll_buffers {
+  void* tokens;             /* [local_experts, expert_capacity, hidden] bf16 or fp8 bytes */
+  float* scales;            /* [local_experts, expert_capacity, hidden / 128] fp32 (fp8 dispatches) */
+  int32_t* rows_per_expert; /* [local_experts] */
+  void* combine_input;      /* symmetric [local_experts, expert_capacity, hidden] bf16 */
+  int32_t local_experts;    /* num_experts / world_size */
+  int32_t expert_capacity;  /* world_size * max_tokens rows a local expert */
+  int32_t hidden;
+  int32_t reserved;
+} epa2a_ll_buffers;
+
+typedef struct epa2a_ll_layer epa2a_ll_layer;
+
+EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_layer** layer); /* collective */
+EPA2A_API int epa2a_ll_layer_destroy(epa2a_ll_layer* layer);                                /* collective */
+EPA2A_API int epa2a_ll_get_buffers(epa2a_ll_layer* layer, epa2a_ll_buffers* buffers);
+EPA2A_API int epa2a_ll_layer_set_timeout(epa2a_ll_layer* layer, int64_t timeout_ns);
+/* Makes every device wait of this layer give up now (thread-safe; host-mapped flag). */
+EPA2A_API int epa2a_ll_layer_abort(epa2a_ll_layer* layer);
+EPA2A_API int epa2a_ll_layer_status(epa2a_ll_layer* layer, epa2a_status* status);
+/* Synchronizes the stream, then returns the recorded device error (if any) as a status + message. */
+EPA2A_API int epa2a_ll_layer_sync(epa2a_ll_layer* layer, void* stream);
+/* Collective: after a failed step, clears signals, epochs, status and abort flag on every rank. */
+EPA2A_API int epa2a_ll_layer_reset(epa2a_ll_layer* layer);
+/* Launches one empty kernel on stream (times the launch path alone, e.g. inside a CUDA graph). */
+EPA2A_API int epa2a_noop_kernel(void* stream);
+/* A barrier of all ranks on the device with the layer's deadline (enqueued; capturable); touches no step state. */
+EPA2A_API int epa2a_ll_layer_barrier(epa2a_ll_layer* layer, void* stream);
+/* x [n, hidden] bf16, expert_ids [n, topk] int32, weights [n, topk] fp32 or NULL (then every weight is 1);
+ * device pointers, 16-byte aligned, read by this call's kernel only. 0 <= n <= max_tokens; format
+ * EPA2A_LL_FORMAT_*. An id outside [0, num_experts] is dropped and recorded as EPA2A_ERR_BAD_EXPERT_ID. */
+EPA2A_API int epa2a_ll_dispatch_send(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids,
+                                     const float* weights, int32_t num_tokens, int32_t format, void* stream);
+EPA2A_API int epa2a_ll_dispatch_recv(epa2a_ll_layer* layer, void* stream);
+/* expert_output [local_experts, expert_capacity, hidden] bf16 device rows (only rows < rows_per_expert are
+ * read), or NULL when the experts wrote combine_input themselves (zero-copy). */
+EPA2A_API int epa2a_ll_combine_send(epa2a_ll_layer* layer, const void* expert_output, void* stream);
+/* out [n, hidden] bf16 (n of the latest dispatch); weighted: multiply each row by its routing weight. */
+EPA2A_API int epa2a_ll_combine_recv(epa2a_ll_layer* layer, void* out, int32_t weighted, void* stream);
+/* One-kernel forms (send and receive in one launch, one launch less a phase; no compute can overlap the exchange):
+ * epa2a_ll_dispatch = dispatch_send + dispatch_recv, epa2a_ll_combine = combine_send + combine_recv, same arguments.
+ * Each needs all its blocks resident at once (num_sms blocks of 256 threads a rank). */
+EPA2A_API int epa2a_ll_dispatch(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids, const float* weights,
+                                int32_t num_tokens, int32_t format, void* stream);
+EPA2A_API int epa2a_ll_combine(epa2a_ll_layer* layer, const void* expert_output, void* out, int32_t weighted,
+                               void* stream);
 
 #ifdef __cplusplus
 }

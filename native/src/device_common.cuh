@@ -122,12 +122,16 @@ __device__ __forceinline__ uint64_t combine_epoch(const DevCtx& c) {
   return __ldcg(c.dep + kEpochCombine);
 }
 
-__device__ __forceinline__ bool failed(const DevCtx& c) {
+// failed / record_error / wait_signal take any context with the status fields of DevCtx (me,
+// timeout_ns, fatal, claim, status, abort_flag): the normal layer's DevCtx and the low-latency LLCtx.
+template <typename Ctx>
+__device__ __forceinline__ bool failed(const Ctx& c) {
   return *(volatile int*)c.fatal != 0;
 }
 
 // The first error of a layer wins the record; a fatal one also stops every later kernel and wait.
-__device__ inline void record_error(const DevCtx& c, int code, int phase, int peer, int index, int value,
+template <typename Ctx>
+__device__ inline void record_error(const Ctx& c, int code, int phase, int peer, int index, int value,
                                     int64_t expected, int64_t observed, int64_t waited_ns, bool fatal) {
   if (fatal) {
     *(volatile int*)c.fatal = 1;
@@ -159,8 +163,10 @@ __device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
 // returns silently false when another thread of this rank already failed. Polls with relaxed loads and an
 // exponential sleep up to 2 us, and checks the failure flag, abort flag and clock only every 8th poll:
 // thousands of warps polling neighbouring signals (and one failure word) slowed every other kernel on the GPU
-// tenfold. One acquire load of the signal then orders the data it guards.
-__device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_t expect, int peer, int phase,
+// tenfold. One acquire load of the signal then orders the data it guards. kMaxSleepNs caps the backoff (the
+// low-latency layer, with few waiters, keeps it short).
+template <typename Ctx, unsigned kMaxSleepNs = 2048>
+__device__ inline bool wait_signal(const Ctx& c, const uint64_t* sig, uint64_t expect, int peer, int phase,
                                    int index) {
   uint64_t v = ld_acquire_sys(sig);
   if (v >= expect) return true;
@@ -168,7 +174,7 @@ __device__ inline bool wait_signal(const DevCtx& c, const uint64_t* sig, uint64_
   unsigned sleep_ns = 32;
   for (unsigned spins = 1;; ++spins) {
     __nanosleep(sleep_ns);
-    if (sleep_ns < 2048) sleep_ns *= 2;
+    if (sleep_ns < kMaxSleepNs) sleep_ns *= 2;
     v = ld_relaxed_sys(sig);
     if (v >= expect) {
       (void)ld_acquire_sys(sig);

@@ -61,6 +61,8 @@ static const char* slot_name(int slot) {
       return "barrier-all";
     case EPA2A_SLOT_BARRIER_NODE:
       return "barrier-node";
+    case EPA2A_SLOT_LIFECYCLE:
+      return "life-cycle";
     default:
       return "?";
   }

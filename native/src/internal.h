@@ -21,6 +21,41 @@ const char* phase_name(int phase);
 
 bool runtime_ready();
 
+// True when this process's CUDA context is dead: a sticky error (cudaErrorIllegalAddress, a launch failure,
+// ...) that every later call returns again. Synchronizes the device; puts the error into *err.
+bool context_dead(cudaError_t* err);
+
+// The collective barriers of the life cycle (epa2a_layer_create/destroy/grow_output/reset, epa2a_finalize).
+// NVSHMEM's host barriers have no deadline; this one is bounded by the runtime's collective timeout
+// (epa2a_set_collective_timeout) and names the ranks that did not arrive.
+constexpr int kBarrierCreateBegin = 1;
+constexpr int kBarrierCreateEnd = 2;
+constexpr int kBarrierDestroy = 3;
+constexpr int kBarrierGrowBegin = 4;
+constexpr int kBarrierGrowEnd = 5;
+constexpr int kBarrierResetBegin = 6;
+constexpr int kBarrierResetEnd = 7;
+constexpr int kBarrierFinalize = 8;
+const char* barrier_name(int tag);
+
+struct CollectiveOutcome {
+  int first_bad = -1;  // the lowest rank that did not arrive, gave up, failed or is elsewhere; -1 when none
+  int64_t waited_ns = 0;  // time in the barrier
+  std::string detail;     // what went wrong, naming the ranks (empty on success)
+};
+
+// Every rank calls it with the same tag, in the same order. ok = false: this rank failed before the barrier;
+// it only tells its peers (they fail at once, naming it) and returns EPA2A_OK. Otherwise returns EPA2A_OK
+// when every rank arrived ok, else EPA2A_ERR_TIMEOUT (a rank missing, or one that gave up waiting for it),
+// EPA2A_ERR_STATE (a rank failed before, is at another barrier, or the ranks' barrier counts diverged) or
+// EPA2A_ERR_CUDA (this rank's context), with out->detail. Synchronizes the device first. After a failure
+// every rank that reaches the same barrier fails too, so the counts stay in step; only a rank that arrives
+// within microseconds of a peer's deadline can pass while that peer fails (then it hangs in the next NVSHMEM
+// collective: a missing rank means a restart anyway).
+// The deadline is the collective timeout, or at_least_ns when that is longer (a layer's barrier waits as long
+// as a peer's device wait may still run before that peer gets here).
+int collective_barrier(int tag, bool ok, CollectiveOutcome* out, int64_t at_least_ns = 0);
+
 #define EPA2A_CUDA(fn, expr)                                                         \
   do {                                                                               \
     cudaError_t epa2a_err_ = (expr);                                                 \

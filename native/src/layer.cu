@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "internal.h"
 
@@ -187,15 +188,59 @@ void free_rows(epa2a_layer* l) {
   l->lc_head = nullptr;
 }
 
-void free_all(epa2a_layer* l) {
-  free_rows(l);
-  for (auto it = l->sym_fixed.rbegin(); it != l->sym_fixed.rend(); ++it) nvshmem_free(*it);
+// Everything but the symmetric buffers (freeing those is collective), and the layer object.
+void free_local(epa2a_layer* l) {
+  if (l->lc_head) cudaFree(l->lc_head);
   for (void* p : l->dev_fixed) cudaFree(p);
   if (l->peer_tab) cudaFree(l->peer_tab);
   if (l->h_status) cudaFreeHost(l->h_status);
   if (l->h_abort) cudaFreeHost(l->h_abort);
   if (l->h_info) cudaFreeHost(l->h_info);
   delete l;
+}
+
+// Collective when the layer holds symmetric buffers: every rank must be here.
+void free_all(epa2a_layer* l) {
+  free_rows(l);
+  for (auto it = l->sym_fixed.rbegin(); it != l->sym_fixed.rend(); ++it) nvshmem_free(*it);
+  l->sym_fixed.clear();
+  free_local(l);
+}
+
+// A failed life-cycle barrier of grow or reset, recorded like a device wait that timed out: the layer refuses
+// steps until every rank has called epa2a_layer_reset.
+void record_barrier_failure(epa2a_layer* l, int code, const epa2a::CollectiveOutcome& o) {
+  volatile epa2a_status* s = l->h_status;
+  s->phase = EPA2A_PHASE_BARRIER;
+  s->rank = l->ctx.me;
+  s->peer = o.first_bad;
+  s->index = EPA2A_SLOT_LIFECYCLE;
+  s->value = -1;
+  s->expected = 0;
+  s->observed = 0;
+  s->waited_ns = o.waited_ns;
+  std::atomic_thread_fence(std::memory_order_release);
+  s->code = code == EPA2A_ERR_TIMEOUT ? EPA2A_ERR_TIMEOUT : EPA2A_ERR_ABORTED;
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+// Adds a sentence to fn's last error (which starts with "fn: ").
+int amend_error(int rc, const char* fn, const char* more) {
+  std::string why = epa2a_last_error();
+  const std::string head = std::string(fn) + ": ";
+  if (why.compare(0, head.size(), head) == 0) why.erase(0, head.size());
+  return fail(rc, fn, "%s%s", why.c_str(), more);
+}
+
+// Runs a life-cycle barrier of layer l; on failure sets the last error to "fn: <detail><then>" and returns
+// its code. Each rank synchronizes its device first, so a peer may arrive as late as its longest device wait
+// (twice the layer's timeout, as the host poll of receive sizes) after this rank: the barrier waits at least
+// that.
+int life_barrier(const epa2a_layer* l, const char* fn, int tag, epa2a::CollectiveOutcome* o,
+                 const char* then) {
+  const int rc = epa2a::collective_barrier(tag, true, o, 2 * l->cfg.timeout_ns + 1000000000LL);
+  if (rc) return fail(rc, fn, "%s%s", o->detail.c_str(), then);
+  return EPA2A_OK;
 }
 
 #define CHECK_CFG(cond, ...) \
@@ -288,12 +333,67 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
   l->info.assign(info_len, 0);
 
   void* p = nullptr;
+  epa2a::CollectiveOutcome o;
+  const size_t W = c.W, MT = c.max_tokens, N = c.N;
+  // 1. Local memory first: a rank that fails here tells its peers at the first barrier, before anything
+  // collective was allocated, so every rank returns and nobody waits in nvshmem_malloc.
+  auto local = [&]() -> int {
+    int r;
+    if ((r = alloc_dev(l->dev_fixed, entries * sizeof(int), &p, fn))) return r;
+    c.ids = static_cast<const int*>(p);
+    if ((r = alloc_dev(l->dev_fixed, entries * sizeof(float), &p, fn))) return r;
+    c.wts = static_cast<const float*>(p);
+    if ((r = alloc_dev(l->dev_fixed, entries * sizeof(int), &p, fn))) return r;
+    c.send_row = static_cast<int*>(p);
+    if ((r = alloc_dev(l->dev_fixed, entries * sizeof(int), &p, fn))) return r;
+    c.scatter = static_cast<int*>(p);
+    if ((r = alloc_dev(l->dev_fixed, (size_t)std::max(l->max_chunks, 1) * (c.E + 1) * sizeof(int), &p, fn)))
+      return r;
+    c.chunk_hist = static_cast<int*>(p);
+    if ((r = alloc_dev(l->dev_fixed, 3 * (size_t)c.E * sizeof(int), &p, fn))) return r;
+    c.send_base = static_cast<int*>(p);
+    c.expert_rows = c.send_base + c.E;
+    c.estart = c.send_base + 2 * c.E;
+    if ((r = alloc_dev(l->dev_fixed, info_len * sizeof(int), &p, fn))) return r;
+    c.dinfo = static_cast<int*>(p);
+    if ((r = alloc_dev(l->dev_fixed, epa2a::kEpochs * sizeof(uint64_t), &p, fn))) return r;
+    c.dep = static_cast<uint64_t*>(p);
+    if ((r = alloc_dev(l->dev_fixed, 2 * sizeof(int), &p, fn))) return r;
+    c.fatal = static_cast<int*>(p);
+    c.claim = c.fatal + 1;
+    auto host_mapped = [&](size_t bytes, void** hp, void** dp) -> int {
+      EPA2A_CUDA(fn, cudaHostAlloc(hp, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+      std::memset(*hp, 0, bytes);
+      EPA2A_CUDA(fn, cudaHostGetDevicePointer(dp, *hp, 0));
+      return EPA2A_OK;
+    };
+    void* dp = nullptr;
+    if ((r = host_mapped(sizeof(epa2a_status), reinterpret_cast<void**>(&l->h_status), &dp))) return r;
+    c.status = static_cast<epa2a_status*>(dp);
+    if ((r = host_mapped(sizeof(int), reinterpret_cast<void**>(&l->h_abort), &dp))) return r;
+    c.abort_flag = static_cast<const int*>(dp);
+    if ((r = host_mapped(info_len * sizeof(int), reinterpret_cast<void**>(&l->h_info), &dp))) return r;
+    c.hinfo = static_cast<int*>(dp);
+    for (int i = 0; i < info_len; ++i) l->h_info[i] = -1;
+    return EPA2A_OK;
+  };
+  if ((rc = local())) {
+    epa2a::collective_barrier(epa2a::kBarrierCreateBegin, false, &o);  // tells the peers; they fail at once
+    free_local(l);
+    return amend_error(rc, fn, " (the peers were told at the layer-create barrier)");
+  }
+  if ((rc = life_barrier(l, fn, epa2a::kBarrierCreateBegin, &o, "; nothing collective was allocated"))) {
+    free_local(l);
+    return rc;
+  }
+
+  // 2. Symmetric memory (every nvshmem_malloc is a collective of its own). An allocation fails on every rank
+  // alike (the same sizes from the same heap), so the frees below stay collective.
 #define TRY(expr)      \
   if ((rc = (expr))) { \
     free_all(l);       \
     return rc;         \
   }
-  const size_t W = c.W, MT = c.max_tokens, N = c.N;
   TRY(alloc_sym(l->sym_fixed, W * (c.E + 2) * sizeof(int), &p, fn, "count table"));
   c.table = static_cast<int*>(p);
   TRY(alloc_sym(l->sym_fixed, (c.E + 2) * sizeof(int), &p, fn, "own counts"));
@@ -314,41 +414,6 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
     TRY(alloc_sym(l->sym_fixed, N * MT * sizeof(uint64_t), &p, fn, "inter-node partial signals"));
     c.c_sig = static_cast<uint64_t*>(p);
   }
-  TRY(alloc_dev(l->dev_fixed, entries * sizeof(int), &p, fn));
-  c.ids = static_cast<const int*>(p);
-  TRY(alloc_dev(l->dev_fixed, entries * sizeof(float), &p, fn));
-  c.wts = static_cast<const float*>(p);
-  TRY(alloc_dev(l->dev_fixed, entries * sizeof(int), &p, fn));
-  c.send_row = static_cast<int*>(p);
-  TRY(alloc_dev(l->dev_fixed, entries * sizeof(int), &p, fn));
-  c.scatter = static_cast<int*>(p);
-  TRY(alloc_dev(l->dev_fixed, (size_t)std::max(l->max_chunks, 1) * (c.E + 1) * sizeof(int), &p, fn));
-  c.chunk_hist = static_cast<int*>(p);
-  TRY(alloc_dev(l->dev_fixed, 3 * (size_t)c.E * sizeof(int), &p, fn));
-  c.send_base = static_cast<int*>(p);
-  c.expert_rows = c.send_base + c.E;
-  c.estart = c.send_base + 2 * c.E;
-  TRY(alloc_dev(l->dev_fixed, info_len * sizeof(int), &p, fn));
-  c.dinfo = static_cast<int*>(p);
-  TRY(alloc_dev(l->dev_fixed, epa2a::kEpochs * sizeof(uint64_t), &p, fn));
-  c.dep = static_cast<uint64_t*>(p);
-  TRY(alloc_dev(l->dev_fixed, 2 * sizeof(int), &p, fn));
-  c.fatal = static_cast<int*>(p);
-  c.claim = c.fatal + 1;
-  auto host_mapped = [&](size_t bytes, void** hp, void** dp) -> int {
-    EPA2A_CUDA(fn, cudaHostAlloc(hp, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
-    std::memset(*hp, 0, bytes);
-    EPA2A_CUDA(fn, cudaHostGetDevicePointer(dp, *hp, 0));
-    return EPA2A_OK;
-  };
-  void* dp = nullptr;
-  TRY(host_mapped(sizeof(epa2a_status), reinterpret_cast<void**>(&l->h_status), &dp));
-  c.status = static_cast<epa2a_status*>(dp);
-  TRY(host_mapped(sizeof(int), reinterpret_cast<void**>(&l->h_abort), &dp));
-  c.abort_flag = static_cast<const int*>(dp);
-  TRY(host_mapped(info_len * sizeof(int), reinterpret_cast<void**>(&l->h_info), &dp));
-  c.hinfo = static_cast<int*>(dp);
-  for (int i = 0; i < info_len; ++i) l->h_info[i] = -1;
 
   const int64_t rows0 = (int64_t)k.capacity * k.max_tokens * k.topk + (int64_t)c.Epr * (c.align - 1);
   TRY(alloc_rows(l, (int)std::min<int64_t>(rows0, INT_MAX), fn));
@@ -366,8 +431,13 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
     return EPA2A_OK;
   };
   if ((rc = init())) {
-    free_all(l);
-    return rc;
+    // The peers go on to the last barrier and fail there naming this rank; freeing the symmetric buffers
+    // would wait for them in nvshmem_free forever.
+    epa2a::collective_barrier(epa2a::kBarrierCreateEnd, false, &o);
+    free_local(l);
+    return amend_error(
+        rc, fn,
+        " (the peers were told at the layer-create barrier; the symmetric buffers were left to the process)");
   }
   if (trace_on() && c.N > 1) {
     const int peer = ((c.node + 1) % c.N) * c.L + c.lrank;
@@ -375,7 +445,11 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
             nvshmem_ptr(c.x_recv, peer) ? "yes" : "no (puts go through the proxy)");
   }
   // No rank may signal another before that rank's signals are zeroed.
-  nvshmem_barrier_all();
+  if ((rc = life_barrier(l, fn, epa2a::kBarrierCreateEnd, &o,
+                         "; the layer was not created (its symmetric buffers were left to the process)"))) {
+    free_local(l);
+    return rc;
+  }
   *layer = l;
   return EPA2A_OK;
 }
@@ -384,8 +458,28 @@ EPA2A_API int epa2a_layer_destroy(epa2a_layer* layer) {
   const char* fn = "epa2a_layer_destroy";
   int rc = check_layer(layer, fn);
   if (rc) return rc;
-  cudaDeviceSynchronize();
-  nvshmem_barrier_all();
+  const int me = layer->ctx.me;
+  cudaError_t dead = cudaSuccess;
+  if (epa2a::context_dead(&dead)) {
+    // No kernel can run, so no barrier; nvshmem_free would wait for a barrier that never completes.
+    rc =
+        fail(EPA2A_ERR_CUDA, fn,
+             "rank %d: the CUDA context is dead (%s: %s): the collective destroy was skipped (the peers time "
+             "out at their layer-destroy barrier naming this rank); the layer's memory goes with the process",
+             me, cudaGetErrorName(dead), cudaGetErrorString(dead));
+    fprintf(stderr, "epa2a: %s\n", epa2a_last_error());
+    delete layer;
+    return rc;
+  }
+  epa2a::CollectiveOutcome o;
+  if ((rc = life_barrier(
+           layer, fn, epa2a::kBarrierDestroy, &o,
+           "; the collective destroy was skipped: the symmetric buffers were left to the process, "
+           "the rest was freed"))) {
+    fprintf(stderr, "epa2a: %s\n", epa2a_last_error());
+    free_local(layer);
+    return rc;
+  }
   free_all(layer);
   return EPA2A_OK;
 }
@@ -417,12 +511,21 @@ EPA2A_API int epa2a_layer_grow_output(epa2a_layer* layer, int32_t rows) {
                 "the layer was created with EPA2A_LAYER_FIXED_CAPACITY (%d rows); it cannot grow to %d rows: "
                 "create it with a larger capacity",
                 layer->ctx.out_rows, rows);
-  EPA2A_CUDA(fn, cudaDeviceSynchronize());
-  nvshmem_barrier_all();  // no peer may still read or write the old buffers
+  epa2a::CollectiveOutcome o;
+  // No peer may still read or write the old buffers. A failed barrier leaves them as they were.
+  if ((rc = life_barrier(layer, fn, epa2a::kBarrierGrowBegin, &o,
+                         "; the buffers were not grown; every rank must call epa2a_layer_reset"))) {
+    record_barrier_failure(layer, rc, o);
+    return rc;
+  }
   free_rows(layer);
   if ((rc = alloc_rows(layer, rows, fn))) return rc;
   EPA2A_CUDA(fn, cudaDeviceSynchronize());
-  nvshmem_barrier_all();
+  if ((rc = life_barrier(layer, fn, epa2a::kBarrierGrowEnd, &o,
+                         "; this rank's buffers were grown; every rank must call epa2a_layer_reset"))) {
+    record_barrier_failure(layer, rc, o);
+    return rc;
+  }
   return EPA2A_OK;
 }
 
@@ -465,8 +568,12 @@ EPA2A_API int epa2a_layer_reset(epa2a_layer* layer) {
   int rc = check_layer(layer, fn);
   if (rc) return rc;
   epa2a::DevCtx& c = layer->ctx;
-  EPA2A_CUDA(fn, cudaDeviceSynchronize());
-  nvshmem_barrier_all();  // every rank's kernels have ended: no signal is in flight
+  epa2a::CollectiveOutcome o;
+  // Every rank's kernels have ended (each synchronized its device first): no signal is in flight.
+  if ((rc = life_barrier(layer, fn, epa2a::kBarrierResetBegin, &o, "; the layer was not reset"))) {
+    record_barrier_failure(layer, rc, o);
+    return rc;
+  }
   const size_t W = c.W, MT = c.max_tokens, N = c.N;
   EPA2A_CUDA(fn, cudaMemset(c.sig, 0, epa2a::kSlots * W * sizeof(uint64_t)));
   if (c.N > 1) {
@@ -480,7 +587,13 @@ EPA2A_API int epa2a_layer_reset(epa2a_layer* layer) {
   std::memset(layer->h_status, 0, sizeof(epa2a_status));
   *reinterpret_cast<volatile int*>(layer->h_abort) = 0;
   layer->step = Step::Idle;
-  nvshmem_barrier_all();
+  // No rank may signal another before every rank has cleared its signals.
+  if ((rc = life_barrier(layer, fn, epa2a::kBarrierResetEnd, &o,
+                         "; this rank was cleared but its peers may not be: call epa2a_layer_reset again on "
+                         "every rank"))) {
+    record_barrier_failure(layer, rc, o);
+    return rc;
+  }
   return EPA2A_OK;
 }
 

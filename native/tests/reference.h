@@ -22,6 +22,7 @@ struct Case {
   int time_iters = 10;   // steps timed back to back after a barrier, not checked
   int64_t timeout_ns = 5000000000LL;
   bool fault = false;  // the last rank never arrives at the first step
+  int late_at = 0;     // the last rank comes late to a life-cycle barrier: 1 layer create, 2 layer destroy
   int tbytes() const { return type == 2 ? 4 : 2; }
 };
 

@@ -172,6 +172,17 @@ std::vector<ref::Case> cases_for(int W, bool big, uint64_t seed) {
     c.time_iters = 0;
     c.timeout_ns = 300000000LL;
     add(c);
+    // Life-cycle barriers (deadline 1.5 s here): the others fail in time naming the late rank, the late rank
+    // fails at once when it comes, and the job still works.
+    c = {};
+    c.name = "late to create: rank 3";
+    c.L = 0, c.E = 8, c.K = 2, c.H = 256, c.max_tokens = 64, c.late_at = 1, c.verify_iters = 1,
+    c.time_iters = 0;
+    c.timeout_ns = 200000000LL;
+    add(c);
+    c.name = "late to destroy: rank 3";
+    c.late_at = 2;
+    add(c);
 
   } else {
     c = {};
@@ -395,11 +406,7 @@ struct LayerGuard {
   }
 };
 
-Result run_case(const ref::Case& c, int rank, void* stream, const std::string& dir) {
-  Result res;
-  res.name = c.name;
-  std::vector<ref::RankInput> in = ref::make_inputs(c);
-  const ref::Plan plan = ref::make_plan(c, in);
+epa2a_layer_config config_for(const ref::Case& c, int rank) {
   epa2a_layer_config cfg{};
   cfg.timeout_ns = c.timeout_ns;
   cfg.max_tokens = c.max_tokens;
@@ -415,6 +422,77 @@ Result run_case(const ref::Case& c, int rank, void* stream, const std::string& d
   cfg.enable_local_combine = c.local_combine;
   cfg.expert_alignment = c.align;
   cfg.capacity = c.capacity;
+  return cfg;
+}
+
+// The last rank comes to layer create (late_at 1) or destroy (2) only after every other rank has failed
+// there: they must fail within the collective deadline naming it, it must fail at once (they gave up) instead
+// of passing on alone, and since every rank went through the same barriers a new layer then works.
+void run_late_case(const ref::Case& c, int rank, void* stream, const std::string& dir,
+                   std::vector<ref::RankInput>& in, const ref::Plan& plan, Result& res) {
+  const int late = c.W - 1;
+  const int64_t deadline_ns = 1500000000LL;  // above the layer's floor: 2 * 200 ms + 1 s
+  const char* what = c.late_at == 1 ? "create" : "destroy";
+  const std::string flag = dir + "/late_" + what + "_";
+  CK(epa2a_set_collective_timeout(deadline_ns));
+  epa2a_layer_config cfg = config_for(c, rank);
+  epa2a_layer* l = nullptr;
+  if (c.late_at == 2) CK(epa2a_layer_create(&cfg, &l));
+  const auto t0 = Clock::now();
+  if (rank == late) {
+    for (int r = 0; r < late; ++r) {
+      while (!file_exists(flag + std::to_string(r))) {
+        EXPECT(Clock::now() - t0 < std::chrono::seconds(60), "rank %d never reported its %s failure", r,
+               what);
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    }
+  }
+  const auto t1 = Clock::now();
+  int rc;
+  if (c.late_at == 1) {
+    rc = epa2a_layer_create(&cfg, &l);
+    EXPECT(rc != EPA2A_OK && l == nullptr, "layer create passed although rank %d %s", late,
+           rank == late ? "came after the others had given up" : "never came");
+  } else {
+    rc = epa2a_layer_destroy(l);
+  }
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t1).count();
+  const std::string msg = epa2a_last_error();
+  EXPECT(rc == EPA2A_ERR_TIMEOUT, "%s returned %d, expected a timeout: %s", what, rc, msg.c_str());
+  if (rank == late) {
+    EXPECT(msg.find("gave up") != std::string::npos,
+           "the late rank's error does not say its peers gave up: %s", msg.c_str());
+    EXPECT(ms < 1000.0, "the late rank took %.0f ms to fail (its peers had given up already)", ms);
+  } else {
+    EXPECT(msg.find("rank " + std::to_string(late) + " did not arrive") != std::string::npos,
+           "the error does not name rank %d: %s", late, msg.c_str());
+    EXPECT(ms > 0.9 * deadline_ns / 1e6 && ms < deadline_ns / 1e6 + 1500.0,
+           "the %s barrier failed after %.0f ms (deadline %.0f ms)", what, ms, deadline_ns / 1e6);
+    touch(flag + std::to_string(rank));
+  }
+  if (c.late_at == 2)
+    EXPECT(msg.find("collective destroy was skipped") != std::string::npos,
+           "the destroy error does not say the collective part was skipped: %s", msg.c_str());
+  res.msg = std::string(what) + " failed in " + std::to_string((int)ms) + " ms: " + msg.substr(0, 200) + "; ";
+  CK(epa2a_set_collective_timeout(0));
+  LayerGuard g;
+  CK(epa2a_layer_create(&cfg, &g.l));
+  run_steps(c, g.l, rank, stream, in, plan, 1, 0, res);
+  res.msg += "then a new layer passed a checked step";
+}
+
+Result run_case(const ref::Case& c, int rank, void* stream, const std::string& dir) {
+  Result res;
+  res.name = c.name;
+  std::vector<ref::RankInput> in = ref::make_inputs(c);
+  const ref::Plan plan = ref::make_plan(c, in);
+  if (c.late_at) {
+    run_late_case(c, rank, stream, dir, in, plan, res);
+    res.pass = true;
+    return res;
+  }
+  epa2a_layer_config cfg = config_for(c, rank);
   LayerGuard g;
   CK(epa2a_layer_create(&cfg, &g.l));
   if (c.fault) {
@@ -511,7 +589,10 @@ int child_main(int W, bool big, int rank, const std::string& dir, uint64_t seed)
     out.flush();
   }
   epa2a_stream_destroy(stream);
-  epa2a_finalize();
+  if (epa2a_finalize() != EPA2A_OK) {
+    fprintf(stderr, "rank %d: %s\n", rank, epa2a_last_error());
+    return 7;
+  }
   return 0;
 }
 

@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using EpA2A.Config;
 using EpA2A.Numerics;
 
@@ -29,6 +30,9 @@ public sealed record ReferencePlacement(
 /// </summary>
 public static class ReferenceRankView
 {
+    /// <summary>Expert evaluations per expert from which a 65536-entry table (and parallel tokens) pays.</summary>
+    private const long TableWorth = 1L << 17;
+
     /// <summary>Places every slot of every rank (no token is copied).</summary>
     /// <exception cref="ArgumentException">A scatter index lands outside its destination's rows.</exception>
     public static ReferencePlacement Place<T>(EpConfig config, IReadOnlyList<RankInput<T>> inputs)
@@ -140,7 +144,9 @@ public static class ReferenceRankView
         bool weighted = inputs.All(i => i.Weights is not null);
         T[] output = new T[(long)rows * hidden];
         float[]? weights = weighted ? new float[rows] : null;
-        for (int s = 0; s < inputs.Count; s++)
+
+        // Every row has one source slot, so the sources can fill the output side by side.
+        Parallel.For(0, inputs.Count, s =>
         {
             int[] g = placement.GlobalRows[s];
             for (int i = 0; i < g.Length; i++)
@@ -157,7 +163,7 @@ public static class ReferenceRankView
                     weights[row] = inputs[s].Weights![i];
                 }
             }
-        }
+        });
 
         return new ReferenceDispatch<T>(output, rows, weights, placement.RowsPerLocalExpert[rank], placement.PaddedRowsPerLocalExpert[rank], placement.ExpertRowStarts[rank]);
     }
@@ -186,31 +192,70 @@ public static class ReferenceRankView
         int k = config.TopK;
         int epr = config.ExpertsPerRank;
         T[] result = new T[(long)input.Count * hidden];
-        float[] acc = new float[hidden];
-        for (int t = 0; t < input.Count; t++)
+
+        // Large steps (billions of expert evaluations) tabulate each expert once per 16-bit input value
+        // (TokenTable: the same bits as calling it) and run the tokens in parallel; the sum per token is unchanged.
+        long evaluations = (long)input.Count * k * hidden;
+        bool large = evaluations >= TableWorth * config.NumExperts;
+        TokenTable<T>?[] tables = new TokenTable<T>?[config.NumExperts];
+        bool tabulate = large && TokenTable.Supports<T>();
+        if (tabulate)
         {
-            Array.Clear(acc);
-            ReadOnlySpan<T> token = input.Tokens.AsSpan(t * hidden, hidden);
-            for (int j = 0; j < k; j++)
-            {
-                int slot = (t * k) + j;
-                if (input.ExpertIds[slot] == config.NumExperts)
-                {
-                    continue;
-                }
-
-                int e = ExpertOfRow(placement, epr, placement.GlobalRows[rank][slot]);
-                float scale = weighted ? input.Weights![slot] : 1f;
-                for (int h = 0; h < hidden; h++)
-                {
-                    T y = TokenConvert.FromSingle<T>(expert(e, TokenConvert.ToSingle(token[h])));
-                    acc[h] += TokenConvert.ToSingle(y) * scale;
-                }
-            }
-
-            TokenConvert.Round<T>(acc, result.AsSpan(t * hidden, hidden));
+            Parallel.For(0, config.NumExperts, e => tables[e] = new TokenTable<T>(x => expert(e, x)));
         }
 
+        void Tokens(int from, int to, float[] acc)
+        {
+            for (int t = from; t < to; t++)
+            {
+                Array.Clear(acc);
+                ReadOnlySpan<T> token = input.Tokens.AsSpan(t * hidden, hidden);
+                for (int j = 0; j < k; j++)
+                {
+                    int slot = (t * k) + j;
+                    if (input.ExpertIds[slot] == config.NumExperts)
+                    {
+                        continue;
+                    }
+
+                    int e = ExpertOfRow(placement, epr, placement.GlobalRows[rank][slot]);
+                    float scale = weighted ? input.Weights![slot] : 1f;
+                    if (tables[e] is { } table)
+                    {
+                        for (int h = 0; h < hidden; h++)
+                        {
+                            acc[h] += TokenConvert.ToSingle(table.Apply(token[h])) * scale;
+                        }
+
+                        continue;
+                    }
+
+                    for (int h = 0; h < hidden; h++)
+                    {
+                        T y = TokenConvert.FromSingle<T>(expert(e, TokenConvert.ToSingle(token[h])));
+                        acc[h] += TokenConvert.ToSingle(y) * scale;
+                    }
+                }
+
+                TokenConvert.Round<T>(acc, result.AsSpan(t * hidden, hidden));
+            }
+        }
+
+        if (!large)
+        {
+            Tokens(0, input.Count, new float[hidden]);
+            return result;
+        }
+
+        Parallel.ForEach(
+            Partitioner.Create(0, input.Count, Math.Max(4, 16384 / Math.Max(1, hidden))),
+            () => new float[hidden],
+            (range, _, acc) =>
+            {
+                Tokens(range.Item1, range.Item2, acc);
+                return acc;
+            },
+            _ => { });
         return result;
     }
 

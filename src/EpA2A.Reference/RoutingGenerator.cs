@@ -9,6 +9,9 @@ public static class RoutingGenerator
     /// <summary>How steeply expert popularity falls in a skewed draw: expert e is picked with weight 1 / (e + 1)^s.</summary>
     public const double SkewExponent = 1.2;
 
+    /// <summary>Token elements per generator stream (one parallel work item).</summary>
+    private const int TokenChunk = 1 << 16;
+
     /// <summary>
     /// Draws one step's inputs for every rank. Token elements are uniform in [-2, 2), never zero after rounding
     /// to <typeparamref name="T"/>. Each token picks TopK distinct experts, uniformly or, when
@@ -44,7 +47,7 @@ public static class RoutingGenerator
         for (int r = 0; r < config.WorldSize; r++)
         {
             int count = tokensPerRank[r];
-            T[] tokens = DrawTokens<T>(count * config.Hidden, rng);
+            T[] tokens = DrawTokens<T>(count * config.Hidden, rng.NextInt64());
             int[] ids = new int[count * config.TopK];
             for (int t = 0; t < count; t++)
             {
@@ -74,24 +77,54 @@ public static class RoutingGenerator
         return inputs;
     }
 
-    private static T[] DrawTokens<T>(int length, Random rng)
+    /// <summary>
+    /// Elements uniform in [-2, 2) from a counter-based generator (SplitMix64 of the seed and the element's chunk),
+    /// so that large steps (billions of elements over all ranks, drawn in every rank process) fill in parallel
+    /// and the values do not depend on the number of threads.
+    /// </summary>
+    private static T[] DrawTokens<T>(int length, long seed)
         where T : unmanaged
     {
         T[] tokens = new T[length];
-        for (int i = 0; i < length; i++)
+        int chunks = (length + TokenChunk - 1) / TokenChunk;
+        void Fill(int chunk)
         {
-            // Redraw the rare value that rounds to zero: a zero element cannot tell a moved row from a missing one.
-            T value;
-            do
+            ulong state = Mix((ulong)seed ^ Mix((ulong)chunk + 0x632BE59BD9B4E019ul));
+            int end = Math.Min(length, (chunk + 1) * TokenChunk);
+            for (int i = chunk * TokenChunk; i < end; i++)
             {
-                value = TokenConvert.FromSingle<T>((float)((rng.NextDouble() * 4.0) - 2.0));
-            }
-            while (TokenConvert.ToSingle(value) == 0f);
+                // Redraw the rare value that rounds to zero: a zero element cannot tell a moved row from a missing one.
+                T value;
+                do
+                {
+                    state += 0x9E3779B97F4A7C15ul;
+                    uint u = (uint)(Mix(state) >> 40); // 24 bits: exact in a float
+                    value = TokenConvert.FromSingle<T>((u * (1f / (1 << 22))) - 2f);
+                }
+                while (TokenConvert.ToSingle(value) == 0f);
 
-            tokens[i] = value;
+                tokens[i] = value;
+            }
+        }
+
+        if (chunks <= 1)
+        {
+            Fill(0);
+        }
+        else
+        {
+            Parallel.For(0, chunks, Fill);
         }
 
         return tokens;
+    }
+
+    /// <summary>The SplitMix64 finalizer.</summary>
+    private static ulong Mix(ulong z)
+    {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ul;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBul;
+        return z ^ (z >> 31);
     }
 
     /// <summary>Distinct experts, uniformly: the first picked.Length steps of a Fisher-Yates shuffle.</summary>

@@ -9,4 +9,4 @@ RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts
     StepCommand.Create(),
     DriveCommand.Create(),
 };
-return await root.Parse(args).InvokeAsync();
+return await CommandLineExit.InvokeAsync(root, args, Console.Error);

@@ -55,4 +55,56 @@ public sealed class ReferenceRankViewTests
             }
         }
     }
+
+    [Fact]
+    public void Large_bf16_steps_take_the_tabulated_parallel_path_with_the_same_bits() => LargeStepMatchesWholeGroup<BFloat16>();
+
+    [Fact]
+    public void Large_fp16_steps_take_the_tabulated_parallel_path_with_the_same_bits() => LargeStepMatchesWholeGroup<Half>();
+
+    /// <summary>
+    /// Big enough that CombineFor tabulates each expert and runs tokens in parallel, and ApplyToBlocks does too
+    /// (over 4M elements a rank): the results must stay bit for bit those of the whole-group reference and of the
+    /// expert applied element by element.
+    /// </summary>
+    private static void LargeStepMatchesWholeGroup<T>()
+        where T : unmanaged
+    {
+        int seed = Random.Shared.Next();
+        Random rng = new(seed);
+        EpConfig config = new(1300, 2048, 2, 8, 0, 2, 2, typeof(T) == typeof(Half) ? TokenType.Float16 : TokenType.BFloat16);
+        RankInput<T>[] inputs = RoutingGenerator.Draw<T>(config, [1300, 1250], 0.05, skewed: false, withWeights: true, rng);
+        ReferenceStep<T> whole = ReferenceAllToAll.Dispatch(config, inputs);
+        ReferencePlacement place = ReferenceRankView.Place(config, inputs);
+        T[][] expertOut = new T[2][];
+        for (int r = 0; r < 2; r++)
+        {
+            ReferenceDispatch<T> want = whole.PerRank[r];
+            Assert.True((long)want.Rows * config.Hidden >= 1L << 22, $"rank {r} receives too few rows for the parallel path");
+            ReferenceDispatch<T> got = ReferenceRankView.DispatchTo(config, inputs, place, r);
+            Assert.True(want.Output.AsSpan().SequenceEqual(got.Output), $"rows differ, rank {r}, seed {seed}");
+            expertOut[r] = DeterministicExperts.ApplyToBlocks<T>(want.Output, config.Hidden, r * config.ExpertsPerRank, want.ExpertRowStarts, want.RowsPerLocalExpert);
+            for (int j = 0; j < config.ExpertsPerRank; j++)
+            {
+                int e = (r * config.ExpertsPerRank) + j;
+                int begin = want.ExpertRowStarts[j] * config.Hidden;
+                int end = (want.ExpertRowStarts[j] + want.RowsPerLocalExpert[j]) * config.Hidden;
+                for (int i = begin; i < end; i++)
+                {
+                    T direct = TokenConvert.FromSingle<T>(DeterministicExperts.Apply(e, TokenConvert.ToSingle(want.Output[i])));
+                    if (!EqualityComparer<T>.Default.Equals(direct, expertOut[r][i]))
+                    {
+                        Assert.Fail($"expert {e} element {i}: table {expertOut[r][i]}, direct {direct}, seed {seed}");
+                    }
+                }
+            }
+        }
+
+        T[][] combined = ReferenceAllToAll.Combine(config, inputs, whole, expertOut, weighted: true);
+        for (int r = 0; r < 2; r++)
+        {
+            T[] got = ReferenceRankView.CombineFor(config, inputs, place, r, DeterministicExperts.Apply, weighted: true);
+            Assert.True(combined[r].AsSpan().SequenceEqual(got), $"combine differs on rank {r}, seed {seed}");
+        }
+    }
 }

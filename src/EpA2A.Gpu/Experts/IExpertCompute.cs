@@ -33,8 +33,7 @@ public sealed class DeterministicExpertCompute : IExpertCompute
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(dispatched);
-        T[] rows = new T[(int)dispatched.Output.FlattenedLength];
-        dispatched.Output.FlattenTo(rows);
+        T[] rows = DenseTensor.ToArray(dispatched.Output);
         EpAllToAllLayout layout = dispatched.Layout;
         T[] output = DeterministicExperts.ApplyToBlocks<T>(rows, config.Hidden, config.Rank * config.ExpertsPerRank, layout.ExpertRowStarts, layout.RowsPerLocalExpert);
         return ValueTask.FromResult(Tensor.Create(output, [layout.RecvRows, config.Hidden]));

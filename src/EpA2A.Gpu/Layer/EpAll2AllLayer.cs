@@ -5,6 +5,7 @@ using EpA2A.Backends;
 using EpA2A.Backends.Cpu;
 using EpA2A.Backends.Cuda;
 using EpA2A.Config;
+using EpA2A.Errors;
 using EpA2A.Numerics;
 using EpA2A.Telemetry;
 using EpA2A.Transport;
@@ -123,7 +124,7 @@ public sealed class EpAll2AllLayer : IDisposable
         lastDispatchSequence = scope.Operation.Sequence;
 
         byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
-        input.FlattenTo(MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
+        DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
         {
             Operation = scope.Operation,
@@ -197,7 +198,7 @@ public sealed class EpAll2AllLayer : IDisposable
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
         PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
-        expertOutput.FlattenTo(MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
+        DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
             Operation = scope.Operation,
@@ -222,7 +223,7 @@ public sealed class EpAll2AllLayer : IDisposable
             }
             else
             {
-                TokenConvert.Round<T>(step.Accumulator, result);
+                TokenRows.Narrow<T>(step.Accumulator, result);
             }
 
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
@@ -492,11 +493,25 @@ public sealed class EpAll2AllLayer : IDisposable
     private static Tensor<float> Vector(float[] buffer, int length) =>
         Tensor.Create(buffer, 0, [length], ReadOnlySpan<nint>.Empty);
 
-    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor)
+    private static TElement[] Flatten<TElement>(Tensor<TElement> tensor) => DenseTensor.ToArray(tensor);
+
+    /// <summary>
+    /// A rank's dispatch output lives in one host array (the CPU backend's buffer, the CUDA backend's download target),
+    /// so its bytes are bounded by <see cref="EpConfig.MaxOutputBytes"/>. Every rank sees the same table, so every rank
+    /// refuses the same step here, before any growth or send: the layer stays usable for the next step.
+    /// </summary>
+    private void ThrowIfOutputTooLarge(IRoutingPlan plan)
     {
-        TElement[] flat = new TElement[(int)tensor.FlattenedLength];
-        tensor.FlattenTo(flat);
-        return flat;
+        long rowBytes = (long)Config.Hidden * Config.TokenBytes;
+        if ((long)plan.MaxRecvRows * rowBytes <= EpConfig.MaxOutputBytes)
+        {
+            return;
+        }
+
+        int worst = Enumerable.Range(0, Config.WorldSize).MaxBy(plan.RecvRows);
+        throw new EpStepFailedException(
+            $"rank {worst} would receive {plan.RecvRows(worst)} rows of Hidden = {Config.Hidden} {Config.TokenType} ({(long)plan.RecvRows(worst) * rowBytes} bytes); a rank's dispatch output holds at most {EpConfig.MaxOutputBytes} bytes ({Config.MaxOutputRows} rows): send fewer tokens per step or spread the hot experts",
+            worst);
     }
 
     /// <summary>
@@ -517,6 +532,7 @@ public sealed class EpAll2AllLayer : IDisposable
         // (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
         // buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
         // with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
+        ThrowIfOutputTooLarge(step.Plan);
         if (backend.NeedsGrowth(step, step.Plan.MaxRecvRows))
         {
             await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);

@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using EpA2A.Config;
+using EpA2A.Numerics;
 
 namespace EpA2A.Layer;
 
@@ -23,15 +24,13 @@ internal static class InputValidator
         }
 
         Shape(expertIds, nameof(expertIds), n, c.TopK, "[n, TopK]");
-        int[] ids = new int[(int)expertIds.FlattenedLength];
-        expertIds.FlattenTo(ids);
+        int[] ids = DenseTensor.ToArray(expertIds);
         ExpertIds(c, ids, nameof(expertIds));
 
         if (weights is not null)
         {
             Shape(weights, nameof(weights), n, c.TopK, "[n, TopK]");
-            float[] w = new float[(int)weights.FlattenedLength];
-            weights.FlattenTo(w);
+            float[] w = DenseTensor.ToArray(weights);
             FiniteWeights(c, w, nameof(weights));
         }
 
@@ -43,8 +42,7 @@ internal static class InputValidator
             }
 
             Shape(scatterIndices, nameof(scatterIndices), n, c.TopK, "[n, TopK]");
-            int[] rows = new int[(int)scatterIndices.FlattenedLength];
-            scatterIndices.FlattenTo(rows);
+            int[] rows = DenseTensor.ToArray(scatterIndices);
             HashSet<int> seen = [];
             for (int i = 0; i < rows.Length; i++)
             {

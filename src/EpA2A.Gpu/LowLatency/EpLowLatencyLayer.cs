@@ -342,6 +342,29 @@ public sealed class EpLowLatencyLayer : IDisposable
         state = StepState.Idle;
     }
 
+    /// <summary>
+    /// Runs <paramref name="body"/> between steps with no other call in flight, under a fresh deadline (CUDA graph
+    /// capture and replay, see <see cref="EpLowLatencyGraph"/>).
+    /// </summary>
+    internal async ValueTask<T> BetweenStepsAsync<T>(string call, Func<OperationContext, ValueTask<T>> body)
+    {
+        using Guard guard = Enter(null, StepState.Idle, call);
+        using OperationScope scope = new(Config, options.Epoch, options.StepTimeout, sequence, CancellationToken.None);
+        return await body(scope.Operation).ConfigureAwait(false);
+    }
+
+    /// <summary>Device views of a receive's buffers with a handle that names no step (graph replays have none).</summary>
+    internal LowLatencyDeviceDispatchResult DeviceView(DeviceReceived received, int tokens, LowLatencyDispatchOptions format, bool hasWeights)
+    {
+        int[] scaleLengths = [outputLengths[0], outputLengths[1], Config.Hidden / LowLatencyDispatchOptions.ScaleGroup];
+        return new LowLatencyDeviceDispatchResult(
+            received.Tokens != 0 ? new DeviceTensor<BFloat16>(received.Tokens, outputLengths, this) : null,
+            received.Fp8Tokens != 0 ? new DeviceTensor<byte>(received.Fp8Tokens, outputLengths, this) : null,
+            received.Scales != 0 ? new DeviceTensor<float>(received.Scales, scaleLengths, this) : null,
+            new DeviceTensor<int>(received.RowsPerExpert, [Config.ExpertsPerRank], this),
+            new LowLatencyHandle(identity, options.Epoch, -1, tokens, hasWeights, format));
+    }
+
     /// <summary>Releases every buffer. Later calls throw <see cref="ObjectDisposedException"/>.</summary>
     public void Dispose()
     {

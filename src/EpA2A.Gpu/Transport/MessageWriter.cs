@@ -9,6 +9,15 @@ internal ref struct MessageWriter(byte[] buffer)
 {
     private int position;
 
+    /// <summary>A writer that continues at <paramref name="position"/> (a message filled in several passes).</summary>
+    public MessageWriter(byte[] buffer, int position)
+        : this(buffer)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(position);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(position, buffer.Length);
+        this.position = position;
+    }
+
     public readonly byte[] Buffer => buffer;
 
     public readonly int Position => position;

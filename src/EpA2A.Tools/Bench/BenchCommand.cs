@@ -41,16 +41,54 @@ internal static class BenchCommand
         Option<string?> fromJson = new("--from-json") { HelpName = "FILE", Description = "Only write the markdown and the plot again from a saved bench JSON (next to it)" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where the results go (default: bench/results)" };
         Option<double> limit = new("--timeout-seconds") { Description = "Deadline of the GPU rank processes", DefaultValueFactory = _ => 540 };
+        Option<bool> decode = new("--decode") { Description = "The low-latency decode sweep instead (issue 11): graph replays of the split phases, median and p99, byte floors, algorithm bandwidth" };
+        Option<string> decodeTokens = new("--decode-tokens") { Description = "Decode sweep: tokens per rank", DefaultValueFactory = _ => "1,8,32,64,128,256" };
+        Option<string> decodeHidden = new("--decode-hidden") { Description = "Decode sweep: hidden sizes", DefaultValueFactory = _ => "7168,4096" };
+        Option<string> decodeFormats = new("--decode-formats") { Description = "Decode sweep: dispatch formats (fp8, fp8-pow2, bf16)", DefaultValueFactory = _ => "fp8,bf16" };
+        Option<string> decodeKernels = new("--decode-kernels") { Description = "Decode sweep: split (send and receive kernels, 4 graphs a step) and/or one (one kernel a phase)", DefaultValueFactory = _ => "split,one" };
+        Option<int> decodeIterations = new("--decode-iterations") { Description = "Decode sweep: timed graph replays a point", DefaultValueFactory = _ => 1000 };
+        Option<int?> decodeSms = new("--decode-sms") { Description = "Decode sweep: blocks of each low-latency kernel per rank (default EpConfig.NumSms)" };
         Option<int?> rank = new("--rank") { Hidden = true };
         Option<string?> dir = new("--dir") { Hidden = true };
         Option<int> world = new("--world") { Hidden = true, DefaultValueFactory = _ => 8 };
 
         Command command = new("bench", "Benchmark dispatch and combine: CUDA (rank processes under MPS) and CPU backends, a PyTorch peer on the same routing, the grain path; JSON, table and plot to bench/results.")
         {
-            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, rank, dir, world,
+            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, decode, decodeTokens, decodeHidden, decodeFormats, decodeKernels, decodeIterations, decodeSms, rank, dir, world,
         };
         command.SetAction(async (p, ct) =>
         {
+            if (p.GetValue(rank) is { } dr && p.GetValue(decode))
+            {
+                return await BenchDecode.RankAsync(dr, p.GetValue(world), p.GetValue(gpus), p.GetValue(dir)!, Console.Out, ct);
+            }
+
+            if (p.GetValue(decode))
+            {
+                string[] formats = Words(p.GetValue(decodeFormats)!);
+                if (formats.Any(f => f is not ("fp8" or "fp8-pow2" or "bf16")) || Words(p.GetValue(routing)!).Any(r => r is not ("uniform" or "skewed")))
+                {
+                    throw new ArgumentException("--decode-formats takes fp8, fp8-pow2, bf16 and --routing uniform, skewed");
+                }
+
+                BenchDecodeManifest manifest = new()
+                {
+                    World = p.GetValue(ranks),
+                    TopK = p.GetValue(topK),
+                    Experts = p.GetValue(experts),
+                    Tokens = Ints(p.GetValue(decodeTokens)!),
+                    Hidden = Ints(p.GetValue(decodeHidden)!),
+                    Routing = Words(p.GetValue(routing)!),
+                    Formats = formats,
+                    Kernels = Words(p.GetValue(decodeKernels)!) is { Length: > 0 } kernels && kernels.All(k => k is "split" or "one") ? kernels : throw new ArgumentException("--decode-kernels takes split and/or one"),
+                    Iterations = p.GetValue(decodeIterations),
+                    Seed = p.GetValue(seed),
+                    NumSms = p.GetValue(decodeSms),
+                };
+                string outDir = p.GetValue(output) ?? Path.Combine(Environment.CurrentDirectory, "bench", "results");
+                return await BenchDecode.RunAsync(manifest, p.GetValue(gpus), p.GetValue(pinCores) != "off", outDir, TimeSpan.FromSeconds(p.GetValue(limit)), Console.Out, ct);
+            }
+
             if (p.GetValue(rank) is { } r)
             {
                 return await new BenchRank(r, p.GetValue(world), p.GetValue(gpus), p.GetValue(dir)!, Console.Out).RunAsync(ct);

@@ -129,6 +129,20 @@ internal sealed record BenchRankPoint
     /// <summary>Host wall time of one graph replay of dispatch + combine (launches, sync, layout read).</summary>
     public List<double> GraphWall { get; init; } = [];
 
+    /// <summary>Per timed normal-mode iteration: when this rank's dispatch call began (<see cref="System.Diagnostics.Stopwatch"/> timestamps, one clock for every rank process).</summary>
+    public List<long> DispatchStarts { get; init; } = [];
+
+    /// <summary>Per timed normal-mode iteration: when the dispatch call returned, which is when the combine call began.</summary>
+    public List<long> DispatchEnds { get; init; } = [];
+
+    /// <summary>Per timed normal-mode iteration: when the combine call returned.</summary>
+    public List<long> CombineEnds { get; init; } = [];
+
+    /// <summary>Per timed graph replay (dispatch + combine): when it was launched and when it had ended.</summary>
+    public List<long> GraphStarts { get; init; } = [];
+
+    public List<long> GraphEnds { get; init; } = [];
+
     public string? GraphError { get; set; }
 
     public bool Checked { get; set; }

@@ -115,21 +115,25 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
             DeviceTensor<BFloat16> tokens = new(dTokens.Tensor.Pointer, [n, hidden], dTokens);
             DeviceTensor<int> tensorIds = new(dIds.Tensor.Pointer, [n, topK], dIds);
             await DeviceCopies.UploadAsync(runtime, ids[rank], tensorIds).ConfigureAwait(false);
-            (double dispatchUs, double combineUs, DeviceDispatchResult<BFloat16> d, _) = await StepAsync(layer, tokens, tensorIds).ConfigureAwait(false);
+            (double dispatchUs, double combineUs, DeviceDispatchResult<BFloat16> d, _, _) = await StepAsync(layer, tokens, tensorIds).ConfigureAwait(false);
             times.Add(dispatchUs + combineUs);
             int want = BenchRouting.ReceivedRows(ids, world, experts)[rank];
             Require(d.Layout.RecvRows == want, $"soak step {step}: received {d.Layout.RecvRows} rows, expected {want}");
         }
     }
 
-    /// <summary>One dispatch and an in-place combine (identity experts) through the device API, each timed on the host (µs).</summary>
-    private static async Task<(double DispatchUs, double CombineUs, DeviceDispatchResult<BFloat16> Dispatch, DeviceTensor<BFloat16> Combined)> StepAsync(EpAll2AllLayer layer, DeviceTensor<BFloat16> tokens, DeviceTensor<int> ids)
+    /// <summary>
+    /// One dispatch and an in-place combine (identity experts) through the device API, each timed on the host (µs),
+    /// with the call start, the dispatch's return and the combine's return as timestamps (for the all-rank span).
+    /// </summary>
+    private static async Task<(double DispatchUs, double CombineUs, DeviceDispatchResult<BFloat16> Dispatch, DeviceTensor<BFloat16> Combined, (long Start, long Mid, long End) At)> StepAsync(EpAll2AllLayer layer, DeviceTensor<BFloat16> tokens, DeviceTensor<int> ids)
     {
         long t0 = Stopwatch.GetTimestamp();
         DeviceDispatchResult<BFloat16> d = await layer.DispatchOnDeviceAsync(tokens, ids).ConfigureAwait(false);
         long t1 = Stopwatch.GetTimestamp();
         DeviceTensor<BFloat16> combined = await layer.CombineOnDeviceAsync(d.Output, d.Layout).ConfigureAwait(false);
-        return (Stopwatch.GetElapsedTime(t0, t1).TotalMicroseconds, Stopwatch.GetElapsedTime(t1).TotalMicroseconds, d, combined);
+        long t2 = Stopwatch.GetTimestamp();
+        return (Stopwatch.GetElapsedTime(t0, t1).TotalMicroseconds, Stopwatch.GetElapsedTime(t1, t2).TotalMicroseconds, d, combined, (t0, t1, t2));
     }
 
     /// <summary>Involuntary context switches of the thread that launches the kernels: the caller's, or the GPU worker's.</summary>
@@ -179,7 +183,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                     await layer.BarrierAllAsync().ConfigureAwait(false);
                     int thread = Environment.CurrentManagedThreadId;
                     long switches = LaunchingThreadSwitches(runtime, manifest.CallerThread);
-                    (double dispatchUs, double combineUs, DeviceDispatchResult<BFloat16> d, DeviceTensor<BFloat16> combined) = await StepAsync(layer, dTokens.Tensor, dIds.Tensor).ConfigureAwait(false);
+                    (double dispatchUs, double combineUs, DeviceDispatchResult<BFloat16> d, DeviceTensor<BFloat16> combined, (long start, long mid, long end)) = await StepAsync(layer, dTokens.Tensor, dIds.Tensor).ConfigureAwait(false);
                     long preempted = thread == Environment.CurrentManagedThreadId && switches >= 0 ? LaunchingThreadSwitches(runtime, manifest.CallerThread) - switches : -1;
                     Require(d.Layout.RecvRows == point.RecvRows[s][rank], $"received {d.Layout.RecvRows} rows, the routing files say {point.RecvRows[s][rank]}");
                     if (it == warm - 1 || (warm == 0 && it == 0))
@@ -191,6 +195,9 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                     {
                         result.DispatchWall.Add(dispatchUs);
                         result.CombineWall.Add(combineUs);
+                        result.DispatchStarts.Add(start);
+                        result.DispatchEnds.Add(mid);
+                        result.CombineEnds.Add(end);
                         result.Preemptions.Add(preempted);
                         (double prepare, double gap, double send, double combine) = times.Last();
                         result.DispatchGpu.Add(prepare + gap + send);
@@ -204,7 +211,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                 for (int it = 0; it < manifest.Iterations; it++)
                 {
                     await layer.BarrierAllAsync().ConfigureAwait(false);
-                    (double dispatchUs, double combineUs, _, _) = await StepAsync(layer, dTokens.Tensor, dIds.Tensor).ConfigureAwait(false);
+                    (double dispatchUs, double combineUs, _, _, _) = await StepAsync(layer, dTokens.Tensor, dIds.Tensor).ConfigureAwait(false);
                     result.DispatchWallUntimed.Add(dispatchUs);
                     result.CombineWallUntimed.Add(combineUs);
                 }
@@ -248,7 +255,8 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                 await layer.BarrierAllAsync().ConfigureAwait(false);
                 long t0 = Stopwatch.GetTimestamp();
                 GraphReplay r = await graph.ReplayAsync().ConfigureAwait(false);
-                double wall = Stopwatch.GetElapsedTime(t0).TotalMicroseconds;
+                long t1 = Stopwatch.GetTimestamp();
+                double wall = Stopwatch.GetElapsedTime(t0, t1).TotalMicroseconds;
                 Require(r.ReceivedRows == point.RecvRows[s][rank], $"graph mode received {r.ReceivedRows} rows, the routing files say {point.RecvRows[s][rank]}");
                 if (it == 0)
                 {
@@ -260,6 +268,8 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                     result.GraphDispatchGpu.Add(r.DispatchGpu.TotalMicroseconds);
                     result.GraphCombineGpu.Add(r.CombineGpu.TotalMicroseconds);
                     result.GraphWall.Add(wall);
+                    result.GraphStarts.Add(t0);
+                    result.GraphEnds.Add(t1);
                 }
             }
         }

@@ -37,7 +37,8 @@ internal static class BenchStats
     }
 }
 
-internal sealed record BenchGraphSummary(BenchStat DispatchGpu, BenchStat CombineGpu, BenchStat ReplayWall, double DispatchCeilingPct, double CombineCeilingPct);
+/// <summary>Graph mode: GPU times per phase (slowest rank), the replay's wall time, and the replay's ceiling % (dispatch + combine bytes over the all-rank span of a replay).</summary>
+internal sealed record BenchGraphSummary(BenchStat DispatchGpu, BenchStat CombineGpu, BenchStat ReplayWall, double CeilingPct);
 
 internal sealed record BenchCudaSummary
 {
@@ -227,7 +228,7 @@ internal sealed record BenchSummary
             [
                 "Times are medians (p99) over iterations of the slowest rank's time in that iteration; every iteration starts after a layer barrier.",
                 "CUDA dispatch time: CUDA events on each rank's stream from the counting kernels to the end of the dispatch barrier, so the host's size poll and the send launch (host gap) are inside it.",
-                "Ceiling %: (floor bytes / device copy bandwidth) / time. Floor bytes = every token read once + every received row written once, over all ranks (combine: rows read once + results written once). The copy bandwidth is a 1 GiB device-to-device copy measured in the same run (read + write counted).",
+                "Ceiling %: (floor bytes / device copy bandwidth) / span, the span being the median over iterations of the earliest call start to the latest return over all ranks (one host clock): every rank's bytes against every rank's time, so it cannot pass 100 while the bandwidth is right. Floor bytes = every token read once + every received row written once, over all ranks (combine: rows read once + results written once). The copy bandwidth is a 1 GiB device-to-device copy measured in the same run (read + write counted). Graph mode: one replay (dispatch + combine) against both floors.",
                 "Algorithm bandwidth as DeepEP counts it: received token bytes per rank / time; rows a rank sends to itself are counted (on one GPU every row is local traffic).",
                 "Orchestration: median C# call wall time (GPU timing off: no observer, no metric listener) minus median wall time of the same libepa2a call sequence made directly on the GPU worker thread (per rank, then the median over ranks); the host-side table also gives it with GPU timing on.",
                 "Graph mode: fixed-capacity layer, dispatch and combine captured as two CUDA graphs and replayed back to back (no host wait); GPU times from events around each graph launch.",
@@ -250,14 +251,14 @@ internal sealed record BenchSummary
         BenchRankPoint[] ok = [.. per.Select(x => x!)];
         BenchStat dGpu = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.DispatchGpu)));
         BenchStat cGpu = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.CombineGpu)));
-        double ceiling = bandwidth > 0 ? floor / bandwidth * 1e6 : 0; // µs
         double recvBytesPerRank = rows / p.World * p.RowBytes;
         BenchGraphSummary? graph = null;
         if (ok.All(x => x.GraphDispatchGpu.Count > 0))
         {
             BenchStat gd = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphDispatchGpu)));
             BenchStat gc = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphCombineGpu)));
-            graph = new BenchGraphSummary(gd, gc, BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphWall))), Pct(ceiling, gd.Median), Pct(ceiling, gc.Median));
+            double replaySpan = CopyCeiling.MedianSpanUs([.. ok.Select(x => CopyCeiling.Intervals(x.GraphStarts, x.GraphEnds))]);
+            graph = new BenchGraphSummary(gd, gc, BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphWall))), CopyCeiling.Percent(2 * floor, bandwidth, replaySpan));
         }
 
         (int slow, int slowPreempted, int all, int allPreempted) = Tails(ok);
@@ -273,8 +274,8 @@ internal sealed record BenchSummary
             CombineWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.CombineWall))),
             DispatchHostGapUs = BenchStats.Median(BenchStats.SlowestRank(ok.Select(x => x.DispatchHostGap))),
             DispatchPrepareUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchPrepareGpu))]),
-            DispatchCeilingPct = Pct(ceiling, dGpu.Median),
-            CombineCeilingPct = Pct(ceiling, cGpu.Median),
+            DispatchCeilingPct = CopyCeiling.Percent(floor, bandwidth, CopyCeiling.MedianSpanUs([.. ok.Select(x => CopyCeiling.Intervals(x.DispatchStarts, x.DispatchEnds))])),
+            CombineCeilingPct = CopyCeiling.Percent(floor, bandwidth, CopyCeiling.MedianSpanUs([.. ok.Select(x => CopyCeiling.Intervals(x.DispatchEnds, x.CombineEnds))])),
             DispatchAlgbwGBps = dGpu.Median > 0 ? recvBytesPerRank / dGpu.Median / 1e3 : 0,
             CombineAlgbwGBps = cGpu.Median > 0 ? recvBytesPerRank / cGpu.Median / 1e3 : 0,
             DispatchOrchestrationUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchWallUntimed) - BenchStats.Median(x.DirectDispatchWall))]),
@@ -318,6 +319,4 @@ internal sealed record BenchSummary
 
         return (slow, slowPreempted, n, preempted);
     }
-
-    private static double Pct(double ceilingUs, double us) => us > 0 ? 100 * ceilingUs / us : 0;
 }

@@ -47,6 +47,18 @@ internal sealed record GpuCheckRankResult
 
     /// <summary>Bytes every rank together reads and writes in one combine (expert rows copied in, read back, results written).</summary>
     public double CombineBytes { get; init; }
+
+    /// <summary>Per timed step (warm-up left out): when this rank's dispatch call began, in <see cref="Stopwatch"/> timestamps (a clock the rank processes share).</summary>
+    public List<long> DispatchStarts { get; init; } = [];
+
+    /// <summary>Per timed step: when this rank's dispatch call returned (its GPU work done), which is also when its combine call began.</summary>
+    public List<long> DispatchEnds { get; init; } = [];
+
+    /// <summary>Per timed step: when this rank's combine call returned (its GPU work done).</summary>
+    public List<long> CombineEnds { get; init; } = [];
+
+    /// <summary>Where this rank's wall time went (inputs, reference, host API, device API, timed steps), for a slow case.</summary>
+    public string Phases { get; init; } = string.Empty;
 }
 
 /// <summary>One rank's report of a group: its cases, and (rank 0) the copy bandwidth measured after them.</summary>
@@ -74,7 +86,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             Stopwatch sw = Stopwatch.StartNew();
             try
             {
-                r = c.Type switch
+                r = c.LowLatency ? await new GpuCheckLowLatency(c, rank, world, dir, seed).RunAsync(runtime).ConfigureAwait(false) : c.Type switch
                 {
                     TokenType.BFloat16 => await RunCaseAsync<BFloat16>(c, runtime).ConfigureAwait(false),
                     TokenType.Float16 => await RunCaseAsync<Half>(c, runtime).ConfigureAwait(false),
@@ -86,7 +98,8 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
                 r = new GpuCheckRankResult { Name = c.Name, Pass = false, Message = $"{e.GetType().Name}: {e.Message}" };
             }
 
-            await log.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"[{group} rank {rank}] {c.Name}: {(r.Pass ? "pass" : "FAIL")} in {sw.Elapsed.TotalSeconds:0.0} s {r.Message}")).ConfigureAwait(false);
+            string phases = r.Phases.Length > 0 ? $" [{r.Phases}]" : string.Empty;
+            await log.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"[{group} rank {rank}] {c.Name}: {(r.Pass ? "pass" : "FAIL")} in {sw.Elapsed.TotalSeconds:0.0} s{phases} {r.Message}")).ConfigureAwait(false);
             results.Add(r);
             await WriteAsync(path, new GpuCheckRankReport(rank, 0, results)).ConfigureAwait(false);
         }
@@ -102,12 +115,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         File.Move(path + ".tmp", path, overwrite: true);
     }
 
-    private static T[] Flat<T>(Tensor<T> t)
-    {
-        T[] a = new T[(int)t.FlattenedLength];
-        t.FlattenTo(a);
-        return a;
-    }
+    private static T[] Flat<T>(Tensor<T> t) => DenseTensor.ToArray(t);
 
     private static double Median(List<double> v)
     {
@@ -171,32 +179,66 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         }
     }
 
-    /// <summary>Within one rounding of the token type (fp32 sums in another order may land on the neighbour). Returns the max error.</summary>
+    /// <summary>
+    /// Within one rounding of the token type (fp32 sums in another order may land on the neighbour). Returns the max
+    /// error. Large outputs are compared in parallel chunks; the first bad element (lowest index) is reported.
+    /// </summary>
     private static double RequireClose<T>(T[] want, T[] got, int topK, string what)
         where T : unmanaged
     {
         Require(want.Length == got.Length, $"{what}: {got.Length} elements, expected {want.Length}");
-        double max = 0;
-        for (int i = 0; i < want.Length; i++)
+        const int Chunk = 1 << 18;
+        int chunks = (want.Length + Chunk - 1) / Chunk;
+        double[] maxes = new double[chunks];
+        int[] bad = new int[chunks];
+        Parallel.For(0, chunks, ch =>
         {
-            float w = TokenConvert.ToSingle(want[i]);
-            float g = TokenConvert.ToSingle(got[i]);
-            Require(!float.IsNaN(g), $"{what}: element {i} is NaN (never written?)");
-            float magnitude = Math.Max(Math.Abs(w), 1e-3f);
-            float ulp = typeof(T) == typeof(BFloat16) ? magnitude / 128f : typeof(T) == typeof(Half) ? magnitude / 1024f : magnitude * 2.4e-7f;
-            float tolerance = ulp + (topK * 4 * 4e-7f * Math.Max(1f, Math.Abs(w)));
-            double err = Math.Abs((double)w - g);
-            Require(err <= tolerance, $"{what}: element {i} is {g}, expected {w} (tolerance {tolerance})");
-            max = Math.Max(max, err);
+            double max = 0;
+            bad[ch] = -1;
+            int end = Math.Min(want.Length, (ch + 1) * Chunk);
+            for (int i = ch * Chunk; i < end; i++)
+            {
+                (bool ok, double err, _) = Close(want[i], got[i], topK);
+                if (!ok)
+                {
+                    bad[ch] = i;
+                    return;
+                }
+
+                max = Math.Max(max, err);
+            }
+
+            maxes[ch] = max;
+        });
+        int first = bad.FirstOrDefault(i => i >= 0, -1);
+        if (first >= 0)
+        {
+            float g = TokenConvert.ToSingle(got[first]);
+            (_, _, float tolerance) = Close(want[first], got[first], topK);
+            Require(!float.IsNaN(g), $"{what}: element {first} is NaN (never written?)");
+            Require(false, $"{what}: element {first} is {g}, expected {TokenConvert.ToSingle(want[first])} (tolerance {tolerance})");
         }
 
-        return max;
+        return maxes.Length == 0 ? 0 : maxes.Max();
+    }
+
+    private static (bool Ok, double Error, float Tolerance) Close<T>(T want, T got, int topK)
+        where T : unmanaged
+    {
+        float w = TokenConvert.ToSingle(want);
+        float g = TokenConvert.ToSingle(got);
+        float magnitude = Math.Max(Math.Abs(w), 1e-3f);
+        float ulp = typeof(T) == typeof(BFloat16) ? magnitude / 128f : typeof(T) == typeof(Half) ? magnitude / 1024f : magnitude * 2.4e-7f;
+        float tolerance = ulp + (topK * 4 * 4e-7f * Math.Max(1f, Math.Abs(w)));
+        double err = Math.Abs((double)w - g);
+        return (!float.IsNaN(g) && err <= tolerance, err, tolerance);
     }
 
     private async Task<GpuCheckRankResult> RunCaseAsync<T>(GpuCheckCase c, NvshmemRuntime runtime)
         where T : unmanaged
     {
         EpConfig config = c.Config(rank);
+        PhaseWatch phases = new();
         Random rng = new(c.Seed(seed));
         int[] counts = [.. Enumerable.Range(0, world).Select(r => c.Large && (!c.RandomTokens || r == 0) ? c.MaxTokens : rng.Next((c.MaxTokens / 2) + 1, c.MaxTokens + 1))];
         RankInput<T>[] inputs = RoutingGenerator.Draw<T>(config, counts, c.Drop, c.Skewed, c.Weights, rng);
@@ -205,9 +247,11 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             inputs = WithShuffledScatter(config, inputs, rng);
         }
 
+        phases.Lap("inputs");
         ReferencePlacement place = ReferenceRankView.Place(config, inputs);
         ReferenceDispatch<T> want = ReferenceRankView.DispatchTo(config, inputs, place, rank);
         T[] wantCombine = ReferenceRankView.CombineFor(config, inputs, place, rank, DeterministicExperts.Apply, c.Weighted);
+        phases.Lap("reference");
         double rowBytes = (double)c.Hidden * config.TokenBytes;
         double rows = place.RowsPerLocalExpert.Sum(r => r.Sum());
         double dispatchBytes = 2 * rows * rowBytes;
@@ -218,7 +262,8 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         using EpAll2AllLayer layer = EpAll2AllLayer.CreateCuda(config, runtime, options);
         try
         {
-            return await RunStepsAsync(c, runtime, layer, times, inputs, place, want, wantCombine, dispatchBytes, combineBytes).ConfigureAwait(false);
+            phases.Lap("layer create");
+            return await RunStepsAsync(c, runtime, layer, times, phases, inputs, place, want, wantCombine, dispatchBytes, combineBytes).ConfigureAwait(false);
         }
         catch (Exception e) when (ReportBeforeDispose(c, e))
         {
@@ -244,6 +289,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         NvshmemRuntime runtime,
         EpAll2AllLayer layer,
         GpuPhaseTimes times,
+        PhaseWatch phases,
         RankInput<T>[] inputs,
         ReferencePlacement place,
         ReferenceDispatch<T> want,
@@ -280,11 +326,13 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         T[] expertOut = DeterministicExperts.ApplyToBlocks<T>(output, h, rank * config.ExpertsPerRank, got.Layout.ExpertRowStarts, got.Layout.RowsPerLocalExpert);
         T[] combined = Flat(await layer.CombineAsync(Tensor.Create(expertOut, [recv, h]), got.Layout, new CombineOptions(c.Weighted)).ConfigureAwait(false));
         double maxErr = RequireClose(wantCombine, combined, k, "combine (host API) vs reference");
+        phases.Lap("host API + checks");
         bool? matchesCpu = null;
         if (c.CompareWithCpu && !c.Fault)
         {
             await CompareWithCpuAsync(c, inputs, output, weights, got.Layout, combined).ConfigureAwait(false);
             matchesCpu = true;
+            phases.Lap("CPU backend");
         }
 
         if (c.Fault)
@@ -328,9 +376,11 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         await DeviceCopies.DownloadAsync(runtime, dCombined, dComb).ConfigureAwait(false);
         RequireBitwise<T>(combined, dComb, "combine (device API) vs combine (host API): deterministic");
 
+        phases.Lap("device API + checks");
         if (c.Graph)
         {
             message += await GraphChecksAsync(c, runtime, inputs, want, combined, dTokens, dIds, dWeights, dExpert).ConfigureAwait(false);
+            phases.Lap("graphs");
         }
 
         // 3. Timed device steps, every one aligned by a layer barrier first; no garbage collection in between if it
@@ -338,6 +388,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
         GC.WaitForPendingFinalizers();
         List<double> dispGpu = [], combGpu = [], prep = [], wait = [], send = [], dispCall = [], combCall = [];
+        List<long> starts = [], mids = [], ends = [];
         DeviceTensor<T>? last = null;
         for (int it = 0; it < c.TimedSteps + 1; it++)
         {
@@ -349,6 +400,12 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             long t2 = Stopwatch.GetTimestamp();
             dispCall.Add(Stopwatch.GetElapsedTime(t0, t1).TotalMicroseconds);
             combCall.Add(Stopwatch.GetElapsedTime(t1, t2).TotalMicroseconds);
+            if (it > 0)
+            {
+                starts.Add(t0);
+                mids.Add(t1);
+                ends.Add(t2);
+            }
             (double p, double sz, double s, double cb) = times.Last();
             prep.Add(p);
             wait.Add(sz);
@@ -363,6 +420,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             RequireBitwise<T>(combined, dComb, "combine of the last timed step vs the checked one");
         }
 
+        phases.Lap("timed steps");
         return new GpuCheckRankResult
         {
             Name = c.Name,
@@ -380,6 +438,10 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             CombineCallUs = Median(combCall),
             DispatchBytes = dispatchBytes,
             CombineBytes = combineBytes,
+            DispatchStarts = starts,
+            DispatchEnds = mids,
+            CombineEnds = ends,
+            Phases = phases.ToString(),
         };
     }
 
@@ -590,3 +652,18 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
 
 /// <summary>A check of `epa2a-tools gpu-check` failed; the message says what differed where.</summary>
 internal sealed class GpuCheckFailure(string message) : Exception(message);
+
+/// <summary>Wall time per phase of one case on one rank ("inputs 1.2 s, reference 0.8 s, ...").</summary>
+internal sealed class PhaseWatch
+{
+    private readonly Stopwatch watch = Stopwatch.StartNew();
+    private readonly List<string> laps = [];
+
+    public void Lap(string phase)
+    {
+        laps.Add(string.Create(CultureInfo.InvariantCulture, $"{phase} {watch.Elapsed.TotalSeconds:0.0} s"));
+        watch.Restart();
+    }
+
+    public override string ToString() => string.Join(", ", laps);
+}

@@ -13,21 +13,24 @@ internal sealed partial class CpuBackend
     private byte[] BuildRowsFor(CombineStep step, int source)
     {
         RowOrigins o = step.Layout.Origins;
-        List<(int Key, int Row)> rows = [];
-        for (int row = 0; row < o.Source.Length; row++)
+        int count = o.Source.AsSpan().Count(source);
+        long[] keys = new long[count];
+        int[] rows = new int[count];
+        for (int row = 0, i = 0; row < o.Source.Length; row++)
         {
             if (o.Source[row] == source)
             {
-                rows.Add(((o.Token[row] * config.TopK) + o.K[row], row));
+                keys[i] = ((long)o.Token[row] * config.TopK) + o.K[row];
+                rows[i++] = row;
             }
         }
 
-        rows.Sort((a, b) => a.Key.CompareTo(b.Key));
-        byte[] packet = new byte[8 + (rows.Count * RowBytes)];
+        Array.Sort(keys, rows);
+        byte[] packet = new byte[8 + (count * RowBytes)];
         MessageWriter w = new(packet);
         w.WriteInt(MessageStatus.Ok);
-        w.WriteInt(rows.Count);
-        foreach ((_, int row) in rows)
+        w.WriteInt(count);
+        foreach (int row in rows)
         {
             w.WriteBytes(step.ExpertOutput.AsSpan(row * RowBytes, RowBytes));
         }
@@ -145,22 +148,20 @@ internal sealed partial class CpuBackend
                     throw new InvalidDataException($"rank {d} sent rank {Rank} a partial for rank {s}");
                 }
 
-                ReadOnlySpan<float> partial = MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h));
-                Span<float> acc = step.Accumulator.AsSpan(t * h, h);
-                for (int x = 0; x < h; x++)
-                {
-                    acc[x] += partial[x];
-                }
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h)), step.Accumulator.AsSpan(t * h, h));
             }
         }
     }
 
-    /// <summary>Inter-node: sums the node's partials per (source, token) and sends one fp32 row per token to each source.</summary>
+    /// <summary>
+    /// Inter-node: sums the node's partials per (source, token) and sends one fp32 row per token to each source. The
+    /// sums live in one buffer (a slot per distinct token, numbered in a first pass), not an array per token.
+    /// </summary>
     private async ValueTask ReduceNodeAndSendAsync(OperationContext op, CombineStep step, int[] node, byte[][] partials)
     {
         int h = config.Hidden;
         int[] sources = SameLocalRankPeers();
-        var sums = new SortedDictionary<(int Source, int Token), float[]>();
+        Dictionary<(int Source, int Token), int> slotOf = [];
         for (int i = 0; i < node.Length; i++)
         {
             MessageReader r = new(partials[i], node[i]);
@@ -175,33 +176,43 @@ internal sealed partial class CpuBackend
                     throw new InvalidDataException($"rank {node[i]} sent gateway rank {Rank} a partial for rank {s} token {t}");
                 }
 
-                ReadOnlySpan<float> partial = MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h));
-                if (!sums.TryGetValue((s, t), out float[]? sum))
-                {
-                    sum = new float[h];
-                    sums.Add((s, t), sum);
-                }
-
-                for (int y = 0; y < h; y++)
-                {
-                    sum[y] += partial[y];
-                }
+                r.ReadBytes(4 * h);
+                slotOf.TryAdd((s, t), slotOf.Count);
             }
         }
 
+        float[] sums = new float[slotOf.Count * h];
+        for (int i = 0; i < node.Length; i++)
+        {
+            MessageReader r = new(partials[i], node[i]);
+            ThrowIfAborted(ref r, node[i]);
+            int count = r.ReadInt();
+            for (int x = 0; x < count; x++)
+            {
+                int slot = slotOf[(r.ReadInt(), r.ReadInt())];
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h)), sums.AsSpan(slot * h, h));
+            }
+        }
+
+        // Each source's tokens in ascending order.
+        (int Source, int Token, int Slot)[] order = [.. slotOf.Select(kv => (kv.Key.Source, kv.Key.Token, kv.Value))];
+        Array.Sort(order);
         MessageTag tag = op.Tag(ExchangePhase.CombineCrossNode);
         List<Task> sends = [];
         foreach (int s in sources)
         {
-            var mine = sums.Where(kv => kv.Key.Source == s).ToArray();
-            byte[] packet = new byte[8 + (mine.Length * (4 + (4 * h)))];
+            int mine = order.Count(e => e.Source == s);
+            byte[] packet = new byte[8 + (mine * (4 + (4 * h)))];
             MessageWriter w = new(packet);
             w.WriteInt(MessageStatus.Ok);
-            w.WriteInt(mine.Length);
-            foreach (var kv in mine)
+            w.WriteInt(mine);
+            foreach ((int source, int token, int slot) in order)
             {
-                w.WriteInt(kv.Key.Token);
-                w.WriteFloats(kv.Value);
+                if (source == s)
+                {
+                    w.WriteInt(token);
+                    w.WriteFloats(sums.AsSpan(slot * h, h));
+                }
             }
 
             sends.Add(transport.SendAsync(s, tag, packet, op.Token).AsTask());
@@ -215,13 +226,13 @@ internal sealed partial class CpuBackend
         switch (config.TokenType)
         {
             case TokenType.BFloat16:
-                TokenConvert.Accumulate(MemoryMarshal.Cast<byte, BFloat16>(row), acc, scale);
+                TokenRows.Accumulate(MemoryMarshal.Cast<byte, BFloat16>(row), acc, scale);
                 break;
             case TokenType.Float16:
-                TokenConvert.Accumulate(MemoryMarshal.Cast<byte, Half>(row), acc, scale);
+                TokenRows.Accumulate(MemoryMarshal.Cast<byte, Half>(row), acc, scale);
                 break;
             default:
-                TokenConvert.Accumulate(MemoryMarshal.Cast<byte, float>(row), acc, scale);
+                TokenRows.Accumulate(MemoryMarshal.Cast<byte, float>(row), acc, scale);
                 break;
         }
     }

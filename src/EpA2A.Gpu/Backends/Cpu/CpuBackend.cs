@@ -165,13 +165,14 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
         // First hop: straight to each rank (one node), or to this rank's peer on each node (several).
         int[] firstHop = config.IsIntraNode ? AllRanks() : Gateways();
+        int[] hops = abort is null ? FirstHops(step.ExpertIds) : [];
         MessageTag tokensTag = op.Tag(ExchangePhase.DispatchTokens);
         List<Task> sends = [];
         for (int i = 0; i < firstHop.Length; i++)
         {
             byte[] packet = abort is not null
                 ? MessageStatus.Abort(Rank, abort)
-                : BuildTokenPacket(step, rows, t => TokenTargets(step.ExpertIds, t, k, i));
+                : BuildTokenPacket(step, rows, hops, i);
             sends.Add(transport.SendAsync(firstHop[i], tokensTag, packet, op.Token).AsTask());
         }
 
@@ -266,12 +267,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             for (int i = 0; i < count; i++)
             {
                 int t = CheckedToken(r.ReadInt(), step.Layout.NumDispatchTokens, gateways[b]);
-                ReadOnlySpan<float> partial = MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4));
-                Span<float> acc = step.Accumulator.AsSpan(t * h, h);
-                for (int x = 0; x < h; x++)
-                {
-                    acc[x] += partial[x];
-                }
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4)), step.Accumulator.AsSpan(t * h, h));
             }
         }
     }
@@ -340,23 +336,18 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
     private int[] SameLocalRankPeers() => Gateways();
 
-    /// <summary>Which of token t's slots go to first-hop target i (a rank, or a node for the inter-node algorithm).</summary>
-    private IEnumerable<int> TokenTargets(int[] ids, int t, int k, int target)
+    /// <summary>The first-hop target of every (token, k) slot: a rank, or a node for the inter-node algorithm; -1 dropped.</summary>
+    private int[] FirstHops(int[] ids)
     {
-        for (int j = 0; j < k; j++)
+        int[] hops = new int[ids.Length];
+        for (int i = 0; i < ids.Length; i++)
         {
-            int e = ids[(t * k) + j];
-            if (e == config.NumExperts)
-            {
-                continue;
-            }
-
-            int d = config.RankOfExpert(e);
-            if ((config.IsIntraNode ? d : d / config.LocalWorldSize) == target)
-            {
-                yield return j;
-            }
+            int e = ids[i];
+            int d = e == config.NumExperts ? -1 : config.RankOfExpert(e);
+            hops[i] = d < 0 || config.IsIntraNode ? d : d / config.LocalWorldSize;
         }
+
+        return hops;
     }
 
     /// <summary>Destination row (inside the destination's output) and global row of every (token, k).</summary>
@@ -400,38 +391,48 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         return (rows, global, null);
     }
 
-    /// <summary>A token packet: per token with slots for the target, its slots (k, expert, row, weight) and its row once.</summary>
-    private byte[] BuildTokenPacket(DispatchStep step, int[] rows, Func<int, IEnumerable<int>> slotsOf)
+    /// <summary>
+    /// A token packet for first-hop <paramref name="target"/>: per token with slots there, its slots (k, expert, row,
+    /// weight) and its row once. Sized in a first pass, written in a second: no allocation per token.
+    /// </summary>
+    private byte[] BuildTokenPacket(DispatchStep step, int[] rows, int[] hops, int target)
     {
         int k = config.TopK;
-        List<(int Token, int[] Slots)> entries = [];
-        int size = 8;
+        int entries = 0;
+        int slots = 0;
         for (int t = 0; t < step.TokenCount; t++)
         {
-            int[] slots = [.. slotsOf(t)];
-            if (slots.Length > 0)
-            {
-                entries.Add((t, slots));
-                size += 12 + (16 * slots.Length) + RowBytes;
-            }
+            int here = hops.AsSpan(t * k, k).Count(target);
+            entries += here > 0 ? 1 : 0;
+            slots += here;
         }
 
-        byte[] packet = new byte[size];
+        byte[] packet = new byte[8 + (entries * (12 + RowBytes)) + (16 * slots)];
         MessageWriter w = new(packet);
         w.WriteInt(MessageStatus.Ok);
-        w.WriteInt(entries.Count);
-        foreach ((int t, int[] slots) in entries)
+        w.WriteInt(entries);
+        for (int t = 0; t < step.TokenCount; t++)
         {
+            ReadOnlySpan<int> tokenHops = hops.AsSpan(t * k, k);
+            int here = tokenHops.Count(target);
+            if (here == 0)
+            {
+                continue;
+            }
+
             w.WriteInt(Rank);
             w.WriteInt(t);
-            w.WriteInt(slots.Length);
-            foreach (int j in slots)
+            w.WriteInt(here);
+            for (int j = 0; j < k; j++)
             {
-                int i = (t * k) + j;
-                w.WriteInt(j);
-                w.WriteInt(step.ExpertIds[i]);
-                w.WriteInt(rows[i]);
-                w.WriteFloat(step.Weights?[i] ?? 0f);
+                if (tokenHops[j] == target)
+                {
+                    int i = (t * k) + j;
+                    w.WriteInt(j);
+                    w.WriteInt(step.ExpertIds[i]);
+                    w.WriteInt(rows[i]);
+                    w.WriteFloat(step.Weights?[i] ?? 0f);
+                }
             }
 
             w.WriteBytes(step.Tokens.AsSpan(t * RowBytes, RowBytes));
@@ -440,87 +441,134 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         return packet;
     }
 
+    /// <summary>
+    /// The gateway's second hop: each received token goes on to the ranks of this node that hold some of its experts,
+    /// with only their slots. Two passes over the received packets (sizes, then bytes), no allocation per token.
+    /// </summary>
     private async ValueTask ForwardInsideNodeAsync(OperationContext op, int[] sources, byte[][] packets)
     {
         int[] node = NodeRanks();
         MessageTag tag = op.Tag(ExchangePhase.DispatchForward);
-        string? abort = null;
-        int culprit = -1;
-        List<List<byte[]>> perRank = [.. node.Select(_ => new List<byte[]>())];
+        (int culprit, string? abort) = (-1, null);
+        int[] entries = new int[node.Length];
+        int[] slots = new int[node.Length];
         for (int i = 0; i < sources.Length && abort is null; i++)
         {
-            MessageReader r = new(packets[i], sources[i]);
-            if (r.ReadInt() == MessageStatus.Aborted)
-            {
-                culprit = r.ReadInt();
-                abort = r.ReadString();
-                break;
-            }
-
-            int count = r.ReadInt();
-            for (int x = 0; x < count; x++)
-            {
-                int src = r.ReadInt();
-                int t = r.ReadInt();
-                int nk = r.ReadInt();
-                var slots = new (int K, int Expert, int Row, float Weight)[nk];
-                for (int j = 0; j < nk; j++)
-                {
-                    slots[j] = (r.ReadInt(), r.ReadInt(), r.ReadInt(), r.ReadFloat());
-                }
-
-                ReadOnlySpan<byte> data = r.ReadBytes(RowBytes);
-                for (int l = 0; l < node.Length; l++)
-                {
-                    var mine = slots.Where(s => CheckedRankOfExpert(s.Expert, sources[i]) == node[l]).ToArray();
-                    if (mine.Length == 0)
-                    {
-                        continue;
-                    }
-
-                    byte[] entry = new byte[12 + (16 * mine.Length) + RowBytes];
-                    MessageWriter w = new(entry);
-                    w.WriteInt(src);
-                    w.WriteInt(t);
-                    w.WriteInt(mine.Length);
-                    foreach (var s in mine)
-                    {
-                        w.WriteInt(s.K);
-                        w.WriteInt(s.Expert);
-                        w.WriteInt(s.Row);
-                        w.WriteFloat(s.Weight);
-                    }
-
-                    w.WriteBytes(data);
-                    perRank[l].Add(entry);
-                }
-            }
+            (culprit, abort) = ForwardPass(packets[i], sources[i], node[0], entries, slots, null);
         }
 
         List<Task> sends = [];
+        byte[][] forwarded = new byte[node.Length][];
         for (int l = 0; l < node.Length; l++)
         {
-            byte[] packet;
-            if (abort is not null)
+            forwarded[l] = abort is not null ? MessageStatus.Abort(culprit, abort) : new byte[8 + (entries[l] * (12 + RowBytes)) + (16 * slots[l])];
+        }
+
+        if (abort is null)
+        {
+            int[] positions = new int[node.Length];
+            for (int l = 0; l < node.Length; l++)
             {
-                packet = MessageStatus.Abort(culprit, abort);
-            }
-            else
-            {
-                packet = new byte[8 + perRank[l].Sum(e => e.Length)];
-                MessageWriter w = new(packet);
+                MessageWriter w = new(forwarded[l]);
                 w.WriteInt(MessageStatus.Ok);
-                w.WriteInt(perRank[l].Count);
-                foreach (byte[] entry in perRank[l])
-                {
-                    w.WriteBytes(entry);
-                }
+                w.WriteInt(entries[l]);
+                positions[l] = w.Position;
             }
 
-            sends.Add(transport.SendAsync(node[l], tag, packet, op.Token).AsTask());
+            for (int i = 0; i < sources.Length; i++)
+            {
+                ForwardPass(packets[i], sources[i], node[0], null, null, (forwarded, positions));
+            }
+        }
+
+        for (int l = 0; l < node.Length; l++)
+        {
+            sends.Add(transport.SendAsync(node[l], tag, forwarded[l], op.Token).AsTask());
         }
 
         await Task.WhenAll(sends).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// One pass over a packet a gateway received: counts the entries and slots for each rank of the node, or (with
+    /// <paramref name="write"/>) writes them at each rank's position. Returns the abort the packet carries, if any.
+    /// </summary>
+    private (int Culprit, string? Abort) ForwardPass(byte[] packet, int source, int firstOfNode, int[]? entries, int[]? slots, (byte[][] Packets, int[] Positions)? write)
+    {
+        MessageReader r = new(packet, source);
+        if (r.ReadInt() == MessageStatus.Aborted)
+        {
+            int culprit = r.ReadInt();
+            return (culprit, r.ReadString());
+        }
+
+        int local = config.LocalWorldSize;
+        Span<int> rankOfSlot = stackalloc int[config.TopK];
+        Span<int> slotsFor = stackalloc int[local];
+        int count = r.ReadInt();
+        for (int x = 0; x < count; x++)
+        {
+            int src = r.ReadInt();
+            int t = r.ReadInt();
+            int nk = r.ReadInt();
+            if (nk < 0 || nk > config.TopK)
+            {
+                throw new InvalidDataException($"rank {source} sent a malformed token entry (source {src}, {nk} slots)");
+            }
+
+            MessageReader slotReader = r;
+            slotsFor.Clear();
+            for (int j = 0; j < nk; j++)
+            {
+                r.ReadInt();
+                int l = CheckedRankOfExpert(r.ReadInt(), source) - firstOfNode;
+                r.ReadInt();
+                r.ReadFloat();
+                rankOfSlot[j] = l;
+                if ((uint)l < (uint)local)
+                {
+                    slotsFor[l]++; // a slot for a rank of another node is not this gateway's to forward
+                }
+            }
+
+            ReadOnlySpan<byte> data = r.ReadBytes(RowBytes);
+            for (int l = 0; l < local; l++)
+            {
+                if (slotsFor[l] == 0)
+                {
+                    continue;
+                }
+
+                if (write is not { } target)
+                {
+                    entries![l]++;
+                    slots![l] += slotsFor[l];
+                    continue;
+                }
+
+                MessageWriter w = new(target.Packets[l], target.Positions[l]);
+                w.WriteInt(src);
+                w.WriteInt(t);
+                w.WriteInt(slotsFor[l]);
+                MessageReader again = slotReader;
+                for (int j = 0; j < nk; j++)
+                {
+                    (int kk, int expert, int row, float weight) = (again.ReadInt(), again.ReadInt(), again.ReadInt(), again.ReadFloat());
+                    if (rankOfSlot[j] == l)
+                    {
+                        w.WriteInt(kk);
+                        w.WriteInt(expert);
+                        w.WriteInt(row);
+                        w.WriteFloat(weight);
+                    }
+                }
+
+                w.WriteBytes(data);
+                target.Positions[l] = w.Position;
+            }
+        }
+
+        return (-1, null);
     }
 
     private int CheckedRankOfExpert(int expert, int source) =>

@@ -136,3 +136,31 @@ internal sealed class CudaLayerHandle : GpuHandle
 
     protected override int Free(nint value) => NativeMethods.epa2a_layer_destroy(value);
 }
+
+/// <summary>
+/// A libepa2a low-latency layer. Its destroy is collective (an NVSHMEM barrier), so, as <see cref="CudaLayerHandle"/>,
+/// it only runs once every rank disposes its layer (<see cref="MarkCollectiveRelease"/>).
+/// </summary>
+internal sealed class CudaLowLatencyLayerHandle : GpuHandle
+{
+    private volatile bool collective;
+
+    private CudaLowLatencyLayerHandle(GpuWorker worker, nint value)
+        : base(worker, value)
+    {
+    }
+
+    /// <summary>Creates on the calling thread, which must be the worker (collective).</summary>
+    public static CudaLowLatencyLayerHandle Create(GpuWorker worker, in NativeLowLatencyConfig config)
+    {
+        NativeMethods.Check(NativeMethods.epa2a_ll_layer_create(config, out nint layer), "epa2a_ll_layer_create");
+        return new CudaLowLatencyLayerHandle(worker, layer);
+    }
+
+    /// <summary>Every rank is disposing its layer now: the release may run the collective destroy.</summary>
+    public void MarkCollectiveRelease() => collective = true;
+
+    protected override bool ReleaseHandle() => !collective || base.ReleaseHandle();
+
+    protected override int Free(nint value) => NativeMethods.epa2a_ll_layer_destroy(value);
+}

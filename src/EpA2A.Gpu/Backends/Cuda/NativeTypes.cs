@@ -76,3 +76,47 @@ internal enum NativeCode
     BadScatterIndex = 10,
     BadRow = 11,
 }
+
+/// <summary>epa2a_ll_config: the low-latency layer's configuration, the same on every rank except the rank. 56 bytes.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct NativeLowLatencyConfig
+{
+    /// <summary>EPA2A_LL_CONFIG_VERSION.</summary>
+    public const int CurrentVersion = 1;
+
+    public int Size;
+    public int Version;
+    public long TimeoutNs;
+    public int MaxTokens;
+    public int Hidden;
+    public int TopK;
+    public int NumExperts;
+    public int Rank;
+    public int WorldSize;
+    public int LocalWorldSize;
+    public int NumSms;
+    public int Flags;
+    public int Reserved;
+}
+
+/// <summary>epa2a_ll_buffers: device pointers a low-latency layer owns.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct NativeLowLatencyBuffers
+{
+    public nint Tokens;
+    public nint Scales;
+    public nint RowsPerExpert;
+    public nint CombineInput;
+    public int LocalExperts;
+    public int ExpertCapacity;
+    public int Hidden;
+    public int Reserved;
+}
+
+/// <summary>EPA2A_LL_FORMAT_*: the token format of a low-latency dispatch.</summary>
+internal enum NativeLowLatencyFormat
+{
+    Bf16 = 0,
+    Fp8 = 1,
+    Fp8PowerOfTwo = 2,
+}
