@@ -114,10 +114,10 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = NewClock();
         int n = (int)input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
         using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
+        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
 
         // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
         // in, so only its own layout is valid for combine, even if it fails.
@@ -193,10 +193,10 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = NewClock();
         using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
+        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
@@ -243,9 +243,9 @@ public sealed class EpAll2AllLayer : IDisposable
     public async ValueTask BarrierAllAsync(bool intraNodeOnly = false, CancellationToken cancellationToken = default)
     {
         using Guard guard = Enter();
-        PhaseClock clock = NewClock();
         using OperationScope scope = NewOperation(cancellationToken);
         using OperationTrace trace = telemetry.Begin(LayerOperation.Barrier, scope.Operation.Sequence, 0);
+        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
         try
         {
             await backend.BarrierAsync(scope.Operation, intraNodeOnly).ConfigureAwait(false);
@@ -287,10 +287,10 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = NewClock();
         int n = input.Lengths[0];
         using OperationScope scope = NewOperation(cancellationToken);
         using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
+        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
         lastDispatchSequence = scope.Operation.Sequence;
         DispatchStep step = new()
         {
@@ -353,10 +353,10 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         using Guard guard = Enter();
-        PhaseClock clock = NewClock();
         using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
         using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
+        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
         CombineStep step = new()
         {
             Operation = scope.Operation,
