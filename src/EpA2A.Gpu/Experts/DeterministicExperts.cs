@@ -1,4 +1,3 @@
-using System.Numerics.Tensors;
 using EpA2A.Numerics;
 
 namespace EpA2A.Experts;
@@ -35,8 +34,7 @@ public static class DeterministicExperts
             {
                 Span<float> chunk = wide.AsSpan(0, Math.Min(wide.Length, end - at));
                 TokenRows.Widen(rows.Slice(at, chunk.Length), chunk);
-                TensorPrimitives.Multiply(chunk, scale, chunk);
-                TensorPrimitives.Subtract(chunk, shift, chunk);
+                TokenRows.Affine(chunk, scale, shift);
                 TokenRows.Narrow<T>(chunk, output.AsSpan(at, chunk.Length));
             }
         }
