@@ -38,8 +38,7 @@ public static class DeterministicExperts
             {
                 Span<float> chunk = wide.AsSpan(0, Math.Min(wide.Length, end - at));
                 TokenRows.Widen(rows.Slice(at, chunk.Length), chunk);
-                TensorPrimitives.Multiply(chunk, scale, chunk);
-                TensorPrimitives.Subtract(chunk, shift, chunk);
+                TokenRows.Affine(chunk, scale, shift);
                 TokenRows.Narrow<T>(chunk, output.AsSpan(at, chunk.Length));
             }
         }

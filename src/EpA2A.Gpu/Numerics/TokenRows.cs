@@ -12,6 +12,10 @@ namespace EpA2A.Numerics;
 /// <see cref="BFloat16.FromSingle"/> and the <see cref="Half"/> cast, and a scaled sum is a multiply then an add,
 /// never fused.
 /// </summary>
+/// <remarks>
+/// The loops are compiled optimized from their first call: a short run (a demo's ten steps) would otherwise spend
+/// its time in the unoptimized first tier, where every vector operation is a call.
+/// </remarks>
 internal static class TokenRows
 {
     /// <summary>Floats widened at a time on the stack by <see cref="Accumulate{T}"/>.</summary>
@@ -72,6 +76,7 @@ internal static class TokenRows
     }
 
     /// <summary><c>acc[i] += row[i] * scale</c>, the product rounded before the sum (as <see cref="TokenConvert.Accumulate{T}"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Accumulate<T>(ReadOnlySpan<T> row, Span<float> acc, float scale)
         where T : unmanaged
     {
@@ -88,15 +93,37 @@ internal static class TokenRows
             Widen(row.Slice(start, length), chunk);
             if (scale != 1f)
             {
-                TensorPrimitives.Multiply(chunk, scale, chunk);
+                Affine(chunk, scale, 0f);
             }
 
-            Span<float> target = acc.Slice(start, length);
-            TensorPrimitives.Add(target, chunk, target);
+            Add(chunk, acc.Slice(start, length));
+        }
+    }
+
+    /// <summary><c>x[i] = (x[i] * scale) - shift</c>, two roundings (the product, then the difference).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Affine(Span<float> x, float scale, float shift)
+    {
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            ref float at = ref MemoryMarshal.GetReference(x);
+            Vector256<float> a = Vector256.Create(scale);
+            Vector256<float> b = Vector256.Create(shift);
+            for (; i <= x.Length - Vector256<float>.Count; i += Vector256<float>.Count)
+            {
+                ((Vector256.LoadUnsafe(ref at, (nuint)i) * a) - b).StoreUnsafe(ref at, (nuint)i);
+            }
+        }
+
+        for (; i < x.Length; i++)
+        {
+            x[i] = (x[i] * scale) - shift;
         }
     }
 
     /// <summary><c>acc[i] += partial[i]</c>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Add(ReadOnlySpan<float> partial, Span<float> acc)
     {
         if (partial.Length != acc.Length)
@@ -104,9 +131,24 @@ internal static class TokenRows
             throw new ArgumentException($"partial has {partial.Length} elements, accumulator {acc.Length}", nameof(partial));
         }
 
-        TensorPrimitives.Add(acc, partial, acc);
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            ref float from = ref MemoryMarshal.GetReference(partial);
+            ref float to = ref MemoryMarshal.GetReference(acc);
+            for (; i <= acc.Length - Vector256<float>.Count; i += Vector256<float>.Count)
+            {
+                (Vector256.LoadUnsafe(ref to, (nuint)i) + Vector256.LoadUnsafe(ref from, (nuint)i)).StoreUnsafe(ref to, (nuint)i);
+            }
+        }
+
+        for (; i < acc.Length; i++)
+        {
+            acc[i] += partial[i];
+        }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void WidenBFloat16(ReadOnlySpan<ushort> bits, Span<uint> destination)
     {
         int i = 0;
@@ -128,6 +170,7 @@ internal static class TokenRows
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void NarrowBFloat16(ReadOnlySpan<uint> source, Span<ushort> destination)
     {
         int i = 0;

@@ -221,10 +221,11 @@ internal sealed class BenchRun
         string markdown = BenchReport.Markdown(summary, $"{stem}.png");
         await File.WriteAllTextAsync(Path.Combine(Out, $"{stem}.json"), JsonSerializer.Serialize(summary, BenchJson.Indented), ct).ConfigureAwait(false);
         await File.WriteAllTextAsync(Path.Combine(Out, $"{stem}.md"), markdown, ct).ConfigureAwait(false);
-        await File.WriteAllBytesAsync(Path.Combine(Out, $"{stem}.png"), BenchReport.Plot(summary), ct).ConfigureAwait(false);
         await console.WriteLineAsync().ConfigureAwait(false);
         await console.WriteAsync(markdown).ConfigureAwait(false);
-        await console.WriteLineAsync($"results: {Path.Combine(Out, stem)}.{{json,md,png}}").ConfigureAwait(false);
+
+        // The plot is drawn from the saved JSON where the results are read (`--from-json`), not on the GPU host.
+        await console.WriteLineAsync($"results: {Path.Combine(Out, stem)}.{{json,md}}; the plot: epa2a-tools bench --from-json {Path.Combine(Out, stem)}.json").ConfigureAwait(false);
         bool failed = summary.Points.Any(p => p.Cuda?.Error is not null || p.Cuda?.GraphError is not null || p.Cpu?.Error is not null) || (runCuda && cuda!.Any(r => r is null));
         if (failed)
         {

@@ -189,7 +189,7 @@ internal static class BenchReport
             new($"Dispatch latency (uniform, hidden {largest})", "tokens per rank", "us", Latency(p => p.Cuda!.DispatchGpu!.Median, p => p.Cuda!.Graph?.DispatchGpu.Median, p => p.Peer?.DispatchMedianUs)),
             new($"Combine latency (uniform, hidden {largest})", "tokens per rank", "us", Latency(p => p.Cuda!.CombineGpu!.Median, p => p.Cuda!.Graph?.CombineGpu.Median, p => p.Peer?.CombineMedianUs)),
         ];
-        return PngChart.Render($"epa2a-tools bench, {s.Gpu}, {s.Date[..10]}: 8 ranks, top-8 of 256 experts, bf16", panels);
+        return BenchChart.Render($"epa2a-tools bench, {s.Gpu}, {s.Date[..10]}: 8 ranks, top-8 of 256 experts, bf16", panels);
     }
 
     private static void Targets(StringBuilder sb, BenchSummary s)
