@@ -9,7 +9,7 @@ public interface IExpertLayerGrain : IGrainWithStringKey
 {
     /// <summary>
     /// Forms the group: waits for every rank and creates the layer on each with <paramref name="spec"/>. The same spec
-    /// again is a no-op (a formed group stays formed). A different spec while another client has begun a step within
+    /// from another client is a no-op (a formed group stays formed); from the client that configured it, it re-forms. A different spec while another client has begun a step within
     /// the step bound (twice the step deadline plus a second) is refused with <see cref="LayerSpecConflictException"/>
     /// unless <paramref name="takeOver"/> is set; that client's next step then fails by name.
     /// </summary>

@@ -125,7 +125,8 @@ public sealed class SpecPinningTests(RankCluster cluster) : IClassFixture<RankCl
 
         GrainStepRunner.AssertMatches(Spec, seed, GrainStepRunner.Expected(Spec, inputs, false), got);
 
-        // Read whole, it is gone: a repeated read names the step.
+        // Read whole and followed by another step, it is gone: a repeated read names the step.
+        await GrainStepRunner.RunCheckedAsync(second, Spec, seed + 2);
         InvalidOperationException again = await Assert.ThrowsAsync<InvalidOperationException>(() => Rank(0).ReadOutputAsync(first.Layer, ticket.Step, 0, 2));
         AssertNames(again, seed, $"no combined output for step {ticket.Step}", "already read");
     }

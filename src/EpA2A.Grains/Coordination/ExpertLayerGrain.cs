@@ -30,8 +30,8 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     private (string Group, string Layer) Key => GrainKeys.ParseLayer(this.GetPrimaryKeyString());
 
     /// <summary>
-    /// The same spec again leaves a formed group alone (another client adopting the layer must not cost the first its
-    /// step in progress). A new spec re-forms the group; it is refused while another client steps the layer, unless
+    /// The same spec from another client leaves a formed group alone (adopting the layer must not cost the first client
+    /// its step in progress); from the client that configured it, it re-forms the group. A new spec re-forms the group; it is refused while another client steps the layer, unless
     /// <paramref name="takeOver"/> is set, so no client ever runs a step under a spec it did not configure by accident.
     /// </summary>
     public async Task ConfigureAsync(LayerSpec newSpec, string client, bool takeOver)
@@ -39,13 +39,17 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         ArgumentNullException.ThrowIfNull(newSpec);
         client = string.IsNullOrWhiteSpace(client) ? "an unnamed client" : client;
         LayerSpec validated = newSpec.Validated();
-        if (spec is { } current && current.Equals(validated))
+        if (spec is { } current && current.Equals(validated) && client != configuredBy && formed)
         {
-            if (!formed)
-            {
-                await FormAsync().ConfigureAwait(true);
-            }
+            return; // another client adopting the layer as it is
+        }
 
+        if (spec is { } same && same.Equals(validated))
+        {
+            // The owner configuring again re-forms the group (a fresh layer on every rank), as it always has.
+            formed = false;
+            pending = null;
+            await FormAsync().ConfigureAwait(true);
             return;
         }
 
@@ -261,6 +265,12 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
             // A rank whose silo is gone (or silent) explains the others' waits on it and on each other: it is the culprit.
             int[] culprits = [.. (unreachable.Count > 0 ? unreachable : blamed).Distinct().Order()];
+            if (culprits.Length > 1)
+            {
+                int[] selfReported = [.. reports.Where(r => !r.Succeeded && r.BlamedRank == r.Rank).Select(r => r.Rank)];
+                culprits = await ConfirmByProbeAsync(ranks, culprits, selfReported).ConfigureAwait(true);
+            }
+
             string who = culprits.Length == 0 ? "unknown rank" : culprits.Length == 1 ? $"rank {culprits[0]}" : $"ranks {string.Join(", ", culprits)}";
             string message = $"step {ticket.Step} of layer '{Key.Layer}' failed because of {who}: {string.Join("; ", errors.Distinct())}";
             LogStepFailed(logger, message);
@@ -268,6 +278,21 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         }
 
         return new StepReport(ticket.Step, epoch, reports, Stopwatch.GetElapsedTime(start).TotalMicroseconds);
+    }
+
+    /// <summary>
+    /// Several ranks blamed at once are mostly ranks that waited on the one that stalled: a rank blamed only by others'
+    /// waits stays blamed when it also fails a direct probe (no answer within a second). A rank that reported its own
+    /// failure (bad input) stays blamed. When every suspect answers, the blame stands as it was.
+    /// </summary>
+    private static async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported)
+    {
+        selfReported = [.. selfReported.Intersect(suspects)];
+        int[] probed = [.. suspects.Except(selfReported)];
+        Task<RankInfo>[] probes = [.. probed.Select(r => ranks[r].Grain.DescribeAsync())];
+        await Task.WhenAny(Task.WhenAll(probes), Task.Delay(TimeSpan.FromSeconds(1))).ConfigureAwait(true);
+        int[] confirmed = [.. selfReported.Concat(probed.Where((_, i) => !probes[i].IsCompletedSuccessfully)).Distinct().Order()];
+        return confirmed.Length > 0 ? confirmed : suspects;
     }
 
     private static async Task WhenFirstFailure(Task<RankStepReport>[] calls)

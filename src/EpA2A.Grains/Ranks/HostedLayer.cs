@@ -123,9 +123,10 @@ internal sealed class HostedLayer : IDisposable
     }
 
     /// <summary>
-    /// A slice of a step's combined output. Outputs are kept per step until every byte was read (so another client's
-    /// step cannot replace one before its client has it), and at most <see cref="MaxUnreadOutputs"/> steps or
-    /// <see cref="UnreadOutputLifetime"/> beyond the step bound; an output given up that way is named when asked for.
+    /// A slice of a step's combined output. Outputs are kept per step until every byte was read and a later step has
+    /// run (so another client's step cannot replace one before its client has it), and at most
+    /// <see cref="MaxUnreadOutputs"/> steps or <see cref="UnreadOutputLifetime"/> beyond the step bound; an output given
+    /// up that way is named when asked for.
     /// </summary>
     public byte[] ReadOutput(long step, int offset, int count)
     {
@@ -142,11 +143,6 @@ internal sealed class HostedLayer : IDisposable
             }
 
             o.Read += count;
-            if (o.Read >= o.Bytes.Length)
-            {
-                outputs.Remove(step);
-            }
-
             return o.Bytes[offset..(offset + count)];
         }
     }
@@ -167,7 +163,7 @@ internal sealed class HostedLayer : IDisposable
         }
 
         long now = Stopwatch.GetTimestamp();
-        foreach (long stale in outputs.Where(o => Stopwatch.GetElapsedTime(o.Value.Stored, now) > OutputBound).Select(o => o.Key).ToArray())
+        foreach (long stale in outputs.Where(o => o.Value.Read >= o.Value.Bytes.Length || Stopwatch.GetElapsedTime(o.Value.Stored, now) > OutputBound).Select(o => o.Key).ToArray())
         {
             outputs.Remove(stale);
         }

@@ -28,6 +28,46 @@ public sealed class ProcessFaultTests(ProcessCluster cluster) : IClassFixture<Pr
     };
 
     [Fact]
+    public async Task A_silo_paused_past_the_probe_limit_is_blamed_alone_and_restarts_its_host_in_process_when_resumed()
+    {
+        Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
+        await cluster.EnsureHealthyAsync();
+        int seed = Environment.TickCount;
+        const int Victim = 2;
+        LayerSpec spec = Spec(TimeSpan.FromSeconds(3));
+        ExpertLayerClient client = new(cluster.Client, ProcessCluster.Group, "paused");
+        await client.ConfigureAsync(spec).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        await GrainStepRunner.RunCheckedAsync(client, spec, seed);
+
+        ChildProcess victim = cluster.Silo(Victim);
+        int lines = victim.Lines.Count;
+        Signal(victim.Id, "STOP");
+        try
+        {
+            GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => GrainStepRunner.RunCheckedAsync(client, spec, seed + 1));
+            Assert.True(e.BlamedRanks.SequenceEqual([Victim]), $"seed {seed}: blamed [{string.Join(", ", e.BlamedRanks)}]: {e.Message}");
+            await Task.Delay(TimeSpan.FromSeconds(6), TestContext.Current.CancellationToken); // past the probe limit: declared dead
+        }
+        finally
+        {
+            Signal(victim.Id, "CONT");
+        }
+
+        await victim.WaitForLineAsync(l => l.Contains("was declared dead by the cluster", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: lines);
+        await victim.WaitForLineAsync(l => l.Contains("restarted in process", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: lines);
+        Assert.False(victim.HasExited);
+        List<string> tries = await ProcessCluster.StepUntilOkAsync(client, spec, seed + 2, TimeSpan.FromSeconds(60));
+        TestContext.Current.TestOutputHelper?.WriteLine($"healed after {tries.Count} failed tries:\n{string.Join('\n', tries)}");
+        await cluster.EnsureHealthyAsync();
+    }
+
+    private static void Signal(int pid, string signal)
+    {
+        using Process kill = Process.Start("kill", ["-" + signal, pid.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        kill.WaitForExit(5000);
+    }
+
+    [Fact]
     public async Task A_rank_slowed_within_the_deadline_completes_the_step_and_one_slowed_past_it_aborts_the_step_on_every_rank_naming_it()
     {
         Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
