@@ -186,6 +186,12 @@ internal sealed class HostedLayer : IDisposable
 
             return new RankStepReport(Config.Rank, true, null, null, rows, bytes.Length, Phases.Snapshot());
         }
+        catch (ArgumentException e)
+        {
+            // This rank's own input, refused before it was sent: the cause even when the coordinator's abort (which the
+            // rejection itself set off, through the peers it told) arrived while the layer was telling them.
+            return Failed($"rank {Config.Rank}: bad input: {e.Message}", Config.Rank);
+        }
         catch (Exception) when (cts.IsCancellationRequested)
         {
             // Whatever this rank saw after the coordinator's abort is a consequence of it, not a cause.
@@ -194,10 +200,6 @@ internal sealed class HostedLayer : IDisposable
         catch (EpStepFailedException e)
         {
             return Failed(e.Message, e.Rank);
-        }
-        catch (ArgumentException e)
-        {
-            return Failed($"rank {Config.Rank}: bad input: {e.Message}", Config.Rank);
         }
         finally
         {
