@@ -126,7 +126,8 @@ internal static class DriveCommand
                 try
                 {
                     await Client.ConfigureAsync(Spec);
-                    output.WriteLine($"drive: layer '{Client.Layer}' formed over {Spec.WorldSize} ranks");
+                    CoordinatorInfo where = await Client.Coordinator.DescribeAsync();
+                    output.WriteLine($"drive: layer '{Client.Layer}' formed over {Spec.WorldSize} ranks; its coordinator runs in process {where.ProcessId} (silo {where.Silo})");
                     output.Flush();
                     return;
                 }

@@ -23,13 +23,14 @@ internal static class SiloCommand
         Option<int?> primaryPort = new("--primary-port") { Description = "Localhost clustering: the membership primary's silo port (default: --port-base, rank 0's silo). Another silo's port lets every rank restart without taking membership down" };
         Option<string> clustering = new("--clustering") { Description = "localhost (rank 0 is primary) or redis", DefaultValueFactory = _ => "localhost" };
         Option<string?> redis = new("--redis") { Description = "Redis connection string (with --clustering redis)" };
+        Option<string> advertise = new("--advertise") { Description = "With --clustering redis: the address other hosts reach this silo at (an IP or a host name); auto: this host's own (an up, non-loopback interface, the routed one first). Loopback only when given", DefaultValueFactory = _ => "auto" };
         Option<string> clusterId = new("--cluster-id") { Description = "Orleans cluster id", DefaultValueFactory = _ => "epa2a" };
         Option<int> expertDelay = new("--expert-delay-ms") { Description = "Fault drill: this rank's experts wait this long every step (a straggler)", DefaultValueFactory = _ => 0 };
 
         TelemetryCommandOptions telemetry = new();
         Command command = new("silo", "Run one silo serving one rank until Ctrl-C.")
         {
-            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, clusterId, expertDelay,
+            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, advertise, clusterId, expertDelay,
         };
         telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
@@ -61,6 +62,7 @@ internal static class SiloCommand
                 throw new ArgumentException($"--expert-delay-ms {delayMs} must not be negative");
             }
 
+            IPAddress? advertised = kind == ClusteringKind.Redis ? AdvertisedAddress.Parse(p.GetValue(advertise)) : null;
             using IHost silo = EpA2AHosts.BuildSilo(
                 new SiloSettings
                 {
@@ -73,13 +75,14 @@ internal static class SiloCommand
                     Primary = new IPEndPoint(IPAddress.Loopback, p.GetValue(primaryPort) ?? basePort),
                     Clustering = kind,
                     RedisConnection = p.GetValue(redis),
+                    AdvertisedAddress = advertised,
                     ClusterId = p.GetValue(clusterId)!,
                     ExpertDelay = TimeSpan.FromMilliseconds(delayMs),
                     Configuration = telemetry.ToConfiguration(p),
                 },
                 LogLevel.Information);
             await silo.StartAsync(ct);
-            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {r} of {w} in group '{p.GetValue(group)}' ({b}), silo port {basePort + r}, gateway {basePort + 100 + r}; Ctrl-C to stop"));
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {r} of {w} in group '{p.GetValue(group)}' ({b}), silo port {basePort + r}, gateway {basePort + 100 + r}, advertised at {advertised?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}; Ctrl-C to stop"));
             await silo.WaitForShutdownAsync(ct);
             return 0;
         });
