@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a small routing manifest (the format `epa2a bench` hands to bench/torch_peer.py) with random
+"""Write a small routing manifest (the format `epa2a-tools bench` hands to bench/torch_peer.py) with random
 routing, so that the PyTorch peer can be tried without the C# bench.
 
     python3 bench/make_test_manifest.py --dir /tmp/routing

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch peer for `epa2a bench`: the same MoE dispatch/combine exchange done "the obvious way" in PyTorch,
+"""PyTorch peer for `epa2a-tools bench`: the same MoE dispatch/combine exchange done "the obvious way" in PyTorch,
 all W ranks simulated in ONE process on ONE device (every rank's buffers live on that device; a send is a
 copy between rank buffers).
 
@@ -485,7 +485,7 @@ def run_point(torch, np, args, seed, index, point, warmup, iterations):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="PyTorch peer for `epa2a bench` (see bench/README.md).")
+    ap = argparse.ArgumentParser(description="PyTorch peer for `epa2a-tools bench` (see bench/README.md).")
     ap.add_argument("--routing", required=True, help="directory holding manifest.json and the .i32 files")
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")

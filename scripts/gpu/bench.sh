@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `epa2a bench` on a GPU host in one command: builds native/ (CMake), gets the epa2a CLI, starts MPS, optionally
+# `epa2a-tools bench` on a GPU host in one command: builds native/ (CMake), gets the epa2a-tools CLI, starts MPS, optionally
 # runs a quick gpu-check first (--check GROUPS), runs the bench (CUDA rank processes, the PyTorch peer, the CPU
 # backend, the grain path), stops MPS and prints the table last. Results go to $OUT (else bench/results).
 #
@@ -25,11 +25,11 @@ if ! { cmake -S native -B native/build -DCMAKE_BUILD_TYPE=Release >"$RES/native-
 fi
 echo "== native/ built in $(($(date +%s) - t0)) s"
 
-if [ -f .device/app/epa2a.dll ]; then
+if [ -f .device/app/epa2a-tools.dll ]; then
   APP=.device/app
 else
   APP=artifacts/bench
-  dotnet publish src/EpA2A.Silo -c Release -o "$APP" -v:q -nologo >"$RES/publish.log" 2>&1 || { tail -30 "$RES/publish.log"; exit 1; }
+  dotnet publish src/EpA2A.Tools -c Release -o "$APP" -v:q -nologo >"$RES/publish.log" 2>&1 || { tail -30 "$RES/publish.log"; exit 1; }
 fi
 
 export EPA2A_NATIVE_DIR=$PWD/native/build
@@ -39,13 +39,13 @@ export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
 start_mps
 rc=0
 if [ -n "$CHECK" ]; then
-  dotnet "$APP/epa2a.dll" gpu-check --groups "$CHECK" --out "$RES/gpu-check" >"$RES/gpu-check.log" 2>&1
+  dotnet "$APP/epa2a-tools.dll" gpu-check --groups "$CHECK" --out "$RES/gpu-check" >"$RES/gpu-check.log" 2>&1
   rc=$?
   grep -E "^\|" "$RES/gpu-check.log" | tail -20
   echo "== gpu-check exit $rc"
 fi
 if [ "$rc" = 0 ]; then
-  dotnet "$APP/epa2a.dll" bench --out "$RES" "$@" 2>&1 | tee "$RES/bench.log" | grep -v "^\[" | tail -120
+  dotnet "$APP/epa2a-tools.dll" bench --out "$RES" "$@" 2>&1 | tee "$RES/bench.log" | grep -v "^\[" | tail -120
   rc=${PIPESTATUS[0]}
 fi
 stop_mps >/dev/null 2>&1

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The CUDA backend's GPU suite in one command: builds native/ (CMake), gets the epa2a CLI, starts MPS, runs
-# `epa2a gpu-check` (every group: rank processes on the GPU, each case checked against the reference and the
+# The CUDA backend's GPU suite in one command: builds native/ (CMake), gets the epa2a-tools CLI, starts MPS, runs
+# `epa2a-tools gpu-check` (every group: rank processes on the GPU, each case checked against the reference and the
 # CPU backend, the fault case, timings), stops MPS, prints the table last. Results (gpu-check.json, .md, logs)
 # go to $OUT, else gpu-check-results/.
 #
 #   On a GPU host with the .NET SDK:   scripts/gpu/run-gpu-tests.sh [gpu-check options, e.g. --groups w2,w4]
 #   For a GPU host without .NET (the device tool): here, first   scripts/gpu/run-gpu-tests.sh --prepare
-#     (packs the .NET runtime into .device/ and publishes the CLI into .device/app), then run the same script
+#     (packs the .NET runtime into .device/ and publishes both command lines into .device/app), then run the same script
 #     there with .device carried; scripts/gpu/env.sh unpacks the runtime.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,8 +21,11 @@ if [ "${1:-}" = "--prepare" ]; then
     echo "$ver" >.device/dotnet-rt.version
   fi
   rm -rf .device/app
-  dotnet publish src/EpA2A.Silo -c Release -r linux-x64 --self-contained false -o .device/app \
-    -p:DebugType=none -p:GenerateDocumentationFile=false -v:q -nologo
+  # Both command lines into one folder: epa2a (silo, local, drive, step) and epa2a-tools (gpu-check, bench, soak).
+  for p in src/EpA2A.Silo src/EpA2A.Tools; do
+    dotnet publish "$p" -c Release -r linux-x64 --self-contained false -o .device/app \
+      -p:DebugType=none -p:GenerateDocumentationFile=false -v:q -nologo
+  done
   du -sh .device .device/app
   exit 0
 fi
@@ -40,17 +43,17 @@ if ! { cmake -S native -B native/build -DCMAKE_BUILD_TYPE=Release >"$LOG/native-
 fi
 echo "== native/ built in $(($(date +%s) - t0)) s"
 
-if [ -f .device/app/epa2a.dll ]; then
+if [ -f .device/app/epa2a-tools.dll ]; then
   APP=.device/app
 else
   APP=artifacts/gpu-check
-  dotnet publish src/EpA2A.Silo -c Release -o "$APP" -v:q -nologo >"$LOG/publish.log" 2>&1 || { tail -30 "$LOG/publish.log"; exit 1; }
+  dotnet publish src/EpA2A.Tools -c Release -o "$APP" -v:q -nologo >"$LOG/publish.log" 2>&1 || { tail -30 "$LOG/publish.log"; exit 1; }
 fi
 
 export EPA2A_NATIVE_DIR=$PWD/native/build
 export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-3G}
 start_mps
-dotnet "$APP/epa2a.dll" gpu-check --out "$LOG" "$@" 2>&1 | tee "$LOG/gpu-check.log"
+dotnet "$APP/epa2a-tools.dll" gpu-check --out "$LOG" "$@" 2>&1 | tee "$LOG/gpu-check.log"
 rc=${PIPESTATUS[0]}
 stop_mps >/dev/null 2>&1
 exit "$rc"

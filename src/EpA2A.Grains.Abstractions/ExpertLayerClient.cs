@@ -31,12 +31,18 @@ public sealed class ExpertLayerClient
     private readonly IGrainFactory grains;
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
+    private static int clients;
     private LayerSpec? configured;
     private (string Description, int[] Ranks) coordinatorSilo = (string.Empty, []);
     private int busy;
 
     /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
-    public ExpertLayerClient(IGrainFactory grains, string group, string layer, int chunkBytes = 1 << 20)
+    /// <param name="grains">The cluster client (or a silo's grain factory).</param>
+    /// <param name="group">The group.</param>
+    /// <param name="layer">The layer.</param>
+    /// <param name="chunkBytes">Largest chunk of a staged input or a read output.</param>
+    /// <param name="clientName">How other clients' errors name this one (default: host, process id and a serial number).</param>
+    public ExpertLayerClient(IGrainFactory grains, string group, string layer, int chunkBytes = 1 << 20, string? clientName = null)
     {
         ArgumentNullException.ThrowIfNull(grains);
         ArgumentOutOfRangeException.ThrowIfLessThan(chunkBytes, 1024);
@@ -45,7 +51,19 @@ public sealed class ExpertLayerClient
         Group = group;
         Layer = layer;
         Coordinator = grains.GetGrain<IExpertLayerGrain>(GrainKeys.Layer(group, layer));
+        Name = string.IsNullOrWhiteSpace(clientName)
+            ? $"client {Interlocked.Increment(ref clients)} of process {Environment.ProcessId} on {Environment.MachineName}"
+            : clientName;
     }
+
+    /// <summary>How the coordinator names this client to others (who configured a layer, who is stepping it).</summary>
+    public string Name { get; }
+
+    /// <summary>
+    /// The spec this client's steps run under: the one it configured, or the layer's spec when its first step adopted
+    /// it. A step under any other spec is refused by the coordinator (<see cref="LayerSpecConflictException"/>).
+    /// </summary>
+    public LayerSpec? Spec => configured;
 
     /// <summary>The group.</summary>
     public string Group { get; }
@@ -56,11 +74,15 @@ public sealed class ExpertLayerClient
     /// <summary>The layer's coordinator.</summary>
     public IExpertLayerGrain Coordinator { get; }
 
-    /// <summary>Forms the group and configures every rank.</summary>
-    public async Task ConfigureAsync(LayerSpec spec)
+    /// <summary>
+    /// Forms the group and configures every rank; from now on this client steps only under <paramref name="spec"/>.
+    /// Re-configuring a layer that another client is stepping is refused (<see cref="LayerSpecConflictException"/>)
+    /// unless <paramref name="takeOver"/> is set.
+    /// </summary>
+    public async Task ConfigureAsync(LayerSpec spec, bool takeOver = false)
     {
         ArgumentNullException.ThrowIfNull(spec);
-        await Coordinator.ConfigureAsync(spec.Validated()).ConfigureAwait(false);
+        await Coordinator.ConfigureAsync(spec.Validated(), Name, takeOver).ConfigureAwait(false);
         configured = spec;
         await LocateCoordinatorAsync().ConfigureAwait(false);
     }
@@ -101,7 +123,7 @@ public sealed class ExpertLayerClient
         {
             // The coordinator's silo went away and it was activated anew without its state: configure it
             // again from what this client set up (which forms the group afresh).
-            await Coordinator.ConfigureAsync(configured).WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
+            await Coordinator.ConfigureAsync(configured, Name, false).WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
             spec = configured;
             await LocateCoordinatorAsync().ConfigureAwait(false);
         }
@@ -111,12 +133,16 @@ public sealed class ExpertLayerClient
             throw new InvalidOperationException($"layer '{Layer}' of group '{Group}' is not configured: call ConfigureAsync first");
         }
 
+        // A client that did not configure the layer adopts the spec it first sees, and keeps it: a later
+        // re-configuration by anyone else fails this client's steps by name instead of changing what they mean.
+        configured ??= spec;
+        spec = configured;
         CheckInputs(spec, inputs);
         callBound = spec.StepTimeout + TimeSpan.FromSeconds(1);
 
         // Beginning a step may re-form the group (a bounded wait for every rank inside the coordinator).
-        StepTicket ticket = await CoordinatorCallAsync(Coordinator.BeginStepAsync(), "BeginStepAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
-        Task[] staging = [.. inputs.Select((input, r) => StageAsync(r, ticket.Step, input))];
+        StepTicket ticket = await CoordinatorCallAsync(Coordinator.BeginStepAsync(spec, Name), "BeginStepAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
+        Task[] staging = [.. inputs.Select((input, r) => StageAsync(r, ticket, input))];
         try
         {
             await Task.WhenAll(staging).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
@@ -128,6 +154,7 @@ public sealed class ExpertLayerClient
             int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
             string why = string.Join("; ", failed.Select(r => $"rank {r}: {(staging[r].IsFaulted ? staging[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             string message = $"step {ticket.Step} of layer '{Layer}': staging the input failed on {why}";
+            await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             try
             {
                 await Coordinator.AbandonStepAsync(ticket, message).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
@@ -171,6 +198,32 @@ public sealed class ExpertLayerClient
         {
             string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
             throw new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
+        }
+    }
+
+    /// <summary>
+    /// After a failed step: when the layer now has another spec (a client took it over mid-step), that is the cause to
+    /// report, not the ranks' view of it. Best effort: an unreachable coordinator leaves the original failure standing.
+    /// </summary>
+    private async Task ThrowIfReconfiguredAsync(LayerSpec mine, StepTicket ticket, TimeSpan bound, CancellationToken cancellationToken)
+    {
+        LayerSpec? now;
+        CoordinatorInfo info;
+        try
+        {
+            now = await Coordinator.GetSpecAsync().WaitAsync(bound, cancellationToken).ConfigureAwait(false);
+            info = await Coordinator.DescribeAsync().WaitAsync(bound, cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is TimeoutException or OrleansException)
+        {
+            return;
+        }
+
+        if (now is not null && !now.Equals(mine))
+        {
+            throw new LayerSpecConflictException(
+                $"step {ticket.Step} of layer '{Layer}' was cut short: {info.ConfiguredBy ?? "another client"} re-configured the layer ({mine.DescribeChanges(now)}). Configure the layer again to step with the new spec",
+                info.ConfiguredBy);
         }
     }
 
@@ -237,11 +290,12 @@ public sealed class ExpertLayerClient
         }
     }
 
-    private async Task StageAsync<T>(int rank, long step, RankStepInput<T> input)
+    private async Task StageAsync<T>(int rank, StepTicket ticket, RankStepInput<T> input)
         where T : unmanaged
     {
         IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
-        await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null)).ConfigureAwait(false);
+        long step = ticket.Step;
+        await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch)).ConfigureAwait(false);
         List<Task> sends = [];
         sends.AddRange(Chunks(grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()).ToArray()));
         sends.AddRange(Chunks(grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()).ToArray()));

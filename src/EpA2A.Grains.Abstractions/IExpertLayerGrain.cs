@@ -7,8 +7,16 @@ namespace EpA2A.Grains;
 /// </summary>
 public interface IExpertLayerGrain : IGrainWithStringKey
 {
-    /// <summary>Forms the group: waits for every rank and creates the layer on each with <paramref name="spec"/>.</summary>
-    Task ConfigureAsync(LayerSpec spec);
+    /// <summary>
+    /// Forms the group: waits for every rank and creates the layer on each with <paramref name="spec"/>. The same spec
+    /// again is a no-op (a formed group stays formed). A different spec while another client has begun a step within
+    /// the step bound (twice the step deadline plus a second) is refused with <see cref="LayerSpecConflictException"/>
+    /// unless <paramref name="takeOver"/> is set; that client's next step then fails by name.
+    /// </summary>
+    /// <param name="spec">The layer's configuration.</param>
+    /// <param name="client">Who configures (named in the errors other clients see).</param>
+    /// <param name="takeOver">Re-configure even while another client is stepping the layer.</param>
+    Task ConfigureAsync(LayerSpec spec, string client, bool takeOver);
 
     /// <summary>The configuration, or null before <see cref="ConfigureAsync"/>.</summary>
     Task<LayerSpec?> GetSpecAsync();
@@ -23,7 +31,10 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     /// Reserves the next step (re-forming the group first if the last step failed). Refused with
     /// <see cref="InvalidOperationException"/> while another step is begun and not yet run or abandoned.
     /// </summary>
-    Task<StepTicket> BeginStepAsync();
+    /// <param name="expected">The spec the caller configured (or adopted): a step runs only under it. A layer re-configured
+    /// since is refused with <see cref="LayerSpecConflictException"/> naming who re-configured it and what changed.</param>
+    /// <param name="client">Who steps (a client that stepped recently holds the layer against re-configuration).</param>
+    Task<StepTicket> BeginStepAsync(LayerSpec expected, string client);
 
     /// <summary>Gives up a step that could not start (a rank could not take its input); the next step re-forms the group.</summary>
     Task AbandonStepAsync(StepTicket ticket, string reason);
@@ -69,6 +80,41 @@ public sealed class GroupStepFailedException : Exception
     /// <summary>The ranks held responsible (missing, late, or with bad input).</summary>
     [Id(1)]
     public int[] BlamedRanks { get; private set; } = [];
+}
+
+/// <summary>
+/// The layer's spec is not the caller's: it was re-configured by another client (named in the message) since the caller
+/// configured it, or a re-configuration was refused because another client is stepping the layer. Retrying cannot cure
+/// it: configure again (taking the layer over) to step with the new spec.
+/// </summary>
+[GenerateSerializer]
+[Alias("epa2a.LayerSpecConflictException")]
+public sealed class LayerSpecConflictException : Exception
+{
+    /// <summary>Creates the exception.</summary>
+    public LayerSpecConflictException(string message, string? configuredBy)
+        : base(message) => ConfiguredBy = configuredBy;
+
+    /// <summary>Creates the exception.</summary>
+    public LayerSpecConflictException()
+    {
+    }
+
+    /// <summary>Creates the exception.</summary>
+    public LayerSpecConflictException(string message)
+        : base(message)
+    {
+    }
+
+    /// <summary>Creates the exception.</summary>
+    public LayerSpecConflictException(string message, Exception inner)
+        : base(message, inner)
+    {
+    }
+
+    /// <summary>The client that configured the layer's current spec, when known.</summary>
+    [Id(0)]
+    public string? ConfiguredBy { get; private set; }
 }
 
 /// <summary>No active silo carries the metadata of the rank a grain is for.</summary>

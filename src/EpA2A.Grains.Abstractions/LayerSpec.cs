@@ -73,6 +73,29 @@ public sealed record LayerSpec
         useAot: UseAot,
         expertAlignment: ExpertAlignment);
 
+    /// <summary>How <paramref name="to"/> differs from this spec, field by field ("NumExperts 16 -> 32, Hidden 64 -> 128").</summary>
+    public string DescribeChanges(LayerSpec to)
+    {
+        ArgumentNullException.ThrowIfNull(to);
+        (string Name, object? From, object? To)[] fields =
+        [
+            (nameof(MaxTokens), MaxTokens, to.MaxTokens),
+            (nameof(Hidden), Hidden, to.Hidden),
+            (nameof(TopK), TopK, to.TopK),
+            (nameof(NumExperts), NumExperts, to.NumExperts),
+            (nameof(WorldSize), WorldSize, to.WorldSize),
+            (nameof(LocalWorldSize), LocalWorldSize ?? WorldSize, to.LocalWorldSize ?? to.WorldSize),
+            (nameof(TokenType), TokenType, to.TokenType),
+            (nameof(EnableLocalCombine), EnableLocalCombine, to.EnableLocalCombine),
+            (nameof(ExpertAlignment), ExpertAlignment, to.ExpertAlignment),
+            (nameof(NumSms), NumSms, to.NumSms),
+            (nameof(UseAot), UseAot, to.UseAot),
+            (nameof(StepTimeout), StepTimeout, to.StepTimeout),
+        ];
+        string[] changed = [.. fields.Where(f => !Equals(f.From, f.To)).Select(f => $"{f.Name} {f.From} -> {f.To}")];
+        return changed.Length > 0 ? string.Join(", ", changed) : Equals(to) ? "no change" : "a field not listed here";
+    }
+
     /// <summary>Validates every field (as rank 0) and the deadline.</summary>
     public LayerSpec Validated()
     {

@@ -16,14 +16,19 @@ public enum InputPart
     ScatterIndices = 3,
 }
 
-/// <summary>What a rank will dispatch in a step, announced before its chunks arrive.</summary>
+/// <summary>
+/// What a rank will dispatch in a step, announced before its chunks arrive. <paramref name="Epoch"/> is the group
+/// incarnation the step's ticket belongs to (0: not checked): a rank whose layer was re-formed since refuses the
+/// input at once, so a stale client cannot overwrite the input of the step that is now in progress.
+/// </summary>
 [GenerateSerializer]
 [Immutable]
 public sealed record StepInputHeader(
     [property: Id(0)] long Step,
     [property: Id(1)] int Tokens,
     [property: Id(2)] bool HasWeights,
-    [property: Id(3)] bool HasScatterIndices);
+    [property: Id(3)] bool HasScatterIndices,
+    [property: Id(4)] long Epoch = 0);
 
 /// <summary>How one rank's part of a step went.</summary>
 [GenerateSerializer]
@@ -71,7 +76,8 @@ public sealed record CoordinatorInfo(
     [property: Id(4)] long Epoch,
     [property: Id(5)] long LastStep,
     [property: Id(6)] bool Formed,
-    [property: Id(7)] long? StepInProgress);
+    [property: Id(7)] long? StepInProgress,
+    [property: Id(8)] string? ConfiguredBy = null);
 
 /// <summary>The identity of a step: its number and the group incarnation it runs in.</summary>
 [GenerateSerializer]

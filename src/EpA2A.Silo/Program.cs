@@ -1,6 +1,5 @@
 using System.CommandLine;
 
-using EpA2A.Silo.Bench;
 using EpA2A.Silo.Commands;
 
 RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts serving, hosted by Orleans.")
@@ -8,10 +7,6 @@ RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts
     LocalCommand.Create(),
     SiloCommand.Create(),
     StepCommand.Create(),
-    GpuCheckCommand.Create(),
     DriveCommand.Create(),
-    SoakCommand.Create(),
-    TelemetryOverheadCommand.Create(),
-    BenchCommand.Create(),
 };
-return await root.Parse(args).InvokeAsync();
+return await CommandLineExit.InvokeAsync(root, args, Console.Error);

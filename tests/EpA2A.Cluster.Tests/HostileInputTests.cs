@@ -223,7 +223,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
     {
         (ExpertLayerClient client, int seed) = await LayerAsync("raw-" + bad.Replace(' ', '-'));
         RankInput<BFloat16>[] inputs = GrainStepRunner.Draw(Spec, seed, drop: 0, minTokens: 2);
-        StepTicket ticket = await client.Coordinator.BeginStepAsync();
+        StepTicket ticket = await client.Coordinator.BeginStepAsync(Spec, client.Name);
         for (int r = 0; r < Spec.WorldSize; r++)
         {
             RankInput<BFloat16> i = inputs[r];
@@ -429,7 +429,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
 
         // The first step is staged by hand, so the second can arrive between its begin and its run.
         RankInput<BFloat16>[] inputs = GrainStepRunner.Draw(Spec, seed);
-        StepTicket ticket = await client.Coordinator.BeginStepAsync();
+        StepTicket ticket = await client.Coordinator.BeginStepAsync(Spec, client.Name);
         RankInput<BFloat16>[] secondInputs = GrainStepRunner.Draw(Spec, seed + 1);
         InvalidOperationException e = await Assert.ThrowsAsync<InvalidOperationException>(() =>
             other.StepAsync([.. secondInputs.Select(i => new RankStepInput<BFloat16>(i.Tokens, i.Count, i.ExpertIds))], cancellationToken: TestContext.Current.CancellationToken));

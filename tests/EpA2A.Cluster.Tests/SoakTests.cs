@@ -1,11 +1,11 @@
 using System.Globalization;
 using EpA2A.Cluster.Tests.MultiProcess;
-using EpA2A.Silo.Commands;
+using EpA2A.Tools.Soak;
 
 namespace EpA2A.Cluster.Tests;
 
 /// <summary>
-/// The soak (issue 5), reduced: `epa2a soak --steps 500` in its own process (so the resources it measures are its
+/// The soak (issue 5), reduced: `epa2a-tools soak --steps 500` in its own process (so the resources it measures are its
 /// own, not this test host's) through the grains of four silos and through in-process groups, every step checked
 /// against the reference; memory, handles and threads flat between the first and last tenth. The full 10,000-step
 /// run is the same command (RELIABILITY.md has its numbers).
@@ -17,11 +17,11 @@ public sealed class SoakTests
     {
         int seed = Environment.TickCount & 0xFFFF;
         int portBase = 18000 + (Random.Shared.Next(0, 10) * 200);
-        using ChildProcess soak = ChildProcess.Epa2a("soak", "soak", "--steps", "500", "--seed", seed.ToString(CultureInfo.InvariantCulture), "--port-base", portBase.ToString(CultureInfo.InvariantCulture));
+        using ChildProcess soak = ChildProcess.Epa2aTools("soak", "soak", "--steps", "500", "--seed", seed.ToString(CultureInfo.InvariantCulture), "--port-base", portBase.ToString(CultureInfo.InvariantCulture));
         int exit = await soak.WaitForExitAsync(TimeSpan.FromSeconds(150));
         string log = string.Join('\n', soak.Lines);
         TestContext.Current.TestOutputHelper?.WriteLine(log);
-        Assert.True(exit == 0, $"seed {seed}: epa2a soak exited with {exit}:\n{log}");
+        Assert.True(exit == 0, $"seed {seed}: epa2a-tools soak exited with {exit}:\n{log}");
         Assert.Contains("soak: PASS", soak.Lines);
         Assert.Equal(2, soak.Lines.Count(l => l.Contains("500 steps in", StringComparison.Ordinal) && l.Contains(", 0 failed; resources flat", StringComparison.Ordinal)));
         Assert.DoesNotContain(soak.Lines, l => l.Contains("GROWING", StringComparison.Ordinal) || l.Contains("FAILED", StringComparison.Ordinal));

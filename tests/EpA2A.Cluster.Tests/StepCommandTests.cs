@@ -6,8 +6,9 @@ using EpA2A.Experts;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Reference;
+using EpA2A.Safetensors;
 using EpA2A.Silo.Commands;
-using EpA2A.Silo.Safetensors;
+using EpA2A.Silo.StepFiles;
 
 namespace EpA2A.Cluster.Tests;
 

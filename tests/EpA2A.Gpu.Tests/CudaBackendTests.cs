@@ -10,7 +10,7 @@ namespace EpA2A.Tests;
 
 /// <summary>
 /// The CUDA backend. On a machine with a GPU and libepa2a (native/build, or EPA2A_NATIVE_DIR) the GPU tests run
-/// `epa2a gpu-check` for a small group of rank processes; elsewhere they are reported as skipped, not passed.
+/// `epa2a-tools gpu-check` for a small group of rank processes; elsewhere they are reported as skipped, not passed.
 /// The rest (the device-buffer API's checks) runs everywhere.
 /// </summary>
 public sealed class CudaBackendTests
@@ -19,12 +19,12 @@ public sealed class CudaBackendTests
     public async Task Two_rank_processes_on_the_gpu_match_the_reference_and_the_cpu_backend()
     {
         Assert.SkipUnless(NvshmemRuntime.IsAvailable(out string reason), $"no usable GPU / libepa2a: {FirstLine(reason)}");
-        string cli = FindCli() ?? throw SkipException("epa2a CLI not built (dotnet build src/EpA2A.Silo, or set EPA2A_CLI)");
+        string cli = FindCli() ?? throw SkipException("epa2a-tools not built (dotnet build src/EpA2A.Tools, or set EPA2A_TOOLS)");
         string outDir = Directory.CreateTempSubdirectory("epa2a-gpu-test-").FullName;
 
         (int exit, string log) = await RunAsync(cli, ["gpu-check", "--groups", "w2", "--out", outDir], TimeSpan.FromMinutes(4));
 
-        Assert.True(exit == 0, $"epa2a gpu-check exited with {exit}:\n{log}");
+        Assert.True(exit == 0, $"epa2a-tools gpu-check exited with {exit}:\n{log}");
         using JsonDocument json = JsonDocument.Parse(await File.ReadAllTextAsync(Path.Combine(outDir, "gpu-check.json"), TestContext.Current.CancellationToken));
         JsonElement[] cases = [.. json.RootElement.GetProperty("cases").EnumerateArray()];
         Assert.NotEmpty(cases);
@@ -35,12 +35,12 @@ public sealed class CudaBackendTests
     public async Task Graph_capture_caller_thread_calls_and_a_fixed_capacity_overflow_on_the_gpu()
     {
         Assert.SkipUnless(NvshmemRuntime.IsAvailable(out string reason), $"no usable GPU / libepa2a: {FirstLine(reason)}");
-        string cli = FindCli() ?? throw SkipException("epa2a CLI not built (dotnet build src/EpA2A.Silo, or set EPA2A_CLI)");
+        string cli = FindCli() ?? throw SkipException("epa2a-tools not built (dotnet build src/EpA2A.Tools, or set EPA2A_TOOLS)");
         string outDir = Directory.CreateTempSubdirectory("epa2a-gpu-test-").FullName;
 
         (int exit, string log) = await RunAsync(cli, ["gpu-check", "--groups", "graph", "--out", outDir], TimeSpan.FromMinutes(4));
 
-        Assert.True(exit == 0, $"epa2a gpu-check --groups graph exited with {exit}:\n{log}");
+        Assert.True(exit == 0, $"epa2a-tools gpu-check --groups graph exited with {exit}:\n{log}");
         using JsonDocument json = JsonDocument.Parse(await File.ReadAllTextAsync(Path.Combine(outDir, "gpu-check.json"), TestContext.Current.CancellationToken));
         JsonElement[] cases = [.. json.RootElement.GetProperty("cases").EnumerateArray()];
         Assert.Equal(2, cases.Length);
@@ -51,7 +51,7 @@ public sealed class CudaBackendTests
     public async Task Bench_on_the_gpu_checks_every_point_and_writes_its_results()
     {
         Assert.SkipUnless(NvshmemRuntime.IsAvailable(out string reason), $"no usable GPU / libepa2a: {FirstLine(reason)}");
-        string cli = FindCli() ?? throw SkipException("epa2a CLI not built (dotnet build src/EpA2A.Silo, or set EPA2A_CLI)");
+        string cli = FindCli() ?? throw SkipException("epa2a-tools not built (dotnet build src/EpA2A.Tools, or set EPA2A_TOOLS)");
         string outDir = Directory.CreateTempSubdirectory("epa2a-gpu-bench-").FullName;
 
         (int exit, string log) = await RunAsync(
@@ -59,7 +59,7 @@ public sealed class CudaBackendTests
             ["bench", "--backend", "cuda", "--ranks", "4", "--local", "2", "--experts", "32", "--tokens", "16,256", "--hidden", "1024", "--sets", "1", "--iterations", "3", "--peer", "none", "--no-grains", "--soak-steps", "200", "--out", outDir],
             TimeSpan.FromMinutes(4));
 
-        Assert.True(exit == 0, $"epa2a bench exited with {exit}:\n{log}");
+        Assert.True(exit == 0, $"epa2a-tools bench exited with {exit}:\n{log}");
         string jsonFile = Assert.Single(Directory.GetFiles(outDir, "bench-*.json"));
         using JsonDocument json = JsonDocument.Parse(await File.ReadAllTextAsync(jsonFile, TestContext.Current.CancellationToken));
         JsonElement[] points = [.. json.RootElement.GetProperty("Points").EnumerateArray()];
@@ -133,10 +133,10 @@ public sealed class CudaBackendTests
         return new UnreachableException();
     }
 
-    /// <summary>EPA2A_CLI, else the epa2a.dll built beside this checkout.</summary>
+    /// <summary>EPA2A_TOOLS, else the epa2a-tools.dll built beside this checkout.</summary>
     private static string? FindCli()
     {
-        if (Environment.GetEnvironmentVariable("EPA2A_CLI") is { Length: > 0 } env && File.Exists(env))
+        if (Environment.GetEnvironmentVariable("EPA2A_TOOLS") is { Length: > 0 } env && File.Exists(env))
         {
             return env;
         }
@@ -145,7 +145,7 @@ public sealed class CudaBackendTests
         {
             foreach (string configuration in new[] { "Release", "Debug" })
             {
-                string candidate = Path.Combine(d.FullName, "src", "EpA2A.Silo", "bin", configuration, "net10.0", "epa2a.dll");
+                string candidate = Path.Combine(d.FullName, "src", "EpA2A.Tools", "bin", configuration, "net10.0", "epa2a-tools.dll");
                 if (File.Exists(candidate))
                 {
                     return candidate;

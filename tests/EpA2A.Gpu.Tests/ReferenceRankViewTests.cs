@@ -6,7 +6,7 @@ using EpA2A.Reference;
 namespace EpA2A.Tests;
 
 /// <summary>
-/// The per-rank reference (what `epa2a gpu-check` checks each rank process against when every rank's output would
+/// The per-rank reference (what `epa2a-tools gpu-check` checks each rank process against when every rank's output would
 /// not fit in every process) must say exactly what the whole-group reference says.
 /// </summary>
 public sealed class ReferenceRankViewTests

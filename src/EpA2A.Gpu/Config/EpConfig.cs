@@ -103,6 +103,15 @@ public sealed record EpConfig
     /// <summary>The rank that holds <paramref name="expert"/>.</summary>
     public int RankOfExpert(int expert) => expert / ExpertsPerRank;
 
+    /// <summary>
+    /// The most bytes a rank's dispatch output may take (one host array: int32 byte offsets). Receive sizes are known
+    /// only after the counts exchange, so a step that would exceed it fails there, on every rank, naming the rank.
+    /// </summary>
+    public const long MaxOutputBytes = int.MaxValue;
+
+    /// <summary>The most rows a rank's dispatch output may hold: <see cref="MaxOutputBytes"/> over a row's bytes.</summary>
+    public int MaxOutputRows => (int)(MaxOutputBytes / ((long)Hidden * TokenBytes));
+
     /// <summary>The same configuration seen from another rank of the group.</summary>
     public EpConfig ForRank(int rank) =>
         new(MaxTokens, Hidden, TopK, NumExperts, rank, WorldSize, LocalWorldSize, TokenType, WeightType, NumSms, EnableLocalCombine, UseAot, ExpertAlignment);

@@ -59,7 +59,7 @@ public sealed class DispatchCombineContext
         }
 
         long target = (long)((rows + GrowthGranularity - 1) / GrowthGranularity) * GrowthGranularity * CapacityFactor;
-        Allocate((int)Math.Min(target, int.MaxValue / Math.Max(1, Config.Hidden)));
+        Allocate((int)Math.Max(rows, Math.Min(target, Config.MaxOutputRows)));
         Reallocations++;
         return true;
     }
@@ -69,9 +69,9 @@ public sealed class DispatchCombineContext
     private void Allocate(int rows)
     {
         long elements = (long)rows * Config.Hidden;
-        if (elements > Array.MaxLength)
+        if (rows > Config.MaxOutputRows || elements > Array.MaxLength)
         {
-            throw new InvalidOperationException($"dispatch output of {rows} rows x {Config.Hidden} exceeds the largest array");
+            throw new InvalidOperationException($"dispatch output of {rows} rows x Hidden = {Config.Hidden} {Config.TokenType} exceeds the {EpConfig.MaxOutputBytes} bytes a rank's output may hold");
         }
 
         OutputBuffer = Config.TokenType switch

@@ -5,6 +5,7 @@ using EpA2A.Backends;
 using EpA2A.Backends.Cpu;
 using EpA2A.Backends.Cuda;
 using EpA2A.Config;
+using EpA2A.Errors;
 using EpA2A.Numerics;
 using EpA2A.Telemetry;
 using EpA2A.Transport;
@@ -542,6 +543,25 @@ public sealed class EpAll2AllLayer : IDisposable
     }
 
     /// <summary>
+    /// A rank's dispatch output lives in one host array (the CPU backend's buffer, the CUDA backend's download target),
+    /// so its bytes are bounded by <see cref="EpConfig.MaxOutputBytes"/>. Every rank sees the same table, so every rank
+    /// refuses the same step here, before any growth or send: the layer stays usable for the next step.
+    /// </summary>
+    private void ThrowIfOutputTooLarge(IRoutingPlan plan)
+    {
+        long rowBytes = (long)Config.Hidden * Config.TokenBytes;
+        if ((long)plan.MaxRecvRows * rowBytes <= EpConfig.MaxOutputBytes)
+        {
+            return;
+        }
+
+        int worst = Enumerable.Range(0, Config.WorldSize).MaxBy(plan.RecvRows);
+        throw new EpStepFailedException(
+            $"rank {worst} would receive {plan.RecvRows(worst)} rows of Hidden = {Config.Hidden} {Config.TokenType} ({(long)plan.RecvRows(worst) * rowBytes} bytes); a rank's dispatch output holds at most {EpConfig.MaxOutputBytes} bytes ({Config.MaxOutputRows} rows): send fewer tokens per step or spread the hot experts",
+            worst);
+    }
+
+    /// <summary>
     /// The phases every dispatch runs, whether its inputs are host tensors or device buffers: copy-in,
     /// preprocess (counts exchange), output-size wait with collective growth, the dispatch kernel, and the layout.
     /// Returns the clock so the caller's postprocess lap follows on.
@@ -559,6 +579,7 @@ public sealed class EpAll2AllLayer : IDisposable
         // (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
         // buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
         // with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
+        ThrowIfOutputTooLarge(step.Plan);
         if (backend.NeedsGrowth(step, step.Plan.MaxRecvRows))
         {
             await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);

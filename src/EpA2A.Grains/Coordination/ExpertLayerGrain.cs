@@ -23,13 +23,47 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     private long nextStep;
     private bool formed;
     private (StepTicket Ticket, long Began)? pending;
+    private string? configuredBy;
+    private (LayerSpec Old, long Epoch, string By, DateTime At)? reconfigured;
+    private readonly Dictionary<string, long> steppedBy = new(StringComparer.Ordinal);
 
     private (string Group, string Layer) Key => GrainKeys.ParseLayer(this.GetPrimaryKeyString());
 
-    public async Task ConfigureAsync(LayerSpec newSpec)
+    /// <summary>
+    /// The same spec again leaves a formed group alone (another client adopting the layer must not cost the first its
+    /// step in progress). A new spec re-forms the group; it is refused while another client steps the layer, unless
+    /// <paramref name="takeOver"/> is set, so no client ever runs a step under a spec it did not configure by accident.
+    /// </summary>
+    public async Task ConfigureAsync(LayerSpec newSpec, string client, bool takeOver)
     {
         ArgumentNullException.ThrowIfNull(newSpec);
-        spec = newSpec.Validated();
+        client = string.IsNullOrWhiteSpace(client) ? "an unnamed client" : client;
+        LayerSpec validated = newSpec.Validated();
+        if (spec is { } current && current.Equals(validated))
+        {
+            if (!formed)
+            {
+                await FormAsync().ConfigureAwait(true);
+            }
+
+            return;
+        }
+
+        if (spec is { } old && !takeOver && ActiveClients(old).FirstOrDefault(c => c.Client != client) is { Client: not null } other)
+        {
+            throw new LayerSpecConflictException(
+                $"layer '{Key.Layer}' of group '{Key.Group}' is being stepped by {other.Client} (last step begun {other.Age.TotalSeconds:0.0} s ago) under {Describe(old)}; {client} asked for {old.DescribeChanges(validated)}: refused, so that client does not fail mid-run. Take the layer over explicitly (drive --take-over, ExpertLayerClient.ConfigureAsync(spec, takeOver: true)) or wait until it stops",
+                configuredBy);
+        }
+
+        if (spec is { } replaced)
+        {
+            reconfigured = (replaced, epoch, client, DateTime.UtcNow);
+        }
+
+        spec = validated;
+        configuredBy = client;
+        steppedBy.Clear();
         formed = false;
         pending = null;
         await FormAsync().ConfigureAwait(true);
@@ -45,7 +79,8 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         epoch,
         nextStep,
         formed,
-        pending?.Ticket.Step));
+        pending?.Ticket.Step,
+        configuredBy));
 
     public async Task<IReadOnlyList<RankInfo>> DescribeGroupAsync()
     {
@@ -57,9 +92,18 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// Steps of a layer do not overlap: while one is begun and not yet run or abandoned, another caller's begin is
     /// refused (before anything is staged). A begun step that is never run is given up after its bound.
     /// </summary>
-    public async Task<StepTicket> BeginStepAsync()
+    public async Task<StepTicket> BeginStepAsync(LayerSpec expected, string client)
     {
+        ArgumentNullException.ThrowIfNull(expected);
         LayerSpec s = RequireSpec();
+        if (!s.Equals(expected))
+        {
+            throw new LayerSpecConflictException(
+                $"layer '{Key.Layer}' of group '{Key.Group}' was re-configured by {configuredBy ?? "another client"}{(reconfigured is { } r ? $" at {r.At:HH:mm:ss} UTC" : string.Empty)}: {expected.DescribeChanges(s)} since this client configured it; its steps would run under a spec it did not check. Configure the layer again to step with the new spec",
+                configuredBy);
+        }
+
+        steppedBy[string.IsNullOrWhiteSpace(client) ? "an unnamed client" : client] = Stopwatch.GetTimestamp();
         if (pending is { } p)
         {
             TimeSpan age = Stopwatch.GetElapsedTime(p.Began);
@@ -107,6 +151,13 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     public async Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted)
     {
         ArgumentNullException.ThrowIfNull(ticket);
+        if (pending?.Ticket != ticket && reconfigured is { } r && ticket.Epoch <= r.Epoch)
+        {
+            throw new LayerSpecConflictException(
+                $"step {ticket.Step} of layer '{Key.Layer}' was begun under a spec that {r.By} replaced at {r.At:HH:mm:ss} UTC ({r.Old.DescribeChanges(RequireSpec())}): the step is not run. Configure the layer again to step with the new spec",
+                configuredBy);
+        }
+
         if (pending?.Ticket != ticket)
         {
             throw new InvalidOperationException(
@@ -372,6 +423,19 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             // A rank that cannot be reached is the one that failed; the others were told.
         }
     }
+
+    /// <summary>Clients that began a step within the step bound of <paramref name="s"/>, most recent first.</summary>
+    private IEnumerable<(string Client, TimeSpan Age)> ActiveClients(LayerSpec s)
+    {
+        TimeSpan bound = (s.StepTimeout * 2) + TimeSpan.FromSeconds(1);
+        return steppedBy
+            .Select(c => (c.Key, Stopwatch.GetElapsedTime(c.Value)))
+            .Where(c => c.Item2 < bound)
+            .OrderBy(c => c.Item2);
+    }
+
+    private static string Describe(LayerSpec s) =>
+        $"NumExperts {s.NumExperts}, Hidden {s.Hidden}, TopK {s.TopK}, MaxTokens {s.MaxTokens}, WorldSize {s.WorldSize}, {s.TokenType}";
 
     private (int Rank, IRankGrain Grain)[] Ranks(LayerSpec s) =>
         [.. Enumerable.Range(0, s.WorldSize).Select(r => (r, GrainFactory.GetGrain<IRankGrain>(GrainKeys.Rank(Key.Group, r))))];

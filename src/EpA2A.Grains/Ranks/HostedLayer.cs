@@ -20,7 +20,7 @@ internal sealed class HostedLayer : IDisposable
     private readonly MessageAssembler assembler;
     private readonly Lock gate = new();
     private StagedInput? staged;
-    private (long Step, byte[] Bytes)? output;
+    private readonly Dictionary<long, UnreadOutput> outputs = [];
     private CancellationTokenSource? running;
     private bool aborted;
 
@@ -67,6 +67,11 @@ internal sealed class HostedLayer : IDisposable
 
     public void BeginInput(StepInputHeader header)
     {
+        if (header.Epoch != 0 && header.Epoch != Epoch)
+        {
+            throw new InvalidOperationException($"rank {Config.Rank}: step {header.Step} belongs to epoch {header.Epoch}, but layer '{Name}' was formed anew (epoch {Epoch}, re-configured or re-formed after a failure): its input is refused; begin a new step");
+        }
+
         if (header.Tokens < 0 || header.Tokens > Config.MaxTokens)
         {
             throw new ArgumentException($"rank {Config.Rank}: step {header.Step} announces {header.Tokens} tokens; a rank dispatches 0 to MaxTokens = {Config.MaxTokens}", nameof(header));
@@ -91,13 +96,18 @@ internal sealed class HostedLayer : IDisposable
         }
     }
 
+    /// <summary>
+    /// A slice of a step's combined output. Outputs are kept per step until every byte was read (so another client's
+    /// step cannot replace one before its client has it), and at most <see cref="MaxUnreadOutputs"/> steps or
+    /// <see cref="UnreadOutputLifetime"/> beyond the step bound; an output given up that way is named when asked for.
+    /// </summary>
     public byte[] ReadOutput(long step, int offset, int count)
     {
         lock (gate)
         {
-            if (output is not { } o || o.Step != step)
+            if (!outputs.TryGetValue(step, out UnreadOutput? o))
             {
-                throw new InvalidOperationException($"rank {Config.Rank}: no combined output for step {step}");
+                throw new InvalidOperationException($"rank {Config.Rank}: no combined output for step {step} (never run here, already read, or given up unread after {MaxUnreadOutputs} later steps or {OutputBound.TotalSeconds:0.#} s)");
             }
 
             if (offset < 0 || count < 0 || (long)offset + count > o.Bytes.Length)
@@ -105,8 +115,52 @@ internal sealed class HostedLayer : IDisposable
                 throw new ArgumentOutOfRangeException(nameof(offset), $"slice [{offset}, {(long)offset + count}) is outside the {o.Bytes.Length}-byte output");
             }
 
+            o.Read += count;
+            if (o.Read >= o.Bytes.Length)
+            {
+                outputs.Remove(step);
+            }
+
             return o.Bytes[offset..(offset + count)];
         }
+    }
+
+    /// <summary>Unread outputs kept per layer, at most (steps of a layer do not overlap, so one or two is the norm).</summary>
+    internal const int MaxUnreadOutputs = 8;
+
+    /// <summary>How long an unread output outlives the step bound.</summary>
+    internal static readonly TimeSpan UnreadOutputLifetime = TimeSpan.FromSeconds(30);
+
+    private TimeSpan OutputBound => (Spec.StepTimeout * 2) + TimeSpan.FromSeconds(1) + UnreadOutputLifetime;
+
+    private void KeepOutput(long step, byte[] bytes)
+    {
+        if (bytes.Length == 0)
+        {
+            return; // nothing to read
+        }
+
+        long now = Stopwatch.GetTimestamp();
+        foreach (long stale in outputs.Where(o => Stopwatch.GetElapsedTime(o.Value.Stored, now) > OutputBound).Select(o => o.Key).ToArray())
+        {
+            outputs.Remove(stale);
+        }
+
+        while (outputs.Count >= MaxUnreadOutputs)
+        {
+            outputs.Remove(outputs.Keys.Min());
+        }
+
+        outputs[step] = new UnreadOutput(bytes, now);
+    }
+
+    private sealed class UnreadOutput(byte[] bytes, long stored)
+    {
+        public byte[] Bytes { get; } = bytes;
+
+        public long Stored { get; } = stored;
+
+        public long Read { get; set; }
     }
 
     /// <summary>
@@ -165,7 +219,6 @@ internal sealed class HostedLayer : IDisposable
 
             input = staged;
             staged = null;
-            output = null;
             running = cts;
         }
 
@@ -181,7 +234,7 @@ internal sealed class HostedLayer : IDisposable
             };
             lock (gate)
             {
-                output = (ticket.Step, bytes);
+                KeepOutput(ticket.Step, bytes);
             }
 
             return new RankStepReport(Config.Rank, true, null, null, rows, bytes.Length, Phases.Snapshot());

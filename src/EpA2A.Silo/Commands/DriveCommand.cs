@@ -38,14 +38,34 @@ internal static class DriveCommand
         Option<double> timeout = new("--timeout-seconds") { Description = "Step deadline", DefaultValueFactory = _ => 10 };
         Option<bool> keepGoing = new("--continue-on-failure") { Description = "Keep stepping after a failed step" };
         Option<int> interval = new("--interval-ms") { Description = "Pause between steps", DefaultValueFactory = _ => 0 };
+        Option<bool> takeOver = new("--take-over") { Description = "Re-configure the layer even while another client is stepping it (that client's next step then fails, naming this one)" };
+        Option<double> connectTimeout = new("--connect-timeout-seconds") { Description = "Give up when no gateway answers, or the group does not form, within this", DefaultValueFactory = _ => 60 };
+        Option<int> gatewayOffset = new("--gateway-offset") { Description = "Gateway port = port base + this + rank (as the silos were started)", DefaultValueFactory = _ => 100 };
 
         Command command = new("drive", "Run checked steps through the grains of running silos, from a separate client process.")
         {
-            world, group, layer, clustering, redis, portBase, clusterId, steps, local, maxTokens, hidden, topK, experts, tokenType, drop, seed, timeout, keepGoing, interval,
+            world, group, layer, clustering, redis, portBase, clusterId, steps, local, maxTokens, hidden, topK, experts, tokenType, drop, seed, timeout, keepGoing, interval, takeOver, connectTimeout, gatewayOffset,
         };
         command.SetAction(async (p, ct) =>
         {
-            LayerSpec spec = new LayerSpec
+            int stepCount = p.GetValue(steps);
+            OptionRules.Require(stepCount >= 0, $"--steps {stepCount} must not be negative");
+            OptionRules.Require(p.GetValue(interval) >= 0, $"--interval-ms {p.GetValue(interval)} must not be negative");
+            double dropRatio = OptionRules.Probability(p.GetValue(drop), "--drop");
+            TimeSpan stepTimeout = OptionRules.Seconds(p.GetValue(timeout), "--timeout-seconds");
+            TimeSpan connectBound = OptionRules.Seconds(p.GetValue(connectTimeout), "--connect-timeout-seconds");
+            ClusteringKind kind = p.GetValue(clustering) switch
+            {
+                "localhost" or null => ClusteringKind.Localhost,
+                "redis" => ClusteringKind.Redis,
+                string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
+            };
+            OptionRules.Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(p.GetValue(redis)), "--clustering redis needs --redis HOST:PORT");
+            int basePort = p.GetValue(portBase);
+            int offset = p.GetValue(gatewayOffset);
+            OptionRules.Require(p.GetValue(world) >= 1, $"--world-size {p.GetValue(world)} must be at least 1");
+            OptionRules.Ports(basePort, offset, p.GetValue(world), "--world-size");
+            LayerSpec spec = OptionRules.Spec(() => new LayerSpec
             {
                 MaxTokens = p.GetValue(maxTokens),
                 Hidden = p.GetValue(hidden),
@@ -54,35 +74,58 @@ internal static class DriveCommand
                 WorldSize = p.GetValue(world),
                 LocalWorldSize = p.GetValue(local),
                 TokenType = LocalCommand.ParseTokenType(p.GetValue(tokenType)!),
-                StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
-            }.Validated();
-            ClusteringKind kind = p.GetValue(clustering) == "redis" ? ClusteringKind.Redis : ClusteringKind.Localhost;
-            int basePort = p.GetValue(portBase);
-            using IHost host = EpA2AHosts.BuildClient(kind, [.. Enumerable.Range(0, spec.WorldSize).Select(r => basePort + 100 + r)], p.GetValue(redis), p.GetValue(clusterId)!);
-            await host.StartAsync(ct);
+                StepTimeout = stepTimeout,
+            });
+            using IHost host = EpA2AHosts.BuildClient(kind, [.. Enumerable.Range(0, spec.WorldSize).Select(r => basePort + offset + r)], p.GetValue(redis), p.GetValue(clusterId)!);
+            await StartWithDeadlineAsync(host, connectBound, kind == ClusteringKind.Redis ? $"Redis {p.GetValue(redis)}" : $"gateways on ports {basePort + offset}-{basePort + offset + spec.WorldSize - 1}", ct);
             IClusterClient client = host.Services.GetRequiredService<IClusterClient>();
-            Drive drive = new(new ExpertLayerClient(client, p.GetValue(group)!, p.GetValue(layer)!), spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(keepGoing), TimeSpan.FromMilliseconds(p.GetValue(interval)));
-            int failures = spec.TokenType switch
+            ExpertLayerClient layerClient = new(client, p.GetValue(group)!, p.GetValue(layer)!, clientName: $"epa2a drive (process {Environment.ProcessId} on {Environment.MachineName})");
+            Drive drive = new(layerClient, spec, stepCount, p.GetValue(seed), dropRatio, p.GetValue(keepGoing), TimeSpan.FromMilliseconds(p.GetValue(interval)))
+            {
+                TakeOver = p.GetValue(takeOver),
+                ConnectBound = connectBound,
+            };
+            (int mismatches, int failures) = spec.TokenType switch
             {
                 TokenType.BFloat16 => await drive.RunAsync<BFloat16>(Console.Out, ct),
                 TokenType.Float16 => await drive.RunAsync<Half>(Console.Out, ct),
                 _ => await drive.RunAsync<float>(Console.Out, ct),
             };
-            await host.StopAsync(CancellationToken.None);
-            return failures == 0 ? 0 : 1;
+            await host.StopAsync(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(10), CancellationToken.None).ContinueWith(_ => { }, TaskScheduler.Default);
+            return mismatches > 0 ? ExitCodes.Mismatch : failures > 0 ? ExitCodes.ClusterFailed : ExitCodes.Ok;
         });
         return command;
     }
 
+    /// <summary>Starts a cluster client, or fails naming what it tried to reach once <paramref name="bound"/> has passed.</summary>
+    internal static async Task StartWithDeadlineAsync(IHost host, TimeSpan bound, string reaching, CancellationToken cancellationToken)
+    {
+        using CancellationTokenSource cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        cts.CancelAfter(bound);
+        try
+        {
+            await host.StartAsync(cts.Token).WaitAsync(bound, cancellationToken);
+        }
+        catch (Exception e) when (!cancellationToken.IsCancellationRequested && e is OperationCanceledException or TimeoutException or OrleansException)
+        {
+            throw new TimeoutException($"no silo could be reached within {bound.TotalSeconds:0.#} s through {reaching} (are the silos running, with this --cluster-id?): {e.Message.ReplaceLineEndings(" ")}", e);
+        }
+    }
+
     private sealed record Drive(ExpertLayerClient Client, LayerSpec Spec, int Steps, int Seed, double DropRatio, bool KeepGoing, TimeSpan Interval)
     {
-        public async Task<int> RunAsync<T>(TextWriter output, CancellationToken cancellationToken)
+        public bool TakeOver { get; init; }
+
+        public TimeSpan ConnectBound { get; init; } = TimeSpan.FromSeconds(60);
+
+        public async Task<(int Mismatches, int Failures)> RunAsync<T>(TextWriter output, CancellationToken cancellationToken)
             where T : unmanaged
         {
             await ConfigureWithRetryAsync(output, cancellationToken);
             Random rng = new(Seed);
             PhaseTable table = new();
             int failures = 0;
+            int mismatches = 0;
             for (int s = 1; s <= Steps && !cancellationToken.IsCancellationRequested; s++)
             {
                 long start = Stopwatch.GetTimestamp();
@@ -90,7 +133,7 @@ internal static class DriveCommand
                 {
                     (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(Client, Spec, rng, DropRatio, skewed: false, weighted: false, cancellationToken);
                     bool ok = worst <= 1.0;
-                    failures += ok ? 0 : 1;
+                    mismatches += ok ? 0 : 1;
                     output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"step {s}: {(ok ? "ok" : "MISMATCH")}, {report.Ranks.Sum(r => r.ReceivedRows)} rows, {roundTrip.TotalMilliseconds:0.0} ms"));
                     table.Add("Client round trip", roundTrip.TotalMicroseconds);
                 }
@@ -99,8 +142,16 @@ internal static class DriveCommand
                     failures++;
                     string message = e.Message.ReplaceLineEndings(" ");
                     output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"step {s}: FAILED after {Stopwatch.GetElapsedTime(start).TotalMilliseconds:0} ms: {e.GetType().Name}: {message}"));
-                    if (!KeepGoing)
+
+                    // Another client re-configured the layer: every further step would be refused the same way.
+                    if (!KeepGoing || e is LayerSpecConflictException or ArgumentException)
                     {
+                        output.Flush();
+                        if (e is LayerSpecConflictException)
+                        {
+                            await Console.Error.WriteLineAsync($"epa2a drive: {message}");
+                        }
+
                         break;
                     }
                 }
@@ -113,25 +164,26 @@ internal static class DriveCommand
             }
 
             output.Write(table.Render());
-            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"drive: {failures} of {Steps} steps failed"));
-            return failures;
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"drive: {failures + mismatches} of {Steps} steps failed ({mismatches} mismatched)"));
+            return (mismatches, failures);
         }
 
-        // The silos may still be joining: retry forming the group for a while, saying why each try failed.
+        // The silos may still be joining: retry forming the group for a while, saying why each try failed. A bad
+        // config or a layer held by another client is not cured by retrying: those end the run at once.
         private async Task ConfigureWithRetryAsync(TextWriter output, CancellationToken cancellationToken)
         {
-            DateTime giveUp = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+            DateTime giveUp = DateTime.UtcNow + ConnectBound;
             while (true)
             {
                 try
                 {
-                    await Client.ConfigureAsync(Spec);
-                    CoordinatorInfo where = await Client.Coordinator.DescribeAsync();
+                    await Client.ConfigureAsync(Spec, TakeOver).WaitAsync(ConnectBound, cancellationToken);
+                    CoordinatorInfo where = await Client.Coordinator.DescribeAsync().WaitAsync(ConnectBound, cancellationToken);
                     output.WriteLine($"drive: layer '{Client.Layer}' formed over {Spec.WorldSize} ranks; its coordinator runs in process {where.ProcessId} (silo {where.Silo})");
                     output.Flush();
                     return;
                 }
-                catch (Exception e) when (DateTime.UtcNow < giveUp && e is not ArgumentException)
+                catch (Exception e) when (DateTime.UtcNow < giveUp && e is not (ArgumentException or LayerSpecConflictException or OperationCanceledException))
                 {
                     output.WriteLine($"drive: group not ready ({e.Message.ReplaceLineEndings(" ")}); retrying");
                     output.Flush();

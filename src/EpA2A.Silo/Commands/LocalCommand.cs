@@ -47,7 +47,13 @@ internal static class LocalCommand
         telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
         {
-            LayerSpec spec = new LayerSpec
+            int stepCount = p.GetValue(steps);
+            OptionRules.Require(stepCount >= 0, $"--steps {stepCount} must not be negative");
+            OptionRules.Require(p.GetValue(ranks) >= 1, $"--ranks {p.GetValue(ranks)} must be at least 1");
+            OptionRules.Ports(p.GetValue(portBase), LocalRun.GatewayOffset, p.GetValue(ranks), "--ranks");
+            double dropRatio = OptionRules.Probability(p.GetValue(drop), "--drop");
+            TimeSpan stepTimeout = OptionRules.Seconds(p.GetValue(timeout), "--timeout-seconds");
+            LayerSpec spec = OptionRules.Spec(() => new LayerSpec
             {
                 MaxTokens = p.GetValue(maxTokens),
                 Hidden = p.GetValue(hidden),
@@ -57,9 +63,9 @@ internal static class LocalCommand
                 LocalWorldSize = p.GetValue(local),
                 TokenType = ParseTokenType(p.GetValue(tokenType)!),
                 EnableLocalCombine = p.GetValue(localCombine),
-                StepTimeout = TimeSpan.FromSeconds(p.GetValue(timeout)),
-            }.Validated();
-            LocalRun run = new(spec, p.GetValue(steps), p.GetValue(seed), p.GetValue(drop), p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase))
+                StepTimeout = stepTimeout,
+            });
+            LocalRun run = new(spec, stepCount, p.GetValue(seed), dropRatio, p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase))
             {
                 Telemetry = telemetry.ToConfiguration(p),
             };
@@ -73,7 +79,7 @@ internal static class LocalCommand
         "BF16" or "BFLOAT16" => TokenType.BFloat16,
         "FP16" or "F16" or "FLOAT16" => TokenType.Float16,
         "FP32" or "F32" or "FLOAT32" => TokenType.Float32,
-        _ => throw new ArgumentException($"--token-type '{text}' is not bf16, fp16 or fp32"),
+        _ => throw new UsageException($"--token-type '{text}' is not bf16, fp16 or fp32"),
     };
 }
 
@@ -83,6 +89,9 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
     public const string Group = "local";
 
     public const string LayerName = "layer0";
+
+    /// <summary>Gateway port = port base + this + rank; silo ports are port base + rank, so at most this many ranks.</summary>
+    public const int GatewayOffset = 100;
 
     /// <summary>EpA2A:Telemetry settings from the command line; the process has one pipeline (one Prometheus port: the base).</summary>
     public IReadOnlyDictionary<string, string?> Telemetry { get; init; } = new Dictionary<string, string?>();
@@ -101,7 +110,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
                         Group = Group,
                         Rank = r,
                         SiloPort = PortBase + r,
-                        GatewayPort = PortBase + 100 + r,
+                        GatewayPort = PortBase + GatewayOffset + r,
                         Primary = primary,
                         OwnsTelemetry = false,
                     },
@@ -113,7 +122,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
             // Listeners are process-wide, so the client host carries the one telemetry pipeline of all these silos.
             using IHost clientHost = EpA2AHosts.BuildClient(
                 ClusteringKind.Localhost,
-                [.. Enumerable.Range(0, Spec.WorldSize).Select(r => PortBase + 100 + r)],
+                [.. Enumerable.Range(0, Spec.WorldSize).Select(r => PortBase + GatewayOffset + r)],
                 null,
                 configure: b =>
                 {

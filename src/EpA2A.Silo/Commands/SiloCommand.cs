@@ -33,59 +33,115 @@ internal static class SiloCommand
             rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, advertise, clusterId, expertDelay,
         };
         telemetry.AddTo(command);
+        Option<int> gatewayOffset = new("--gateway-offset") { Description = "Gateway port = port base + this + rank (at least the world size, so silo and gateway ports never meet)", DefaultValueFactory = _ => 100 };
+        command.Options.Add(gatewayOffset);
         command.SetAction(async (p, ct) =>
         {
             int r = p.GetValue(rank);
             int w = p.GetValue(world);
-            if (r < 0 || r >= w)
-            {
-                throw new ArgumentException($"--rank {r} must be in [0, --world-size {w})");
-            }
-
+            OptionRules.Require(w >= 1, $"--world-size {w} must be at least 1");
+            OptionRules.Require(r >= 0 && r < w, $"--rank {r} must be in [0, --world-size {w})");
             string b = p.GetValue(backend)!;
-            if (b is not ("cpu" or "cuda"))
-            {
-                throw new ArgumentException($"--backend '{b}' is not cpu or cuda");
-            }
-
+            OptionRules.Require(b is "cpu" or "cuda", $"--backend '{b}' is not cpu or cuda");
             ClusteringKind kind = p.GetValue(clustering) switch
             {
-                "localhost" => ClusteringKind.Localhost,
+                "localhost" or null => ClusteringKind.Localhost,
                 "redis" => ClusteringKind.Redis,
-                string other => throw new ArgumentException($"--clustering '{other}' is not localhost or redis"),
-                null => ClusteringKind.Localhost,
+                string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
             };
+            OptionRules.Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(p.GetValue(redis)), "--clustering redis needs --redis HOST:PORT");
             int basePort = p.GetValue(portBase);
+            int offset = p.GetValue(gatewayOffset);
+            OptionRules.Ports(basePort, offset, w, "--world-size");
             int delayMs = p.GetValue(expertDelay);
-            if (delayMs < 0)
+            OptionRules.Require(delayMs >= 0, $"--expert-delay-ms {delayMs} must not be negative");
+            OptionRules.Require(p.GetValue(gpu) is null or >= 0, $"--gpu {p.GetValue(gpu)} must not be negative");
+            IPAddress? advertised = kind == ClusteringKind.Redis ? Advertised(p.GetValue(advertise)) : null;
+            SiloSettings settings = new()
             {
-                throw new ArgumentException($"--expert-delay-ms {delayMs} must not be negative");
-            }
-
-            IPAddress? advertised = kind == ClusteringKind.Redis ? AdvertisedAddress.Parse(p.GetValue(advertise)) : null;
-            using IHost silo = EpA2AHosts.BuildSilo(
-                new SiloSettings
-                {
-                    Group = p.GetValue(group)!,
-                    Rank = r,
-                    Backend = b,
-                    Gpu = p.GetValue(gpu),
-                    SiloPort = basePort + r,
-                    GatewayPort = basePort + 100 + r,
-                    Primary = new IPEndPoint(IPAddress.Loopback, p.GetValue(primaryPort) ?? basePort),
-                    Clustering = kind,
-                    RedisConnection = p.GetValue(redis),
-                    AdvertisedAddress = advertised,
-                    ClusterId = p.GetValue(clusterId)!,
-                    ExpertDelay = TimeSpan.FromMilliseconds(delayMs),
-                    Configuration = telemetry.ToConfiguration(p),
-                },
-                LogLevel.Information);
-            await silo.StartAsync(ct);
-            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {r} of {w} in group '{p.GetValue(group)}' ({b}), silo port {basePort + r}, gateway {basePort + 100 + r}, advertised at {advertised?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}; Ctrl-C to stop"));
-            await silo.WaitForShutdownAsync(ct);
-            return 0;
+                Group = p.GetValue(group)!,
+                Rank = r,
+                Backend = b,
+                Gpu = p.GetValue(gpu),
+                SiloPort = basePort + r,
+                GatewayPort = basePort + offset + r,
+                Primary = new IPEndPoint(IPAddress.Loopback, p.GetValue(primaryPort) ?? basePort),
+                Clustering = kind,
+                RedisConnection = p.GetValue(redis),
+                AdvertisedAddress = advertised,
+                ClusterId = p.GetValue(clusterId)!,
+                ExpertDelay = TimeSpan.FromMilliseconds(delayMs),
+                Configuration = telemetry.ToConfiguration(p),
+            };
+            return await ServeAsync(settings, w, ct);
         });
         return command;
+    }
+
+    /// <summary>--advertise as an address; a bad one is a usage error (exit code 2) naming the option.</summary>
+    private static IPAddress Advertised(string? text)
+    {
+        try
+        {
+            return AdvertisedAddress.Parse(text);
+        }
+        catch (ArgumentException e)
+        {
+            throw new UsageException(e.Message, e);
+        }
+    }
+
+    /// <summary>
+    /// Serves the rank until stopped. A silo the cluster declared dead (it was paused, or cut off, past the probe
+    /// limit) cannot rejoin under its old identity: instead of ending the process, the host is stopped and a new one
+    /// starts on the same ports, a new generation that the others admit as a fresh member.
+    /// </summary>
+    private static async Task<int> ServeAsync(SiloSettings settings, int world, CancellationToken ct)
+    {
+        for (int incarnation = 1; ; incarnation++)
+        {
+            try
+            {
+                SiloStartChecks.RequireFreePorts((settings.SiloPort, "silo"), (settings.GatewayPort, "gateway"));
+            }
+            catch (IOException e)
+            {
+                throw new UsageException($"rank {settings.Rank}: {e.Message}", e);
+            }
+
+            DeclaredDeadSignal declaredDead = new();
+            IHost silo = EpA2AHosts.BuildSilo(settings, LogLevel.Information, declaredDead);
+            try
+            {
+                await silo.StartAsync(ct);
+                if (await SiloStartChecks.FindLiveDuplicateAsync(silo, settings.Group, settings.Rank, TimeSpan.FromSeconds(2), TimeSpan.FromSeconds(10), ct) is string other)
+                {
+                    throw new UsageException($"rank {settings.Rank} of group '{settings.Group}' is already served by the live silo {other}: a second silo for one rank is refused (stop that one first)");
+                }
+
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {settings.Rank} of {world} in group '{settings.Group}' ({settings.Backend}), silo port {settings.SiloPort}, gateway {settings.GatewayPort}, advertised at {settings.AdvertisedAddress?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}{(incarnation > 1 ? $", restarted in process (start {incarnation})" : string.Empty)}; Ctrl-C to stop"));
+                Task shutdown = silo.WaitForShutdownAsync(ct);
+                if (await Task.WhenAny(shutdown, declaredDead.Task) == shutdown)
+                {
+                    await shutdown;
+                    return ExitCodes.Ok;
+                }
+
+                Console.WriteLine($"epa2a silo: rank {settings.Rank} was declared dead by the cluster ({declaredDead.Task.Result}); restarting the silo in this process");
+            }
+            finally
+            {
+                try
+                {
+                    await silo.StopAsync(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(10), CancellationToken.None);
+                }
+                catch (Exception e) when (e is TimeoutException or OrleansException or OperationCanceledException or InvalidOperationException)
+                {
+                    // A silo declared dead may not stop cleanly; its successor needs only its ports.
+                }
+
+                silo.Dispose();
+            }
+        }
     }
 }

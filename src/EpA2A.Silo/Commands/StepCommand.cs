@@ -7,7 +7,8 @@ using EpA2A.Experts;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Reference;
-using EpA2A.Silo.Safetensors;
+using EpA2A.Safetensors;
+using EpA2A.Silo.StepFiles;
 
 namespace EpA2A.Silo.Commands;
 
@@ -47,9 +48,13 @@ internal static class StepCommand
     public const int ExitMismatch = 1;
     public const int ExitBadInput = 2;
     public const int ExitStepFailed = 3;
+    public const int ExitIoFailed = 4;
 
     public const string DispatchFileName = "dispatch.safetensors";
     public const string CombineFileName = "combine.safetensors";
+
+    /// <summary>What an output file is called until both are complete.</summary>
+    public const string PartialSuffix = ".partial";
 
     private const string LayerName = "step";
     private const int MaxReportedMismatches = 5;
@@ -85,7 +90,7 @@ internal static class StepCommand
                 p.GetValue(localCombine),
                 p.GetValue(alignment),
                 p.GetValue(weighted),
-                seconds > 0 && seconds <= 3600 ? TimeSpan.FromSeconds(seconds) : TimeSpan.Zero);
+                double.IsFinite(seconds) && seconds > 0 && seconds <= 3600 ? TimeSpan.FromSeconds(seconds) : TimeSpan.Zero);
             return RunAsync(request, p.InvocationConfiguration.Output, p.InvocationConfiguration.Error, new DeterministicExpertCompute(), ct);
         });
         return command;
@@ -105,7 +110,7 @@ internal static class StepCommand
         ArgumentNullException.ThrowIfNull(experts);
         try
         {
-            (StepTrace trace, EpConfig config) = Prepare(request);
+            (StepTrace trace, EpConfig config) = PrepareOrRefuse(request);
             StepRun run = new(request, trace, config, output, error, experts);
             return config.TokenType switch
             {
@@ -126,7 +131,17 @@ internal static class StepCommand
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
+            await error.WriteLineAsync($"epa2a step: {e.Message}; nothing written").ConfigureAwait(false);
+            return ExitIoFailed;
+        }
+        catch (UsageException e)
+        {
             await error.WriteLineAsync($"epa2a step: {e.Message}").ConfigureAwait(false);
+            return ExitBadInput;
+        }
+        catch (OutOfMemoryException)
+        {
+            await error.WriteLineAsync("epa2a step: out of memory: the file asks for more than this machine holds; nothing written").ConfigureAwait(false);
             return ExitBadInput;
         }
         catch (EpStepFailedException e)
@@ -156,6 +171,40 @@ internal static class StepCommand
         _ => "fp32",
     };
 
+    /// <summary>Ranks a replay runs in this process, at most: each is a layer with its own buffers and mailboxes.</summary>
+    internal const int MaxWorldSize = 256;
+
+    /// <summary>What a replay may allocate: half of what the GC says this process can have.</summary>
+    private static long AllocationBudget() => Math.Max(1L << 30, GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 2);
+
+    /// <summary>Outputs must never land on the input: DIR/dispatch.safetensors or DIR/combine.safetensors may not be it.</summary>
+    private static void RefuseOutputOverInput(string input, string outputDirectory)
+    {
+        string inputPath = Path.GetFullPath(input);
+        string resolved = File.ResolveLinkTarget(inputPath, returnFinalTarget: true)?.FullName ?? inputPath;
+        foreach (string name in (string[])[DispatchFileName, CombineFileName])
+        {
+            string target = Path.GetFullPath(Path.Combine(outputDirectory, name));
+            if (string.Equals(target, inputPath, StringComparison.Ordinal) || string.Equals(target, resolved, StringComparison.Ordinal))
+            {
+                throw new StepUsageException($"--out {outputDirectory} would overwrite --input {input} with {name}: choose another --out");
+            }
+        }
+    }
+
+    /// <summary>Whatever the file or the options make the preparation throw is bad input: one line, exit code 2.</summary>
+    private static (StepTrace Trace, EpConfig Config) PrepareOrRefuse(StepRequest request)
+    {
+        try
+        {
+            return Prepare(request);
+        }
+        catch (Exception e) when (e is ArgumentException or OverflowException or FormatException or System.Text.Json.JsonException)
+        {
+            throw new StepUsageException($"bad input: {e.Message.ReplaceLineEndings(" ")}", e);
+        }
+    }
+
     /// <summary>Reads and checks the file, and settles the configuration; every failure names the option or the tensor.</summary>
     private static (StepTrace Trace, EpConfig Config) Prepare(StepRequest request)
     {
@@ -179,8 +228,28 @@ internal static class StepCommand
             throw new StepUsageException($"--input {request.Input}: no such file");
         }
 
+        // A FIFO, a pipe (--input <(...)) or a device would block in open or cannot be read twice: refused before
+        // opening. Their reported length is 0, which no safetensors file has.
+        FileInfo file = new(request.Input);
+        if (file.Length < 8)
+        {
+            throw new StepUsageException($"--input {request.Input} is {(file.Length == 0 ? "empty or not a regular file (a pipe, FIFO or device?)" : $"{file.Length} bytes")}: a safetensors file is a regular file of at least 8 bytes");
+        }
+
+        long budget = AllocationBudget();
+        if (file.Length > budget / 4)
+        {
+            throw new StepUsageException($"--input {request.Input} is {file.Length} bytes; a replay holds the file and about three times its size in outputs, so at most {budget / 4} bytes fit the {budget} bytes this process may allocate");
+        }
+
+        RefuseOutputOverInput(request.Input, request.OutputDirectory);
         StepTrace trace = StepTrace.From(SafetensorsReader.Read(request.Input), request.Input);
         int world = trace.WorldSize;
+        if (world > MaxWorldSize)
+        {
+            throw new StepUsageException($"{request.Input} has {world} ranks; a replay runs every rank in this process, at most {MaxWorldSize}");
+        }
+
         int experts = request.NumExperts ?? trace.NumExperts
             ?? throw new StepUsageException($"the number of experts is unknown: pass --experts, or give {request.Input} the metadata \"{StepTraceNames.NumExpertsKey}\"");
         string expertsFrom = request.NumExperts is null ? $"metadata {StepTraceNames.NumExpertsKey}" : "--experts";
@@ -243,6 +312,16 @@ internal static class StepCommand
         }
 
         trace.Validate(config);
+
+        // Outputs: every slot's row (dispatch, expert output) plus each token's combined row, and the rows' padding.
+        long tokens = trace.Ranks.Sum(r => (long)r.Count);
+        long rows = (tokens * config.TopK) + ((long)world * config.ExpertsPerRank * (config.ExpertAlignment - 1));
+        long need = ((2 * rows) + tokens) * config.Hidden * config.TokenBytes * 2;
+        if (need > budget)
+        {
+            throw new StepUsageException($"the step needs about {need} bytes ({tokens} tokens x top-{config.TopK} x Hidden {config.Hidden} over {world} ranks); this process may allocate {budget}");
+        }
+
         return (trace, config);
     }
 
@@ -258,11 +337,9 @@ internal static class StepCommand
             Outcome<T> outcome = await RunLayerAsync(inputs, cancellationToken).ConfigureAwait(false);
 
             string directory = request.OutputDirectory!;
-            Directory.CreateDirectory(directory);
             string dispatchPath = Path.Combine(directory, DispatchFileName);
             string combinePath = Path.Combine(directory, CombineFileName);
-            SafetensorsWriter.Write(dispatchPath, DispatchFile(outcome));
-            SafetensorsWriter.Write(combinePath, CombineFile(outcome));
+            WriteBoth((dispatchPath, DispatchFile(outcome)), (combinePath, CombineFile(outcome)));
 
             List<string> problems = [];
             float worst = Check(inputs, outcome, problems);
@@ -282,6 +359,35 @@ internal static class StepCommand
             }
 
             return ExitMismatch;
+        }
+
+        /// <summary>
+        /// Both files appear whole or not at all: each is written as NAME.partial, and only when both are complete are
+        /// they renamed over the old ones. A failure (a full disk) removes the partial files and leaves the directory as
+        /// it was; it is an <see cref="IOException"/> (exit code 4).
+        /// </summary>
+        private static void WriteBoth(params (string Path, SafetensorsFile File)[] files)
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(files[0].Path))!);
+            try
+            {
+                foreach ((string path, SafetensorsFile file) in files)
+                {
+                    SafetensorsWriter.Write(path + PartialSuffix, file);
+                }
+
+                foreach ((string path, _) in files)
+                {
+                    File.Move(path + PartialSuffix, path, overwrite: true);
+                }
+            }
+            finally
+            {
+                foreach ((string path, _) in files)
+                {
+                    File.Delete(path + PartialSuffix);
+                }
+            }
         }
 
         private async Task<Outcome<T>> RunLayerAsync<T>(RankInput<T>[] inputs, CancellationToken cancellationToken)
@@ -422,6 +528,19 @@ internal static class StepCommand
                 {
                     float w = TokenConvert.ToSingle(want[r][i]);
                     float g = TokenConvert.ToSingle(outcome.Combined[r][i]);
+
+                    // NaN and infinities compare by identity: a NaN where the reference has a NaN, or the same
+                    // infinity, is equal; anything else against a non-finite value differs.
+                    if (!float.IsFinite(w) || !float.IsFinite(g))
+                    {
+                        if (!(float.IsNaN(w) && float.IsNaN(g)) && w != g)
+                        {
+                            problems.Add(string.Create(CultureInfo.InvariantCulture, $"rank {r} combined[{i / config.Hidden}, {i % config.Hidden}] = {g}, the reference {w}"));
+                        }
+
+                        continue;
+                    }
+
                     float difference = Math.Abs(w - g);
                     if (!(difference <= CombineTolerance(w)))
                     {

@@ -16,8 +16,8 @@ namespace EpA2A.Silo.Hosting;
 /// <summary>Builds the hosts the command line runs: a silo serving one rank, and a cluster client.</summary>
 public static class EpA2AHosts
 {
-    /// <summary>A silo host for one rank.</summary>
-    public static IHost BuildSilo(SiloSettings settings, LogLevel logLevel = LogLevel.Warning)
+    /// <summary>A silo host for one rank; with <paramref name="declaredDead"/>, a fatal error (the cluster declaring this silo dead) is reported there instead of ending the process.</summary>
+    public static IHost BuildSilo(SiloSettings settings, LogLevel logLevel = LogLevel.Warning, DeclaredDeadSignal? declaredDead = null)
     {
         ArgumentNullException.ThrowIfNull(settings);
         HostApplicationBuilder builder = Host.CreateApplicationBuilder();
@@ -26,6 +26,11 @@ public static class EpA2AHosts
         if (settings.OwnsTelemetry)
         {
             builder.AddEpA2ATelemetry(portOffset: settings.Rank, instance: $"{settings.Group}/rank-{settings.Rank}");
+        }
+
+        if (declaredDead is not null)
+        {
+            builder.Services.AddSingleton<IFatalErrorHandler>(declaredDead);
         }
 
         if (settings.ExpertDelay > TimeSpan.Zero)

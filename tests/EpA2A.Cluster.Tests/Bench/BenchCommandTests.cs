@@ -1,11 +1,11 @@
 using System.Text.Json;
 using EpA2A.Cluster.Tests.MultiProcess;
-using EpA2A.Silo.Bench;
+using EpA2A.Tools.Bench;
 
 namespace EpA2A.Cluster.Tests.Bench;
 
 /// <summary>
-/// `epa2a bench` on the CPU backend, in process: a small sweep writes its JSON, markdown and PNG with every point
+/// `epa2a-tools bench` on the CPU backend, in process: a small sweep writes its JSON, markdown and PNG with every point
 /// timed and checked; an option the bench cannot run is an ArgumentException before anything is drawn or written.
 /// </summary>
 public sealed class BenchCommandTests : IDisposable
@@ -85,7 +85,7 @@ public sealed class BenchCommandTests : IDisposable
     }
 
     /// <summary>
-    /// Two `epa2a bench` processes with one seed draw the same routing: every point's busiest rank receives the
+    /// Two `epa2a-tools bench` processes with one seed draw the same routing: every point's busiest rank receives the
     /// same rows (a fresh draw differs at one point or another: about 1000 rows each, spread over tens of rows).
     /// </summary>
     [Fact]
@@ -93,8 +93,8 @@ public sealed class BenchCommandTests : IDisposable
     {
         int seed = Random.Shared.Next();
         string[] arguments = ["bench", "--backend", "cpu", "--ranks", "4", "--local", "2", "--topk", "4", "--experts", "16", "--tokens", "64,256", "--hidden", "64", "--layouts", "intra", "--sets", "2", "--iterations", "1", "--warmup", "0", "--peer", "none", "--no-grains", "--seed", $"{seed}"];
-        using ChildProcess first = ChildProcess.Epa2a("bench 1", [.. arguments, "--out", Path.Combine(directory, "1")]);
-        using ChildProcess second = ChildProcess.Epa2a("bench 2", [.. arguments, "--out", Path.Combine(directory, "2")]);
+        using ChildProcess first = ChildProcess.Epa2aTools("bench 1", [.. arguments, "--out", Path.Combine(directory, "1")]);
+        using ChildProcess second = ChildProcess.Epa2aTools("bench 2", [.. arguments, "--out", Path.Combine(directory, "2")]);
         int[] exits = await Task.WhenAll(first.WaitForExitAsync(TimeSpan.FromMinutes(1)), second.WaitForExitAsync(TimeSpan.FromMinutes(1)));
         Assert.True(exits.All(e => e == 0), $"seed {seed}: exit codes {string.Join(", ", exits)}:\n{string.Join('\n', first.Lines)}\n{string.Join('\n', second.Lines)}");
 

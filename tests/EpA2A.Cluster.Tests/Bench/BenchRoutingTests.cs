@@ -1,4 +1,4 @@
-using EpA2A.Silo.Bench;
+using EpA2A.Tools.Bench;
 
 namespace EpA2A.Cluster.Tests.Bench;
 

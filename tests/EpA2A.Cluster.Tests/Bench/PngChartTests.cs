@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.IO.Compression;
 using System.Text;
-using EpA2A.Silo.Bench;
+using EpA2A.Tools.Bench;
 
 namespace EpA2A.Cluster.Tests.Bench;
 

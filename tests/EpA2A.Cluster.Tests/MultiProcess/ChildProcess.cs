@@ -6,7 +6,7 @@ using System.Net.Sockets;
 namespace EpA2A.Cluster.Tests.MultiProcess;
 
 /// <summary>
-/// A real child process (redis-server, or `epa2a` run from this test's output folder) whose output lines are
+/// A real child process (redis-server, or `epa2a` or `epa2a-tools` run from this test's output folder) whose output lines are
 /// kept, with bounded waits for a line and a hard kill (SIGKILL) for failure tests.
 /// </summary>
 public sealed class ChildProcess : IDisposable
@@ -49,6 +49,10 @@ public sealed class ChildProcess : IDisposable
     /// <summary>Runs the epa2a command line that the test build carries (epa2a.dll beside the tests).</summary>
     public static ChildProcess Epa2a(string name, params string[] arguments) =>
         new(name, "dotnet", [Path.Combine(AppContext.BaseDirectory, "epa2a.dll"), .. arguments]);
+
+    /// <summary>Runs the epa2a-tools command line that the test build carries (epa2a-tools.dll beside the tests).</summary>
+    public static ChildProcess Epa2aTools(string name, params string[] arguments) =>
+        new(name, "dotnet", [Path.Combine(AppContext.BaseDirectory, "epa2a-tools.dll"), .. arguments]);
 
     public static ChildProcess Start(string name, string file, params string[] arguments) => new(name, file, arguments);
 

@@ -1,0 +1,274 @@
+namespace EpA2A.Tools.Bench;
+
+/// <summary>Median, p99 and count of a sample (µs).</summary>
+internal sealed record BenchStat(double Median, double P99, int Samples)
+{
+    public static BenchStat Of(IReadOnlyList<double> v) => new(BenchStats.Median(v), BenchStats.Percentile(v, 0.99), v.Count);
+}
+
+internal static class BenchStats
+{
+    public static double Median(IReadOnlyList<double> v) => Percentile(v, 0.5);
+
+    /// <summary>Nearest-rank percentile; 0 for an empty sample.</summary>
+    public static double Percentile(IReadOnlyList<double> v, double q)
+    {
+        if (v.Count == 0)
+        {
+            return 0;
+        }
+
+        double[] s = [.. v.Order()];
+        int i = (int)Math.Ceiling(q * s.Length) - 1;
+        return s[Math.Clamp(i, 0, s.Length - 1)];
+    }
+
+    /// <summary>Per iteration, the slowest rank: a step is done when every rank is.</summary>
+    public static List<double> SlowestRank(IEnumerable<List<double>> perRank)
+    {
+        List<List<double>> all = [.. perRank];
+        if (all.Count == 0)
+        {
+            return [];
+        }
+
+        int n = all.Min(l => l.Count);
+        return [.. Enumerable.Range(0, n).Select(i => all.Max(l => l[i]))];
+    }
+}
+
+internal sealed record BenchGraphSummary(BenchStat DispatchGpu, BenchStat CombineGpu, BenchStat ReplayWall, double DispatchCeilingPct, double CombineCeilingPct);
+
+internal sealed record BenchCudaSummary
+{
+    public BenchStat? DispatchGpu { get; init; }
+
+    public BenchStat? CombineGpu { get; init; }
+
+    public BenchStat? DispatchWall { get; init; }
+
+    public BenchStat? CombineWall { get; init; }
+
+    /// <summary>Median over iterations of the slowest rank's GPU idle time between counting and sending (host size poll).</summary>
+    public double DispatchHostGapUs { get; init; }
+
+    /// <summary>Median over ranks of the median counting time (count, counts all-to-all, row assignment) inside the dispatch.</summary>
+    public double DispatchPrepareUs { get; init; }
+
+    public double DispatchCeilingPct { get; init; }
+
+    public double CombineCeilingPct { get; init; }
+
+    public double DispatchAlgbwGBps { get; init; }
+
+    public double CombineAlgbwGBps { get; init; }
+
+    /// <summary>Median over ranks of (median C# call wall time - median direct libepa2a wall time): what the C# layer adds.</summary>
+    public double DispatchOrchestrationUs { get; init; }
+
+    public double CombineOrchestrationUs { get; init; }
+
+    /// <summary>As the orchestration numbers, but of the calls timed with CUDA events (an observer listening).</summary>
+    public double DispatchOrchestrationTimedUs { get; init; }
+
+    public double CombineOrchestrationTimedUs { get; init; }
+
+    /// <summary>Median over ranks and iterations of (call wall time - GPU time).</summary>
+    public double DispatchWallMinusGpuUs { get; init; }
+
+    public double CombineWallMinusGpuUs { get; init; }
+
+    public BenchGraphSummary? Graph { get; init; }
+
+    public bool Checked { get; init; }
+
+    public string? Error { get; init; }
+
+    public string? GraphError { get; init; }
+}
+
+internal sealed record BenchPeerSummary(double DispatchMedianUs, double DispatchP99Us, double CombineMedianUs, double CombineP99Us, double DispatchSpeedup, double CombineSpeedup, bool Checked);
+
+internal sealed record BenchCpuSummary(BenchStat? Dispatch, BenchStat? Combine, string? Skipped, string? Error);
+
+internal sealed record BenchPointSummary
+{
+    public required string Name { get; init; }
+
+    public required string Layout { get; init; }
+
+    public required string Routing { get; init; }
+
+    public int World { get; init; }
+
+    public int Local { get; init; }
+
+    public int Tokens { get; init; }
+
+    public int Hidden { get; init; }
+
+    /// <summary>Rows all ranks receive in one step, mean over the routing sets (a token's rows to its own rank included).</summary>
+    public double RecvRows { get; init; }
+
+    /// <summary>The largest receive of one rank over the sets.</summary>
+    public int MaxRankRecvRows { get; init; }
+
+    /// <summary>Bytes a dispatch (or a combine) must at least read and write over all ranks: every token read once, every row written once.</summary>
+    public double FloorBytes { get; init; }
+
+    public BenchCudaSummary? Cuda { get; init; }
+
+    public BenchPeerSummary? Peer { get; init; }
+
+    public BenchCpuSummary? Cpu { get; init; }
+}
+
+internal sealed record BenchSummary
+{
+    public required string Gpu { get; init; }
+
+    public required string Driver { get; init; }
+
+    public required string Date { get; init; }
+
+    public int HostCores { get; init; }
+
+    public double CopyBytesPerSecond { get; init; }
+
+    public string? PeerDevice { get; init; }
+
+    public string? PeerMissing { get; init; }
+
+    public BenchGrainOverhead? Grains { get; init; }
+
+    public List<string> DeviceMemory { get; init; } = [];
+
+    /// <summary>Where the normal mode's libepa2a calls ran: "caller thread" or "GPU worker".</summary>
+    public string Calls { get; init; } = string.Empty;
+
+    /// <summary>Per rank, the GPU soak's samples (empty without --soak-steps).</summary>
+    public List<List<BenchSoakSample>> Soak { get; init; } = [];
+
+    public List<string> SoakErrors { get; init; } = [];
+
+    public List<string> Definitions { get; init; } = [];
+
+    public List<BenchPointSummary> Points { get; init; } = [];
+
+    public static BenchSummary Build(BenchManifest manifest, BenchRankReport?[]? cuda, BenchPeerReport? peer, Dictionary<string, BenchCpuResult> cpu, BenchGrainOverhead? grains, string gpu, string driver, DateTime started, int cores)
+    {
+        double bandwidth = cuda?.FirstOrDefault()?.CopyBytesPerSecond ?? 0;
+        List<BenchPointSummary> points = [];
+        foreach (BenchPoint p in manifest.Points)
+        {
+            double rows = p.RecvRows.Average(r => (double)r.Sum());
+            double floor = ((double)p.Tokens * p.World + rows) * p.RowBytes;
+            BenchCudaSummary? c = cuda is null ? null : Cuda(p, cuda, rows, floor, bandwidth);
+            BenchPeerPoint? pp = peer?.Points.FirstOrDefault(x => x.Name == p.Name);
+            BenchPeerSummary? ps = pp is null ? null : new BenchPeerSummary(
+                pp.Dispatch.Median, pp.Dispatch.P99, pp.Combine.Median, pp.Combine.P99,
+                c?.DispatchGpu is { Median: > 0 } d ? pp.Dispatch.Median / d.Median : 0,
+                c?.CombineGpu is { Median: > 0 } cb ? pp.Combine.Median / cb.Median : 0,
+                pp.Checked);
+            BenchCpuSummary? cs = cpu.TryGetValue(p.Name, out BenchCpuResult? cr)
+                ? new BenchCpuSummary(cr.Dispatch.Count > 0 ? BenchStat.Of(cr.Dispatch) : null, cr.Combine.Count > 0 ? BenchStat.Of(cr.Combine) : null, cr.Skipped, cr.Error)
+                : null;
+            points.Add(new BenchPointSummary
+            {
+                Name = p.Name,
+                Layout = p.Layout,
+                Routing = p.Routing,
+                World = p.World,
+                Local = p.Local,
+                Tokens = p.Tokens,
+                Hidden = p.Hidden,
+                RecvRows = rows,
+                MaxRankRecvRows = p.RecvRows.Max(r => r.Max()),
+                FloorBytes = floor,
+                Cuda = c,
+                Peer = ps,
+                Cpu = cs,
+            });
+        }
+
+        List<string> memory = cuda is null ? [] : [.. cuda.Select((r, i) => r is null
+            ? $"rank {i}: no report"
+            : $"rank {i}: free device memory {r.DeviceFreeBefore / 1048576.0:0} MiB before the sweep, {r.DeviceFreeAfter / 1048576.0:0} MiB after (every layer disposed)")];
+        return new BenchSummary
+        {
+            Gpu = gpu,
+            Driver = driver,
+            Date = started.ToString("yyyy-MM-ddTHH:mm:ssZ", System.Globalization.CultureInfo.InvariantCulture),
+            HostCores = cores,
+            CopyBytesPerSecond = bandwidth,
+            PeerDevice = peer?.Device,
+            PeerMissing = peer?.Missing,
+            Grains = grains,
+            DeviceMemory = memory,
+            Calls = manifest.CallerThread ? "caller thread" : "GPU worker",
+            Soak = cuda is null ? [] : [.. cuda.Select(r => r?.Soak ?? [])],
+            SoakErrors = cuda is null ? [] : [.. cuda.Select((r, i) => r?.SoakError is { } e ? $"rank {i}: {e}" : null).OfType<string>()],
+            Definitions =
+            [
+                "Times are medians (p99) over iterations of the slowest rank's time in that iteration; every iteration starts after a layer barrier.",
+                "CUDA dispatch time: CUDA events on each rank's stream from the counting kernels to the end of the dispatch barrier, so the host's size poll and the send launch (host gap) are inside it.",
+                "Ceiling %: (floor bytes / device copy bandwidth) / time. Floor bytes = every token read once + every received row written once, over all ranks (combine: rows read once + results written once). The copy bandwidth is a 1 GiB device-to-device copy measured in the same run (read + write counted).",
+                "Algorithm bandwidth as DeepEP counts it: received token bytes per rank / time; rows a rank sends to itself are counted (on one GPU every row is local traffic).",
+                "Orchestration: median C# call wall time (GPU timing off: no observer, no metric listener) minus median wall time of the same libepa2a call sequence made directly on the GPU worker thread (per rank, then the median over ranks); the host-side table also gives it with GPU timing on.",
+                "Graph mode: fixed-capacity layer, dispatch and combine captured as two CUDA graphs and replayed back to back (no host wait); GPU times from events around each graph launch.",
+                "PyTorch peer: bench/torch_peer.py, all ranks' buffers in one process on the same GPU, same routing files and bytes; speedup = peer time / our time (above 1: we are faster).",
+            ],
+            Points = points,
+        };
+    }
+
+    private static BenchCudaSummary Cuda(BenchPoint p, BenchRankReport?[] reports, double rows, double floor, double bandwidth)
+    {
+        List<BenchRankPoint?> per = [.. reports.Select(r => r?.Points.FirstOrDefault(x => x.Name == p.Name))];
+        string? error = per.Select((x, i) => x is null ? $"rank {i}: no result" : x.Error is null ? null : $"rank {i}: {x.Error}").FirstOrDefault(e => e is not null);
+        string? graphError = per.Select((x, i) => x?.GraphError is null ? null : $"rank {i}: {x.GraphError}").FirstOrDefault(e => e is not null);
+        if (per.Any(x => x is null || x.DispatchGpu.Count == 0))
+        {
+            return new BenchCudaSummary { Error = error ?? "no samples", GraphError = graphError };
+        }
+
+        BenchRankPoint[] ok = [.. per.Select(x => x!)];
+        BenchStat dGpu = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.DispatchGpu)));
+        BenchStat cGpu = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.CombineGpu)));
+        double ceiling = bandwidth > 0 ? floor / bandwidth * 1e6 : 0; // µs
+        double recvBytesPerRank = rows / p.World * p.RowBytes;
+        BenchGraphSummary? graph = null;
+        if (ok.All(x => x.GraphDispatchGpu.Count > 0))
+        {
+            BenchStat gd = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphDispatchGpu)));
+            BenchStat gc = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphCombineGpu)));
+            graph = new BenchGraphSummary(gd, gc, BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphWall))), Pct(ceiling, gd.Median), Pct(ceiling, gc.Median));
+        }
+
+        return new BenchCudaSummary
+        {
+            DispatchGpu = dGpu,
+            CombineGpu = cGpu,
+            DispatchWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.DispatchWall))),
+            CombineWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.CombineWall))),
+            DispatchHostGapUs = BenchStats.Median(BenchStats.SlowestRank(ok.Select(x => x.DispatchHostGap))),
+            DispatchPrepareUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchPrepareGpu))]),
+            DispatchCeilingPct = Pct(ceiling, dGpu.Median),
+            CombineCeilingPct = Pct(ceiling, cGpu.Median),
+            DispatchAlgbwGBps = dGpu.Median > 0 ? recvBytesPerRank / dGpu.Median / 1e3 : 0,
+            CombineAlgbwGBps = cGpu.Median > 0 ? recvBytesPerRank / cGpu.Median / 1e3 : 0,
+            DispatchOrchestrationUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchWallUntimed) - BenchStats.Median(x.DirectDispatchWall))]),
+            CombineOrchestrationUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.CombineWallUntimed) - BenchStats.Median(x.DirectCombineWall))]),
+            DispatchOrchestrationTimedUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchWall) - BenchStats.Median(x.DirectDispatchWall))]),
+            CombineOrchestrationTimedUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.CombineWall) - BenchStats.Median(x.DirectCombineWall))]),
+            DispatchWallMinusGpuUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median([.. x.DispatchWall.Zip(x.DispatchGpu, (w, g) => w - g)]))]),
+            CombineWallMinusGpuUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median([.. x.CombineWall.Zip(x.CombineGpu, (w, g) => w - g)]))]),
+            Graph = graph,
+            Checked = ok.All(x => x.Checked),
+            Error = error,
+            GraphError = graphError,
+        };
+    }
+
+    private static double Pct(double ceilingUs, double us) => us > 0 ? 100 * ceilingUs / us : 0;
+}
