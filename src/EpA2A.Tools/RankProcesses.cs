@@ -19,7 +19,7 @@ internal static class RankProcesses
     /// threads for the cores: no background GC, no spinning idle thread-pool workers, no tiered re-compilation in the
     /// middle of timed steps (each unless the environment already sets it).
     /// </summary>
-    public static Process Start(IEnumerable<string> args, Action<string, bool> onLine)
+    public static Process Start(IEnumerable<string> args, Action<string, bool> onLine, CoreAffinity? cores = null)
     {
         string self = Environment.ProcessPath ?? throw new InvalidOperationException("cannot find this program's path to start the rank processes");
         ProcessStartInfo psi = new(self) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
@@ -39,6 +39,13 @@ internal static class RankProcesses
             {
                 psi.Environment[k] = v;
             }
+        }
+
+        // A rank's GPU worker on a core of its own (the rest of the process, NVSHMEM's proxy included, elsewhere):
+        // see CoreAffinity for the stall this removes.
+        foreach ((string k, string v) in cores?.ToEnvironment() ?? [])
+        {
+            psi.Environment.TryAdd(k, v);
         }
 
         Process p = new() { StartInfo = psi };

@@ -35,6 +35,8 @@ internal static class BenchCommand
         Option<bool> noGrains = new("--no-grains") { Description = "Skip the grain-path overhead measurement" };
         Option<double> cpuBudget = new("--cpu-max-gb") { Description = "CPU backend: skip points whose received rows exceed this many GB in all", DefaultValueFactory = _ => 3 };
         Option<string> calls = new("--calls") { Description = "CUDA normal mode: libepa2a calls on the caller's thread (caller) or handed to the GPU worker thread (worker)", DefaultValueFactory = _ => "caller" };
+        Option<string> pinCores = new("--pin-cores") { Description = "CUDA rank processes: give each rank's GPU thread a core of its own (on) or leave placement to the scheduler (off)", DefaultValueFactory = _ => "on" };
+        Option<int> numSms = new("--num-sms") { Description = "CUDA: blocks of each token kernel per rank (EpConfig.NumSms) of the swept layers", DefaultValueFactory = _ => 32 };
         Option<int> soak = new("--soak-steps") { Description = "CUDA: after the sweep, this many steps with random token counts on one layer, device memory sampled (0: none)", DefaultValueFactory = _ => 0 };
         Option<string?> fromJson = new("--from-json") { HelpName = "FILE", Description = "Only write the markdown and the plot again from a saved bench JSON (next to it)" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where the results go (default: bench/results)" };
@@ -45,7 +47,7 @@ internal static class BenchCommand
 
         Command command = new("bench", "Benchmark dispatch and combine: CUDA (rank processes under MPS) and CPU backends, a PyTorch peer on the same routing, the grain path; JSON, table and plot to bench/results.")
         {
-            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, soak, fromJson, cpuBudget, output, limit, rank, dir, world,
+            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, rank, dir, world,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -79,6 +81,8 @@ internal static class BenchCommand
                 Grains = !p.GetValue(noGrains),
                 SoakSteps = p.GetValue(soak),
                 CallerThread = p.GetValue(calls) switch { "caller" => true, "worker" => false, var c => throw new ArgumentException($"--calls {c}: expected caller or worker") },
+                NumSms = p.GetValue(numSms) is var sms and >= 1 and <= 1024 ? sms : throw new ArgumentException($"--num-sms {p.GetValue(numSms)}: expected 1..1024"),
+                PinCores = p.GetValue(pinCores) switch { "on" => true, "off" => false, var c => throw new ArgumentException($"--pin-cores {c}: expected on or off") },
                 CpuMaxBytes = p.GetValue(cpuBudget) * 1e9,
                 Out = p.GetValue(output) ?? Path.Combine(Environment.CurrentDirectory, "bench", "results"),
                 RankTimeout = TimeSpan.FromSeconds(p.GetValue(limit)),
@@ -129,6 +133,12 @@ internal sealed class BenchRun
     public bool Grains { get; init; } = true;
 
     public bool CallerThread { get; init; } = true;
+
+    /// <summary>EpConfig.NumSms of the swept CUDA layers.</summary>
+    public int NumSms { get; init; } = 32;
+
+    /// <summary>Each CUDA rank process's GPU thread on a core of its own (<see cref="CoreAffinity"/>).</summary>
+    public bool PinCores { get; init; } = true;
 
     public int SoakSteps { get; init; }
 
@@ -271,7 +281,7 @@ internal sealed class BenchRun
             }
         }
 
-        BenchManifest manifest = new() { Seed = Seed, Warmup = Warmup, Iterations = Iterations, CallerThread = CallerThread, SoakSteps = SoakSteps, Points = points };
+        BenchManifest manifest = new() { Seed = Seed, Warmup = Warmup, Iterations = Iterations, CallerThread = CallerThread, PinCores = PinCores, NumSms = NumSms, SoakSteps = SoakSteps, Points = points };
         File.WriteAllText(Path.Combine(dir, "manifest.json"), JsonSerializer.Serialize(manifest, BenchJson.Indented));
         return manifest;
     }
@@ -332,19 +342,22 @@ internal sealed class BenchRun
     }
 
     private Process StartRank(int rank, string dir, StringBuilder logs, BenchProgress? progress) =>
-        RankProcesses.Start(["bench", "--rank", $"{rank}", "--world", $"{World}", "--dir", dir, "--gpus", $"{Gpus}"], (line, stderr) =>
-        {
-            if (!stderr && progress is not null && line.StartsWith(BenchRank.ProgressPrefix, StringComparison.Ordinal))
+        RankProcesses.Start(
+            ["bench", "--rank", $"{rank}", "--world", $"{World}", "--dir", dir, "--gpus", $"{Gpus}"],
+            (line, stderr) =>
             {
-                progress.Report(line[BenchRank.ProgressPrefix.Length..]);
-                return;
-            }
+                if (!stderr && progress is not null && line.StartsWith(BenchRank.ProgressPrefix, StringComparison.Ordinal))
+                {
+                    progress.Report(line[BenchRank.ProgressPrefix.Length..]);
+                    return;
+                }
 
-            lock (logs)
-            {
-                logs.AppendLine(CultureInfo.InvariantCulture, $"[rank {rank}{(stderr ? " stderr" : string.Empty)}] {line}");
-            }
-        });
+                lock (logs)
+                {
+                    logs.AppendLine(CultureInfo.InvariantCulture, $"[rank {rank}{(stderr ? " stderr" : string.Empty)}] {line}");
+                }
+            },
+            PinCores ? CoreAffinity.Plan(rank, World, Environment.ProcessorCount) : null);
 
     private static string Slug(string gpu) => new([.. gpu.ToLowerInvariant().Select(c => char.IsAsciiLetterOrDigit(c) ? c : '-')]);
 }

@@ -22,6 +22,14 @@ internal sealed record BenchManifest
     [JsonPropertyName("caller_thread")]
     public bool CallerThread { get; init; } = true;
 
+    /// <summary>EpConfig.NumSms of the swept layers (blocks of each token kernel per rank).</summary>
+    [JsonPropertyName("num_sms")]
+    public int NumSms { get; init; } = 32;
+
+    /// <summary>Whether each rank's GPU thread had a core of its own (CoreAffinity), for the record.</summary>
+    [JsonPropertyName("pin_cores")]
+    public bool PinCores { get; init; }
+
     /// <summary>After the points: this many checked-size steps with random token counts on one layer (GPU soak).</summary>
     [JsonPropertyName("soak_steps")]
     public int SoakSteps { get; init; }
@@ -97,6 +105,12 @@ internal sealed record BenchRankPoint
     public List<double> DispatchWall { get; init; } = [];
 
     public List<double> CombineWall { get; init; } = [];
+
+    /// <summary>
+    /// Per timed normal-mode iteration: how often the kernel took the CPU from this rank's launching thread during the
+    /// step (its involuntary context switches; -1 where unknown). Ties a slow iteration to a lost core.
+    /// </summary>
+    public List<long> Preemptions { get; init; } = [];
 
     /// <summary>The same C# calls with GPU timing off (no CUDA events recorded or read): what a user without an observer pays.</summary>
     public List<double> DispatchWallUntimed { get; init; } = [];

@@ -132,6 +132,10 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
         return (Stopwatch.GetElapsedTime(t0, t1).TotalMicroseconds, Stopwatch.GetElapsedTime(t1).TotalMicroseconds, d, combined);
     }
 
+    /// <summary>Involuntary context switches of the thread that launches the kernels: the caller's, or the GPU worker's.</summary>
+    private static long LaunchingThreadSwitches(NvshmemRuntime runtime, bool callerThread) =>
+        callerThread ? CoreAffinity.CurrentThreadInvoluntarySwitches() : runtime.WorkerInvoluntarySwitches;
+
     private bool Report(BenchRankPoint result, Exception e)
     {
         result.Error = $"{e.GetType().Name}: {e.Message}";
@@ -142,7 +146,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
 
     private async Task RunPointAsync(BenchManifest manifest, BenchPoint point, NvshmemRuntime runtime, BenchRankPoint result)
     {
-        EpConfig config = new(point.Tokens, point.Hidden, point.TopK, point.Experts, rank, point.World, point.Local, numSms: 32);
+        EpConfig config = new(point.Tokens, point.Hidden, point.TopK, point.Experts, rank, point.World, point.Local, numSms: manifest.NumSms);
         int n = point.Tokens;
         Random rng = new(unchecked((manifest.Seed * 1_000_003) + (rank * 7919) + (point.Hidden * 31) + point.Tokens)); // the same tokens in every run of a seed
         BFloat16[] tokens = new BFloat16[n * point.Hidden];
@@ -161,6 +165,11 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
         GpuPhaseTimes times = new();
         using (EpAll2AllLayer layer = EpAll2AllLayer.CreateCuda(config, runtime, new EpLayerOptions { StepTimeout = timeout, Observer = times, DeviceCallsOnCallerThread = manifest.CallerThread }))
         {
+            if (manifest.CallerThread)
+            {
+                runtime.PinCallingThreadToWorkerCore(); // the idle worker leaves its core to the thread that launches
+            }
+
             for (int s = 0; s < ids.Length; s++)
             {
                 await dIds.UploadAsync(ids[s]).ConfigureAwait(false);
@@ -168,7 +177,10 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                 for (int it = 0; it < warm + manifest.Iterations; it++)
                 {
                     await layer.BarrierAllAsync().ConfigureAwait(false);
+                    int thread = Environment.CurrentManagedThreadId;
+                    long switches = LaunchingThreadSwitches(runtime, manifest.CallerThread);
                     (double dispatchUs, double combineUs, DeviceDispatchResult<BFloat16> d, DeviceTensor<BFloat16> combined) = await StepAsync(layer, dTokens.Tensor, dIds.Tensor).ConfigureAwait(false);
+                    long preempted = thread == Environment.CurrentManagedThreadId && switches >= 0 ? LaunchingThreadSwitches(runtime, manifest.CallerThread) - switches : -1;
                     Require(d.Layout.RecvRows == point.RecvRows[s][rank], $"received {d.Layout.RecvRows} rows, the routing files say {point.RecvRows[s][rank]}");
                     if (it == warm - 1 || (warm == 0 && it == 0))
                     {
@@ -179,6 +191,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                     {
                         result.DispatchWall.Add(dispatchUs);
                         result.CombineWall.Add(combineUs);
+                        result.Preemptions.Add(preempted);
                         (double prepare, double gap, double send, double combine) = times.Last();
                         result.DispatchGpu.Add(prepare + gap + send);
                         result.DispatchHostGap.Add(gap);

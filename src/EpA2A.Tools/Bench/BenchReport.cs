@@ -56,6 +56,17 @@ internal static class BenchReport
             }
 
             sb.AppendLine();
+            sb.AppendLine(ic, $"Tails of the normal mode (cores pinned: {(s.PinCores ? "yes, each rank's launching thread on a core of its own" : "no")}): per iteration, the slowest rank's dispatch + combine wall time; slow = over 1.5x the median; preempted = some rank's launching thread was taken off its core (involuntary context switch) during the step.");
+            sb.AppendLine();
+            sb.AppendLine("| point | dispatch wall p99 / median | combine wall p99 / median | iterations | with a preemption | slow | slow with a preemption |");
+            sb.AppendLine("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+            foreach (BenchPointSummary p in s.Points.Where(p => p.Cuda?.DispatchWall is not null))
+            {
+                BenchCudaSummary c = p.Cuda!;
+                sb.AppendLine(ic, $"| {p.Name} | {c.DispatchWall!.P99 / Math.Max(c.DispatchWall.Median, 1e-9):0.00} | {c.CombineWall!.P99 / Math.Max(c.CombineWall.Median, 1e-9):0.00} | {c.Iterations} | {c.IterationsPreempted} | {c.SlowIterations} | {c.SlowIterationsPreempted} |");
+            }
+
+            sb.AppendLine();
             Targets(sb, s);
         }
 

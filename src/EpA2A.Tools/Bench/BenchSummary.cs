@@ -80,6 +80,17 @@ internal sealed record BenchCudaSummary
 
     public BenchGraphSummary? Graph { get; init; }
 
+    /// <summary>Normal-mode iterations whose slowest rank took over 1.5x the median (dispatch + combine wall time).</summary>
+    public int SlowIterations { get; init; }
+
+    /// <summary>Of <see cref="SlowIterations"/>, those in which some rank's launching thread lost its core.</summary>
+    public int SlowIterationsPreempted { get; init; }
+
+    /// <summary>All timed normal-mode iterations, and those in which some rank's launching thread lost its core.</summary>
+    public int Iterations { get; init; }
+
+    public int IterationsPreempted { get; init; }
+
     public bool Checked { get; init; }
 
     public string? Error { get; init; }
@@ -142,6 +153,9 @@ internal sealed record BenchSummary
     public BenchGrainOverhead? Grains { get; init; }
 
     public List<string> DeviceMemory { get; init; } = [];
+
+    /// <summary>Whether each CUDA rank's launching thread had a core of its own.</summary>
+    public bool PinCores { get; init; }
 
     /// <summary>Where the normal mode's libepa2a calls ran: "caller thread" or "GPU worker".</summary>
     public string Calls { get; init; } = string.Empty;
@@ -206,6 +220,7 @@ internal sealed record BenchSummary
             Grains = grains,
             DeviceMemory = memory,
             Calls = manifest.CallerThread ? "caller thread" : "GPU worker",
+            PinCores = manifest.PinCores,
             Soak = cuda is null ? [] : [.. cuda.Select(r => r?.Soak ?? [])],
             SoakErrors = cuda is null ? [] : [.. cuda.Select((r, i) => r?.SoakError is { } e ? $"rank {i}: {e}" : null).OfType<string>()],
             Definitions =
@@ -245,8 +260,13 @@ internal sealed record BenchSummary
             graph = new BenchGraphSummary(gd, gc, BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.GraphWall))), Pct(ceiling, gd.Median), Pct(ceiling, gc.Median));
         }
 
+        (int slow, int slowPreempted, int all, int allPreempted) = Tails(ok);
         return new BenchCudaSummary
         {
+            SlowIterations = slow,
+            SlowIterationsPreempted = slowPreempted,
+            Iterations = all,
+            IterationsPreempted = allPreempted,
             DispatchGpu = dGpu,
             CombineGpu = cGpu,
             DispatchWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.DispatchWall))),
@@ -268,6 +288,35 @@ internal sealed record BenchSummary
             Error = error,
             GraphError = graphError,
         };
+    }
+
+    /// <summary>
+    /// The tail's cause, counted: per iteration the slowest rank's dispatch + combine wall time, and whether any rank's
+    /// launching thread was preempted in it. Slow = over 1.5x the median (the p99 bound).
+    /// </summary>
+    internal static (int Slow, int SlowPreempted, int All, int AllPreempted) Tails(IReadOnlyList<BenchRankPoint> ranks)
+    {
+        List<double> step = BenchStats.SlowestRank(ranks.Select(x => x.DispatchWall.Zip(x.CombineWall, (a, b) => a + b).ToList()));
+        int n = Math.Min(step.Count, ranks.Min(x => x.Preemptions.Count));
+        if (n == 0)
+        {
+            return (0, 0, 0, 0);
+        }
+
+        double median = BenchStats.Median(step);
+        int slow = 0, slowPreempted = 0, preempted = 0;
+        for (int i = 0; i < n; i++)
+        {
+            bool lost = ranks.Any(x => x.Preemptions[i] > 0);
+            preempted += lost ? 1 : 0;
+            if (step[i] > 1.5 * median)
+            {
+                slow++;
+                slowPreempted += lost ? 1 : 0;
+            }
+        }
+
+        return (slow, slowPreempted, n, preempted);
     }
 
     private static double Pct(double ceilingUs, double us) => us > 0 ? 100 * ceilingUs / us : 0;

@@ -17,9 +17,11 @@ public sealed class NvshmemRuntime : IDisposable
     private readonly CudaStreamHandle copyStream;
     private int disposed;
 
-    private NvshmemRuntime(GpuWorker worker, int rank, int worldSize, int device)
+    private NvshmemRuntime(GpuWorker worker, int rank, int worldSize, int device, CoreAffinity? affinity, int workerThreadId)
     {
         Worker = worker;
+        Affinity = affinity;
+        WorkerThreadId = workerThreadId;
         Rank = rank;
         WorldSize = worldSize;
         Device = device;
@@ -34,6 +36,30 @@ public sealed class NvshmemRuntime : IDisposable
 
     /// <summary>The CUDA device this process drives.</summary>
     public int Device { get; }
+
+    /// <summary>The cores of the worker and of the process's other threads, when pinned (<see cref="CoreAffinity"/>).</summary>
+    public CoreAffinity? Affinity { get; }
+
+    /// <summary>
+    /// How often the kernel has taken the CPU from the GPU worker thread while it could run (Linux; -1 elsewhere).
+    /// A step during which this grows lost its launching thread for up to a scheduler tick.
+    /// </summary>
+    public long WorkerInvoluntarySwitches => ThreadCores.InvoluntarySwitches(WorkerThreadId);
+
+    /// <summary>
+    /// For caller-thread device calls (<see cref="Layer.EpLayerOptions.DeviceCallsOnCallerThread"/>): puts the calling
+    /// thread on the worker's core, which the idle worker leaves free. No-op when the runtime is not pinned.
+    /// </summary>
+    public void PinCallingThreadToWorkerCore()
+    {
+        if (Affinity is { } a)
+        {
+            ThreadCores.PinCurrent([a.WorkerCore]);
+        }
+    }
+
+    /// <summary>The kernel's id of the GPU worker thread (0 where unknown).</summary>
+    internal int WorkerThreadId { get; }
 
     /// <summary>Bytes of an NVSHMEM unique id.</summary>
     public static int UniqueIdSize
@@ -134,8 +160,11 @@ public sealed class NvshmemRuntime : IDisposable
                 byte[] id = (byte[])uniqueId.Clone();
                 currentArgs = (id, rank, worldSize, cudaDevice);
                 GpuWorker worker = new($"epa2a-gpu{cudaDevice}-rank{rank}");
+                CoreAffinity? affinity = CoreAffinity.FromEnvironment();
                 init = worker.RunAsync(() =>
                 {
+                    // NVSHMEM's own threads (its proxy) start inside init and inherit the setup cores, not the worker's.
+                    affinity?.EnterSetup();
                     unsafe
                     {
                         fixed (byte* p = id)
@@ -144,7 +173,8 @@ public sealed class NvshmemRuntime : IDisposable
                         }
                     }
 
-                    return new NvshmemRuntime(worker, rank, worldSize, cudaDevice);
+                    affinity?.TakeWorkerCore();
+                    return new NvshmemRuntime(worker, rank, worldSize, cudaDevice, affinity, ThreadCores.CurrentThreadId());
                 });
                 current = init;
                 _ = init.ContinueWith(
