@@ -22,6 +22,14 @@ internal static class StepChecker
             [.. inputs.Select(i => new RankStepInput<T>(i.Tokens, i.Count, i.ExpertIds, i.Weights))], weighted, cancellationToken);
         TimeSpan roundTrip = System.Diagnostics.Stopwatch.GetElapsedTime(start);
 
+        // A masking layer may have served without some ranks: what it must return is the reference of that.
+        IReadOnlyList<int> masked = outcome.Report.MaskedRanks ?? [];
+        inputs = MaskedRanks.Apply(config, inputs, [.. masked], out int maskedSlots);
+        if (maskedSlots != outcome.Report.MaskedSlots)
+        {
+            throw new InvalidOperationException($"the step reports {outcome.Report.MaskedSlots} masked slots; masking ranks {string.Join(", ", masked)} drops {maskedSlots}");
+        }
+
         ReferenceStep<T> dispatched = ReferenceAllToAll.Dispatch(config, inputs);
         T[][] expertOutputs = [.. dispatched.PerRank.Select((d, r) =>
             DeterministicExperts.ApplyToBlocks<T>(d.Output, spec.Hidden, r * config.ExpertsPerRank, d.ExpertRowStarts, d.RowsPerLocalExpert))];
