@@ -16,7 +16,7 @@ public sealed record RankStepInput<T>(T[] Tokens, int Count, int[] ExpertIds, fl
 
 /// <summary>What a step through the grains returned: each rank's combined output, and how it went.</summary>
 /// <typeparam name="T">The token element type.</typeparam>
-/// <param name="Outputs">[Count, Hidden] per rank.</param>
+/// <param name="Outputs">[Count, Hidden] per rank of the group; empty for a rank the step masked (see <see cref="StepReport.MaskedRanks"/>).</param>
 /// <param name="Report">Per-rank phase times and receive sizes.</param>
 public sealed record StepOutcome<T>(T[][] Outputs, StepReport Report)
     where T : unmanaged;
@@ -142,7 +142,8 @@ public sealed class ExpertLayerClient
 
         // Beginning a step may re-form the group (a bounded wait for every rank inside the coordinator).
         StepTicket ticket = await CoordinatorCallAsync(Coordinator.BeginStepAsync(spec, Name), "BeginStepAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
-        Task[] staging = [.. inputs.Select((input, r) => StageAsync(r, ticket, input))];
+        // A masking layer serving without some ranks: their inputs are not sent (their silos may be gone).
+        Task[] staging = [.. inputs.Select((input, r) => ticket.Runs(r) ? StageAsync(r, ticket, input) : Task.CompletedTask)];
         try
         {
             await Task.WhenAll(staging).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
@@ -179,7 +180,8 @@ public sealed class ExpertLayerClient
             throw;
         }
 
-        Task<T[]>[] reads = [.. report.Ranks.OrderBy(r => r.Rank).Select(r => ReadAsync<T>(r.Rank, ticket.Step, r.OutputBytes))];
+        // One output per rank of the group; a masked rank's is empty (its tokens were not served).
+        Task<T[]>[] reads = [.. Enumerable.Range(0, spec.WorldSize).Select(r => report.Ranks.FirstOrDefault(x => x.Rank == r) is { } ran ? ReadAsync<T>(r, ticket.Step, ran.OutputBytes) : Task.FromResult(Array.Empty<T>()))];
         try
         {
             return new StepOutcome<T>(await Task.WhenAll(reads).WaitAsync(callBound, cancellationToken).ConfigureAwait(false), report);

@@ -22,6 +22,12 @@ public interface IRankGrain : IGrainWithStringKey
     /// <summary>Creates (or re-creates, for a new epoch) the layer's buffers with this rank's configuration.</summary>
     Task CreateLayerAsync(string layer, LayerSpec spec, long epoch);
 
+    /// <summary>
+    /// Creates (or replaces) the layer on the survivors of a masking layer: every rank but <paramref name="masked"/>,
+    /// renumbered in rank order (<see cref="MaskedWorld"/>); this rank must be one of them.
+    /// </summary>
+    Task CreateMaskedLayerAsync(string layer, LayerSpec spec, long epoch, int[] masked);
+
     /// <summary>Releases the layer.</summary>
     Task DropLayerAsync(string layer);
 

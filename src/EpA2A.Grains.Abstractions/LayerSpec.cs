@@ -74,6 +74,13 @@ public sealed record LayerSpec
     /// <summary>The low-latency dispatch options these fields describe.</summary>
     public LowLatencyDispatchOptions LowLatencyDispatch => new(LowLatencyFormat, PowerOfTwoScales && LowLatencyFormat == LowLatencyFormat.Fp8);
 
+    /// <summary>
+    /// What the coordinator does when a rank is lost (its silo dead, stalled past the deadline, or cut off): fail the
+    /// step and re-form with every rank (the default), or mask the rank and keep serving on the survivors.
+    /// </summary>
+    [Id(15)]
+    public LostRankPolicy OnLostRank { get; init; } = LostRankPolicy.FailAndReform;
+
     /// <summary>The configuration of <paramref name="rank"/>; throws <see cref="ArgumentException"/> naming a bad field.</summary>
     public EpConfig ToConfig(int rank) => new(
         MaxTokens,
@@ -107,6 +114,10 @@ public sealed record LayerSpec
             (nameof(NumSms), NumSms, to.NumSms),
             (nameof(UseAot), UseAot, to.UseAot),
             (nameof(StepTimeout), StepTimeout, to.StepTimeout),
+            (nameof(OnLostRank), OnLostRank, to.OnLostRank),
+            (nameof(Mode), Mode, to.Mode),
+            (nameof(LowLatencyFormat), LowLatencyFormat, to.LowLatencyFormat),
+            (nameof(PowerOfTwoScales), PowerOfTwoScales, to.PowerOfTwoScales),
         ];
         string[] changed = [.. fields.Where(f => !Equals(f.From, f.To)).Select(f => $"{f.Name} {f.From} -> {f.To}")];
         return changed.Length > 0 ? string.Join(", ", changed) : Equals(to) ? "no change" : "a field not listed here";

@@ -40,16 +40,23 @@ public sealed record RankStepReport(
     [property: Id(3)] int? BlamedRank,
     [property: Id(4)] int ReceivedRows,
     [property: Id(5)] int OutputBytes,
-    [property: Id(6)] IReadOnlyDictionary<string, double> PhaseMicroseconds);
+    [property: Id(6)] IReadOnlyDictionary<string, double> PhaseMicroseconds,
+    [property: Id(7)] int MaskedSlots = 0);
 
-/// <summary>How a step went on every rank.</summary>
+/// <summary>
+/// How a step went on every rank that ran it. <paramref name="MaskedRanks"/>: ranks the group was serving without (a
+/// layer that masks lost ranks, see <see cref="LostRankPolicy.Mask"/>): they ran nothing, and the slots of every
+/// rank's tokens that picked one of their experts were dropped (<paramref name="MaskedSlots"/> of them in all).
+/// </summary>
 [GenerateSerializer]
 [Immutable]
 public sealed record StepReport(
     [property: Id(0)] long Step,
     [property: Id(1)] long Epoch,
     [property: Id(2)] IReadOnlyList<RankStepReport> Ranks,
-    [property: Id(3)] double CoordinatorMicroseconds);
+    [property: Id(3)] double CoordinatorMicroseconds,
+    [property: Id(4)] IReadOnlyList<int>? MaskedRanks = null,
+    [property: Id(5)] int MaskedSlots = 0);
 
 /// <summary>Where a rank lives.</summary>
 [GenerateSerializer]
@@ -84,4 +91,15 @@ public sealed record CoordinatorInfo(
 [Immutable]
 public sealed record StepTicket(
     [property: Id(0)] long Step,
-    [property: Id(1)] long Epoch);
+    [property: Id(1)] long Epoch,
+    [property: Id(2)] IReadOnlyList<int>? MaskedRanks = null)
+{
+    /// <summary>Whether <paramref name="rank"/> runs this step (it is not masked).</summary>
+    public bool Runs(int rank) => MaskedRanks is null || !MaskedRanks.Contains(rank);
+
+    /// <summary>Equal step and epoch (the masked ranks follow from them).</summary>
+    public bool Equals(StepTicket? other) => other is not null && other.Step == Step && other.Epoch == Epoch;
+
+    /// <inheritdoc />
+    public override int GetHashCode() => HashCode.Combine(Step, Epoch);
+}

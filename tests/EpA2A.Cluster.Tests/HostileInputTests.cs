@@ -234,13 +234,21 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
                 await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(i.Tokens.AsSpan()).ToArray()));
             }
 
-            int[] ids = r == BadRank && bad == "expert ids out of range" ? With(i.ExpertIds, 2, 99) : i.ExpertIds;
+            int[] ids = r == BadRank && bad == "expert ids out of range" ? With(i.ExpertIds, 2, -6) : i.ExpertIds;
             await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(ids.AsSpan()).ToArray()));
         }
 
+        // Prompt failure (issue 18): the rejecting rank tells its peers and the coordinator aborts the rest, so the step
+        // fails in milliseconds, not at the 5 s deadline, and no rank is left waiting.
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
         GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => client.Coordinator.RunStepAsync(ticket, false));
+        TimeSpan failedAfter = System.Diagnostics.Stopwatch.GetElapsedTime(start);
+        RankInfo[] after = [.. await client.Coordinator.DescribeGroupAsync()];
+        TestContext.Current.TestOutputHelper?.WriteLine($"{bad}: the step failed after {failedAfter.TotalMilliseconds:0.0} ms (deadline {Spec.StepTimeout.TotalSeconds} s)");
+        Assert.True(failedAfter < TimeSpan.FromSeconds(1.5), $"seed {seed}: the step failed only after {failedAfter.TotalMilliseconds:0} ms");
+        Assert.All(after, i => Assert.Equal(0, i.StepsInFlight));
         Assert.Equal([BadRank], e.BlamedRanks);
-        AssertNames(e, seed, bad == "expert ids out of range" ? ["rank 1: bad input", "expertIds[0, 2] = 99 is outside"] : ["rank 1", $"has 0 of {inputs[BadRank].Count * Spec.Hidden * 2} bytes of Tokens"]);
+        AssertNames(e, seed, bad == "expert ids out of range" ? ["rank 1: bad input", "expertIds[0, 2] = -6 is outside"] : ["rank 1", $"has 0 of {inputs[BadRank].Count * Spec.Hidden * 2} bytes of Tokens"]);
         await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 1);
     }
 

@@ -67,3 +67,73 @@ public sealed class StragglerTests(RankCluster cluster) : IClassFixture<RankClus
         await GrainStepRunner.RunCheckedAsync(healthy, spec, 8);
     }
 }
+
+/// <summary>
+/// Masking (issue 18) on in-process silos: a rank whose silo dies is masked, the survivors serve (each step checked
+/// against the reference with that rank's experts dropped), and a new silo for the rank is re-admitted by itself.
+/// </summary>
+public sealed class MaskingTests(RankCluster cluster) : IClassFixture<RankCluster>
+{
+    [Fact]
+    public async Task With_masking_a_killed_rank_is_masked_the_survivors_serve_and_a_restarted_silo_is_readmitted()
+    {
+        TimeSpan deadline = TimeSpan.FromSeconds(2);
+        LayerSpec spec = new()
+        {
+            MaxTokens = 32,
+            Hidden = 40,
+            TopK = 3,
+            NumExperts = 8,
+            WorldSize = RankCluster.Silos,
+            StepTimeout = deadline,
+            OnLostRank = LostRankPolicy.Mask,
+        };
+        ExpertLayerClient client = new(cluster.Grains, RankCluster.Group, "masking");
+        await client.ConfigureAsync(spec);
+        int seed = Environment.TickCount;
+        StepReport whole = await GrainStepRunner.RunCheckedAsync(client, spec, seed);
+        Assert.Null(whole.MaskedRanks);
+
+        await cluster.KillRankAsync(2);
+        Stopwatch clock = Stopwatch.StartNew();
+        List<string> failures = [];
+        StepReport? served = null;
+        for (int i = 1; served is null && clock.Elapsed < TimeSpan.FromSeconds(30); i++)
+        {
+            try
+            {
+                served = await GrainStepRunner.RunCheckedAsync(client, spec, seed + i, drop: 0);
+            }
+            catch (GroupStepFailedException e)
+            {
+                failures.Add(e.Message);
+                Assert.Contains(2, e.BlamedRanks);
+            }
+        }
+
+        TimeSpan outage = clock.Elapsed;
+        Assert.NotNull(served);
+        Assert.Equal([2], served.MaskedRanks);
+        Assert.True(served.MaskedSlots > 0, $"seed {seed}: no slot picked rank 2's experts");
+        Assert.DoesNotContain(served.Ranks, r => r.Rank == 2);
+        Assert.True(failures.Count <= 2, $"seed {seed}: {failures.Count} failed steps before the survivors served: {string.Join(" | ", failures)}");
+        Assert.True(outage < (deadline * 2) + TimeSpan.FromSeconds(3), $"seed {seed}: the survivors served {outage.TotalSeconds:0.0} s after the kill");
+        for (int i = 0; i < 3; i++)
+        {
+            Assert.Equal([2], (await GrainStepRunner.RunCheckedAsync(client, spec, seed + 100 + i)).MaskedRanks);
+        }
+
+        await cluster.StartRankAsync(2);
+        Stopwatch back = Stopwatch.StartNew();
+        StepReport report;
+        do
+        {
+            report = await GrainStepRunner.RunCheckedAsync(client, spec, seed + 200 + (int)back.ElapsedMilliseconds);
+        }
+        while (report.MaskedRanks is not null && back.Elapsed < TimeSpan.FromSeconds(20));
+
+        Assert.Null(report.MaskedRanks);
+        Assert.Contains(report.Ranks, r => r.Rank == 2);
+        MultiProcess.DrillLog.Write($"mask, in-process silos: rank 2's silo stopped; outage (kill to first good step) {outage.TotalMilliseconds:0} ms with {failures.Count} failed step(s); restart to first step with every rank {back.Elapsed.TotalMilliseconds:0} ms");
+    }
+}

@@ -12,11 +12,11 @@ namespace EpA2A.Tests;
 
 /// <summary>
 /// Bad input (BRIEF §4): a clear exception that names the argument and the rule, thrown before anything is
-/// sent, after which the layer stays usable and no other rank is corrupted. Validation runs before an
-/// operation takes its sequence number, so when one rank's call is rejected the other ranks keep waiting in
-/// the same step, and the bad rank's corrected call completes it: every case below starts the other ranks,
-/// makes the bad call, checks the others are still waiting, retries, and compares the whole step (dispatch
-/// and combine) with the reference.
+/// sent, after which the layer stays usable and no other rank is corrupted. A rejected call is still the rank's
+/// turn in the group's operations: it takes the operation's number and tells its peers at once (issue 18), so
+/// every case below starts the other ranks, makes the bad call, checks that each other rank fails within
+/// milliseconds (not at its 20 s deadline) with an abort that names the bad rank and its reason, and then runs a
+/// whole new step (dispatch and combine) on every rank, compared with the reference: no recovery call needed.
 /// </summary>
 public sealed class BadInputTests
 {
@@ -497,6 +497,75 @@ public sealed class BadInputTests
         Assert.Equal(0, group.Fabric.PendingMessages);
     }
 
+    /// <summary>
+    /// The issue-18 case in every topology: one rank's expert id of -6 (or its combine's foreign layout) fails every
+    /// other rank at once, through the forwarding ranks of the inter-node algorithm too, and the group's next step
+    /// is correct with no recovery.
+    /// </summary>
+    [Theory]
+    [InlineData(4, 4, false, false)]
+    [InlineData(4, 4, true, true)]
+    [InlineData(4, 2, false, false)]
+    [InlineData(4, 2, false, true)]
+    [InlineData(6, 2, false, true)]
+    [InlineData(4, 4, false, true)]
+    public async Task A_rejected_dispatch_or_combine_fails_every_other_rank_at_once_and_the_next_step_is_correct(int world, int local, bool localCombine, bool combine)
+    {
+        int seed = Seed();
+        EpConfig config = new(MaxTokens, Hidden, TopK, 2 * world, 0, world, local, enableLocalCombine: localCombine);
+        using InProcessGroup group = new(config, new EpLayerOptions { StepTimeout = TimeSpan.FromSeconds(20) });
+        GroupStep<BFloat16> step = GroupStep<BFloat16>.Draw(config, seed, weights: true);
+        Task[] tasks = new Task[world];
+        int[] others = [.. Enumerable.Range(0, world).Where(r => r != BadRank)];
+        if (combine)
+        {
+            DispatchResult<BFloat16>[] got = await step.DispatchAllAsync(group);
+            BFloat16[][] expertOut = step.ExpertOutputs(got);
+            foreach (int r in others)
+            {
+                tasks[r] = Task.Run(() => group.Layers[r].CombineAsync(Tensor.Create(expertOut[r], [got[r].Layout.RecvRows, Hidden]), got[r].Layout).AsTask(), TestContext.Current.CancellationToken);
+            }
+
+            // One row more than the layout received: a shape the rank refuses.
+            int rows = got[BadRank].Layout.RecvRows + 1;
+            ArgumentException e = await Assert.ThrowsAsync<ArgumentException>(() => group.Layers[BadRank].CombineAsync(Tensor.Create(expertOut[BadRank].Concat(Ones(Hidden)).ToArray(), [rows, Hidden]), got[BadRank].Layout, cancellationToken: TestContext.Current.CancellationToken).AsTask());
+            Assert.Equal("expertOutput", e.ParamName);
+        }
+        else
+        {
+            foreach (int r in others)
+            {
+                tasks[r] = Task.Run(() => step.DispatchAsync(group.Layers[r], r).AsTask(), TestContext.Current.CancellationToken);
+            }
+
+            int[] ids = (int[])step.Inputs[BadRank].ExpertIds.Clone();
+            ids[0] = -6;
+            ArgumentException e = await Assert.ThrowsAsync<ArgumentException>(() => group.Layers[BadRank].DispatchAsync(step.Tokens(BadRank), Tensor.Create(ids, [step.Count(BadRank), TopK]), step.Weights(BadRank), cancellationToken: TestContext.Current.CancellationToken).AsTask());
+            Assert.Contains("= -6", e.Message, StringComparison.Ordinal);
+        }
+
+        await AssertPeersFailedPromptlyAsync(others.Select(r => (r, tasks[r])), seed);
+        await GroupStep<BFloat16>.Draw(config, seed + 1, weights: true).RunAsync(group);
+        await GroupStep<BFloat16>.Draw(config, seed + 2).RunAsync(group);
+        Assert.Equal(0, group.Fabric.PendingMessages);
+    }
+
+    /// <summary>A rank that rejects its input before its peers even begin the operation: they fail as soon as they do, and the step after is correct.</summary>
+    [Fact]
+    public async Task A_rejection_before_the_peers_begin_fails_their_operation_as_soon_as_they_begin_it()
+    {
+        int seed = Seed();
+        EpConfig config = Config();
+        using InProcessGroup group = new(config, new EpLayerOptions { StepTimeout = TimeSpan.FromSeconds(20) });
+        GroupStep<BFloat16> step = GroupStep<BFloat16>.Draw(config, seed);
+        await Assert.ThrowsAsync<ArgumentException>(() => group.Layers[BadRank].DispatchAsync(AsFloat(step.Tokens(BadRank)), step.ExpertIds(BadRank), cancellationToken: TestContext.Current.CancellationToken).AsTask());
+        int[] others = [.. Enumerable.Range(0, World).Where(r => r != BadRank)];
+        (int, Task)[] begun = [.. others.Select(r => (r, (Task)Task.Run(() => step.DispatchAsync(group.Layers[r], r).AsTask(), TestContext.Current.CancellationToken)))];
+        await AssertPeersFailedPromptlyAsync(begun, seed);
+        await step.RunAsync(group);
+        Assert.Equal(0, group.Fabric.PendingMessages);
+    }
+
     private static int Seed() => Random.Shared.Next();
 
     private static EpConfig Config(int alignment = 1) =>
@@ -567,9 +636,12 @@ public sealed class BadInputTests
         await layer.DispatchAsync(Tensor.Create(mine.Tokens, [mine.Count, c.Hidden]), Tensor.Create(mine.ExpertIds, [mine.Count, c.TopK]));
     }
 
+    /// <summary>How soon after the rejection every other rank must have failed: far below the 20 s deadline.</summary>
+    private static readonly TimeSpan PromptFailure = TimeSpan.FromSeconds(2);
+
     /// <summary>
     /// Starts a valid dispatch on every rank but <see cref="BadRank"/>, makes the bad call there, checks that the
-    /// others are still waiting in the same step, then retries with valid input and checks the step.
+    /// others fail at once naming it, then runs the whole step again on every rank and checks it.
     /// </summary>
     private static async Task<TException> DispatchRejectedThenRetriedAsync<TException>(
         EpConfig config,
@@ -593,19 +665,32 @@ public sealed class BadInputTests
         await log.WaitForAsync(Phase.DispatchCopyIn, others.Length);
 
         TException e = await Assert.ThrowsAsync<TException>(() => badCall(group.Layers[BadRank], step));
-        Assert.True(others.All(r => !tasks[r].IsCompleted), $"seed {step.Seed}: another rank's dispatch ended when rank {BadRank} was rejected");
+        await AssertPeersFailedPromptlyAsync(others.Select(r => (r, (Task)tasks[r])), seed);
 
-        tasks[BadRank] = step.DispatchAsync(group.Layers[BadRank], BadRank).AsTask();
-        DispatchResult<BFloat16>[] got = await Task.WhenAll(tasks);
-        step.AssertDispatch(got);
-        await step.AssertCombineAsync(group, got, weighted: withWeights);
+        await step.RunAsync(group);
         Assert.Equal(0, group.Fabric.PendingMessages);
         return e;
     }
 
+    /// <summary>Each of <paramref name="peers"/> ends within <see cref="PromptFailure"/> with an abort that names <see cref="BadRank"/> and says it rejected its input.</summary>
+    private static async Task AssertPeersFailedPromptlyAsync(IEnumerable<(int Rank, Task Call)> peers, int seed)
+    {
+        long rejected = System.Diagnostics.Stopwatch.GetTimestamp();
+        foreach ((int r, Task call) in peers)
+        {
+            Task done = await Task.WhenAny(call, Task.Delay(PromptFailure, TestContext.Current.CancellationToken));
+            Assert.True(done == call, $"seed {seed}: rank {r} was still waiting {PromptFailure.TotalSeconds} s after rank {BadRank} rejected its input");
+            EpStepAbortedException a = await Assert.ThrowsAsync<EpStepAbortedException>(() => call);
+            Assert.True(a.Rank == BadRank, $"seed {seed}: rank {r} blames rank {a.Rank}: {a.Message}");
+            Assert.Contains($"rank {BadRank} rejected its input", a.Message, StringComparison.Ordinal);
+        }
+
+        TestContext.Current.TestOutputHelper?.WriteLine($"every other rank failed {System.Diagnostics.Stopwatch.GetElapsedTime(rejected).TotalMilliseconds:0.0} ms after the rejection returned");
+    }
+
     /// <summary>
     /// Runs a whole step, dispatches a second one, starts its combine on every rank but <see cref="BadRank"/>,
-    /// makes the bad combine there, checks the others are still waiting, retries and checks the combine.
+    /// makes the bad combine there, checks the others fail at once naming it, then runs a whole step again.
     /// </summary>
     private static async Task<TException> CombineRejectedThenRetriedAsync<TException>(int seed, bool withWeights, Func<CombineCall, Task> badCall)
         where TException : Exception
@@ -643,11 +728,9 @@ public sealed class BadInputTests
             Tensor.Create(beforeOut[BadRank], [before[BadRank].Layout.RecvRows, Hidden]));
 
         TException e = await Assert.ThrowsAsync<TException>(() => badCall(call));
-        Assert.True(others.All(r => !tasks[r].IsCompleted), $"seed {seed}: another rank's combine ended when rank {BadRank} was rejected");
+        await AssertPeersFailedPromptlyAsync(others.Select(r => (r, (Task)tasks[r])), seed);
 
-        tasks[BadRank] = group.Layers[BadRank].CombineAsync(call.ExpertOutput, call.Layout, options).AsTask();
-        Tensor<BFloat16>[] combined = await Task.WhenAll(tasks);
-        step.AssertCombined(combined, withWeights, expertOut);
+        await GroupStep<BFloat16>.Draw(config, seed + 2, withWeights).RunAsync(group);
         Assert.Equal(0, group.Fabric.PendingMessages);
         return e;
     }

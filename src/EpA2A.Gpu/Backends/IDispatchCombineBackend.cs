@@ -45,6 +45,13 @@ internal interface IDispatchCombineBackend : IDisposable
     /// <summary>Drops per-operation state of operations before <paramref name="sequence"/> (the resets of postprocess).</summary>
     void Reset(long epoch, long sequence);
 
+    /// <summary>
+    /// This rank rejected its input for <paramref name="operation"/> (a dispatch, or else a combine): tell the peers
+    /// where they wait for this rank, so they fail at once naming it. Nothing is sent where the backend has no way to
+    /// tell them (CUDA: the peers' device waits end at the deadline, naming this rank).
+    /// </summary>
+    ValueTask RejectAsync(OperationContext operation, bool dispatch, string reason) => ValueTask.CompletedTask;
+
     /// <summary>After a failed operation, brings this rank back to a clean state; collective where the backend needs it (CUDA).</summary>
     ValueTask RecoverAsync() => ValueTask.CompletedTask;
 }

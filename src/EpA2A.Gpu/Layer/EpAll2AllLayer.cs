@@ -108,9 +108,10 @@ public sealed class EpAll2AllLayer : IDisposable
         {
             InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
         }
-        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Dispatch))
+        catch (ArgumentException e)
         {
-            throw; // never reached: the filter counts the rejection and declines
+            await RejectAsync(LayerOperation.Dispatch, e).ConfigureAwait(false);
+            throw;
         }
 
         using Guard guard = Enter();
@@ -174,22 +175,20 @@ public sealed class EpAll2AllLayer : IDisposable
         try
         {
             InputValidator.Combine(Config, expertOutput, layout, options);
-        }
-        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Combine))
-        {
-            throw; // never reached: the filter counts the rejection and declines
-        }
+            if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
+            {
+                throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
+            }
 
-        if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
-        {
-            telemetry.Rejected(LayerOperation.Combine);
-            throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
+            if (layout.DispatchSequence != lastDispatchSequence)
+            {
+                throw new ArgumentException($"layout is from operation {layout.DispatchSequence}, but this layer's latest dispatch is operation {lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
+            }
         }
-
-        if (layout.DispatchSequence != lastDispatchSequence)
+        catch (ArgumentException e)
         {
-            telemetry.Rejected(LayerOperation.Combine);
-            throw new ArgumentException($"layout is from operation {layout.DispatchSequence}, but this layer's latest dispatch is operation {lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
+            await RejectAsync(LayerOperation.Combine, e).ConfigureAwait(false);
+            throw;
         }
 
         using Guard guard = Enter();
@@ -281,9 +280,10 @@ public sealed class EpAll2AllLayer : IDisposable
         {
             DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
         }
-        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Dispatch))
+        catch (ArgumentException e)
         {
-            throw; // never reached: the filter counts the rejection and declines
+            await RejectAsync(LayerOperation.Dispatch, e).ConfigureAwait(false);
+            throw;
         }
 
         using Guard guard = Enter();
@@ -340,16 +340,15 @@ public sealed class EpAll2AllLayer : IDisposable
         try
         {
             DeviceTensorValidator.Combine(Config, expertOutput, layout, options);
+            if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch || layout.DispatchSequence != lastDispatchSequence)
+            {
+                throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
+            }
         }
-        catch (ArgumentException) when (telemetry.Rejected(LayerOperation.Combine))
+        catch (ArgumentException e)
         {
-            throw; // never reached: the filter counts the rejection and declines
-        }
-
-        if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch || layout.DispatchSequence != lastDispatchSequence)
-        {
-            telemetry.Rejected(LayerOperation.Combine);
-            throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
+            await RejectAsync(LayerOperation.Combine, e).ConfigureAwait(false);
+            throw;
         }
 
         using Guard guard = Enter();
@@ -465,6 +464,49 @@ public sealed class EpAll2AllLayer : IDisposable
 
         disposed = true;
         backend.Dispose();
+    }
+
+    /// <summary>
+    /// A call of a collective operation whose input was rejected still is this rank's turn in the group's sequence of
+    /// operations: the rank takes the operation's number, so the next operation lines up with its peers', and tells
+    /// the peers at once (the backend sends an abort naming this rank where they wait for it), so they fail within
+    /// milliseconds instead of at the deadline. A call that overlaps an operation in flight takes nothing: that
+    /// operation holds the number. Telling the peers is best effort: the caller gets its
+    /// <see cref="ArgumentException"/> in any case, and a peer that was not told fails at its deadline.
+    /// </summary>
+    private async ValueTask RejectAsync(LayerOperation kind, ArgumentException error)
+    {
+        telemetry.Rejected(kind);
+        if (disposed || Interlocked.CompareExchange(ref busy, 1, 0) != 0)
+        {
+            return;
+        }
+
+        try
+        {
+            using OperationScope scope = NewOperation(CancellationToken.None);
+            if (kind == LayerOperation.Dispatch)
+            {
+                lastDispatchSequence = scope.Operation.Sequence; // as on the peers: no earlier layout is valid for combine
+            }
+
+            try
+            {
+                await backend.RejectAsync(scope.Operation, kind == LayerOperation.Dispatch, $"rank {Config.Rank} rejected its input: {error.Message}").ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or EpA2A.Errors.EpStepFailedException or InvalidOperationException or IOException or TimeoutException)
+            {
+                // A peer that cannot be told fails at its own deadline, as it would have anyway.
+            }
+            finally
+            {
+                backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            }
+        }
+        finally
+        {
+            Volatile.Write(ref busy, 0);
+        }
     }
 
     private IDeviceDispatchCombineBackend DeviceBackend() => backend as IDeviceDispatchCombineBackend

@@ -27,6 +27,12 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     private (LayerSpec Old, long Epoch, string By, DateTime At)? reconfigured;
     private readonly Dictionary<string, long> steppedBy = new(StringComparer.Ordinal);
 
+    /// <summary>Ranks a masking layer serves without (lost, not yet back); empty for the whole group.</summary>
+    private int[] masked = [];
+
+    /// <summary>Calls that ask the masked ranks whether they are back; looked at when a step begins, never waited for.</summary>
+    private (Task<RankInfo>[] Calls, int[] Ranks, long Started)? probe;
+
     private (string Group, string Layer) Key => GrainKeys.ParseLayer(this.GetPrimaryKeyString());
 
     /// <summary>
@@ -69,6 +75,8 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         configuredBy = client;
         steppedBy.Clear();
         formed = false;
+        masked = [];
+        probe = null;
         pending = null;
         await FormAsync().ConfigureAwait(true);
     }
@@ -121,12 +129,29 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             pending = null;
         }
 
-        if (!formed)
+        if (masked.Length > 0 && formed)
         {
-            await FormAsync().ConfigureAwait(true);
+            await ReadmitReturnedRanksAsync(s).ConfigureAwait(true);
         }
 
-        StepTicket ticket = new(++nextStep, epoch);
+        if (!formed)
+        {
+            try
+            {
+                await FormAsync().ConfigureAwait(true);
+            }
+            catch (GroupStepFailedException e) when (s.OnLostRank == LostRankPolicy.Mask && e.BlamedRanks.Length > 0 && e.BlamedRanks.Length < s.WorldSize)
+            {
+                // A rank lost between steps (its silo gone, or cut off) is found here, when the group re-forms.
+                string how = await MaskAsync(s, e.BlamedRanks).ConfigureAwait(true);
+                if (!formed)
+                {
+                    throw new GroupStepFailedException(e.Message + how, e.Step, e.BlamedRanks);
+                }
+            }
+        }
+
+        StepTicket ticket = new(++nextStep, epoch, masked.Length > 0 ? [.. masked] : null);
         pending = (ticket, Stopwatch.GetTimestamp());
         return ticket;
     }
@@ -210,7 +235,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         }
 
         long start = Stopwatch.GetTimestamp();
-        (int Rank, IRankGrain Grain)[] ranks = Ranks(s);
+        (int Rank, IRankGrain Grain)[] ranks = Serving(s);
         Task<RankStepReport>[] calls = [.. ranks.Select(r => r.Grain.RunStepAsync(Key.Layer, ticket, weighted))];
         TimeSpan bound = (s.StepTimeout * 2) + TimeSpan.FromSeconds(1);
         List<int> blamed = [];
@@ -227,7 +252,11 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             formed = false;
             await AbortAllAsync(ranks, $"step {ticket.Step} failed").ConfigureAwait(true);
             TimeSpan left = bound - Stopwatch.GetElapsedTime(start);
-            await Task.WhenAny(all, Task.Delay(left > TimeSpan.FromSeconds(1) ? left : TimeSpan.FromSeconds(1))).ConfigureAwait(true);
+
+            // A masking layer does not wait for a lost rank: the aborted ranks answer at once, and one that does not
+            // answer within a second of the abort is lost (dead, stalled or cut off), so the survivors re-form now.
+            TimeSpan grace = s.OnLostRank == LostRankPolicy.Mask ? TimeSpan.FromSeconds(1) : left;
+            await Task.WhenAny(all, Task.Delay(grace > TimeSpan.FromSeconds(1) ? (grace < left ? grace : left) : TimeSpan.FromSeconds(1))).ConfigureAwait(true);
         }
 
         List<RankStepReport> reports = [];
@@ -273,11 +302,16 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
             string who = culprits.Length == 0 ? "unknown rank" : culprits.Length == 1 ? $"rank {culprits[0]}" : $"ranks {string.Join(", ", culprits)}";
             string message = $"step {ticket.Step} of layer '{Key.Layer}' failed because of {who}: {string.Join("; ", errors.Distinct())}";
+            if (s.OnLostRank == LostRankPolicy.Mask && unreachable.Count > 0)
+            {
+                message += await MaskAsync(s, [.. unreachable.Distinct()]).ConfigureAwait(true);
+            }
+
             LogStepFailed(logger, message);
             throw new GroupStepFailedException(message, ticket.Step, culprits);
         }
 
-        return new StepReport(ticket.Step, epoch, reports, Stopwatch.GetElapsedTime(start).TotalMicroseconds);
+        return new StepReport(ticket.Step, epoch, reports, Stopwatch.GetElapsedTime(start).TotalMicroseconds, masked.Length > 0 ? [.. masked] : null, reports.Sum(r => r.MaskedSlots));
     }
 
     /// <summary>
@@ -316,9 +350,14 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     {
         LayerSpec s = RequireSpec();
         long newEpoch = epoch + 1;
-        (int Rank, IRankGrain Grain)[] ranks = Ranks(s);
-        await BootstrapGpusAsync(s, ranks).ConfigureAwait(true);
-        Task[] creates = [.. ranks.Select(r => r.Grain.CreateLayerAsync(Key.Layer, s, newEpoch))];
+        (int Rank, IRankGrain Grain)[] ranks = Serving(s);
+        int[] mask = masked;
+        if (mask.Length == 0)
+        {
+            await BootstrapGpusAsync(s, ranks).ConfigureAwait(true);
+        }
+
+        Task[] creates = [.. ranks.Select(r => mask.Length == 0 ? r.Grain.CreateLayerAsync(Key.Layer, s, newEpoch) : r.Grain.CreateMaskedLayerAsync(Key.Layer, s, newEpoch, mask))];
         Task all = Task.WhenAll(creates);
         await Task.WhenAny(all, Task.Delay(s.StepTimeout)).ConfigureAwait(true);
         List<string> errors = [];
@@ -340,7 +379,82 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         }
 
         formed = true;
-        LogFormed(logger, Key.Layer, Key.Group, s.WorldSize, epoch);
+        LogFormed(logger, Key.Layer, Key.Group, ranks.Length, epoch);
+    }
+
+    /// <summary>
+    /// Masks <paramref name="lost"/> and re-forms the layer on the survivors at once (a rank that cannot take its layer
+    /// either is masked too). Returns what to add to the step's error: which ranks are masked now, or why not.
+    /// </summary>
+    private async Task<string> MaskAsync(LayerSpec s, int[] lost)
+    {
+        masked = [.. masked.Union(lost).Order()];
+        probe = null;
+        for (int attempt = 0; attempt < s.WorldSize; attempt++)
+        {
+            if (masked.Length >= s.WorldSize)
+            {
+                masked = [];
+                return "; every rank is lost: nothing left to mask, the next step re-forms the whole group";
+            }
+
+            try
+            {
+                await FormAsync().ConfigureAwait(true);
+                LogMasked(logger, Key.Layer, string.Join(", ", masked));
+                return $"; masking ranks {string.Join(", ", masked)}: the layer re-formed on ranks {string.Join(", ", Serving(s).Select(r => r.Rank))} (epoch {epoch}), their slots count as dropped until they are back";
+            }
+            catch (GroupStepFailedException e) when (e.BlamedRanks.Length > 0)
+            {
+                masked = [.. masked.Union(e.BlamedRanks).Order()];
+            }
+        }
+
+        return "; the survivors could not re-form: the next step tries again";
+    }
+
+    /// <summary>
+    /// At a step boundary: a masked rank that answered the last probe is back, and the layer re-forms with it (the
+    /// whole group once none is left out). A rank that answers but cannot take its layer stays masked. Probes run in
+    /// the background, one at a time, so a rank that is still cut off costs no step any time.
+    /// </summary>
+    private async Task ReadmitReturnedRanksAsync(LayerSpec s)
+    {
+        if (probe is { } p && p.Calls.All(c => c.IsCompleted))
+        {
+            int[] back = [.. p.Ranks.Where((_, i) => p.Calls[i].IsCompletedSuccessfully)];
+            probe = null;
+            if (back.Length > 0)
+            {
+                int[] before = masked;
+                masked = [.. masked.Except(back)];
+                try
+                {
+                    await FormAsync().ConfigureAwait(true);
+                    LogReadmitted(logger, Key.Layer, string.Join(", ", back), epoch);
+                    return;
+                }
+                catch (GroupStepFailedException e)
+                {
+                    // Those that could not take their layer stay masked (and any other rank that failed to).
+                    masked = [.. before.Except(back).Union(e.BlamedRanks).Order()];
+                    if (masked.Length == 0)
+                    {
+                        masked = before;
+                    }
+
+                    await MaskAsync(s, []).ConfigureAwait(true);
+                    return;
+                }
+            }
+        }
+
+        if (probe is null || Stopwatch.GetElapsedTime(probe.Value.Started) > TimeSpan.FromSeconds(2))
+        {
+            int[] which = masked;
+            Task<RankInfo>[] calls = [.. which.Select(r => GrainFactory.GetGrain<IRankGrain>(GrainKeys.Rank(Key.Group, r)).DescribeAsync().WaitAsync(TimeSpan.FromSeconds(1)))];
+            probe = (calls, which, Stopwatch.GetTimestamp());
+        }
     }
 
     /// <summary>
@@ -363,6 +477,14 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         if (cuda.Length == 0)
         {
             return;
+        }
+
+        if (s.OnLostRank == LostRankPolicy.Mask)
+        {
+            throw new GroupStepFailedException(
+                $"layer '{Key.Layer}' asks to mask lost ranks, but group '{Key.Group}' runs the cuda backend: a CUDA group is one NVSHMEM job whose symmetric buffers span every rank, so it cannot re-form on a part of them (use LostRankPolicy.FailAndReform)",
+                nextStep + 1,
+                []);
         }
 
         if (cuda.Length != infos.Length)
@@ -462,6 +584,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     private static string Describe(LayerSpec s) =>
         $"NumExperts {s.NumExperts}, Hidden {s.Hidden}, TopK {s.TopK}, MaxTokens {s.MaxTokens}, WorldSize {s.WorldSize}, {s.TokenType}";
 
+    /// <summary>The ranks that run steps now: every rank, or the survivors while ranks are masked.</summary>
+    private (int Rank, IRankGrain Grain)[] Serving(LayerSpec s) => [.. Ranks(s).Where(r => !masked.Contains(r.Rank))];
+
     private (int Rank, IRankGrain Grain)[] Ranks(LayerSpec s) =>
         [.. Enumerable.Range(0, s.WorldSize).Select(r => (r, GrainFactory.GetGrain<IRankGrain>(GrainKeys.Rank(Key.Group, r))))];
 
@@ -470,6 +595,12 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
     [LoggerMessage(Level = LogLevel.Information, Message = "layer {Layer} of group {Group} formed over {World} ranks, epoch {Epoch}")]
     private static partial void LogFormed(ILogger logger, string layer, string group, int world, long epoch);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "layer {Layer}: masking lost ranks {Ranks}")]
+    private static partial void LogMasked(ILogger logger, string layer, string ranks);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "layer {Layer}: ranks {Ranks} are back and re-admitted (epoch {Epoch})")]
+    private static partial void LogReadmitted(ILogger logger, string layer, string ranks, long epoch);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "{Message}")]
     private static partial void LogStepFailed(ILogger logger, string message);

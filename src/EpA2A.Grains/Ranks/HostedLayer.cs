@@ -26,8 +26,8 @@ internal sealed class HostedLayer : IDisposable
     private CancellationTokenSource? running;
     private bool aborted;
 
-    public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create)
-        : this(name, spec, epoch, config, create, createLowLatency: null)
+    public HostedLayer(string name, LayerSpec spec, long epoch, EpConfig config, Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create, int? groupRank = null, MaskedWorld? world = null)
+        : this(name, spec, epoch, config, create, createLowLatency: null, groupRank, world)
     {
     }
 
@@ -37,8 +37,12 @@ internal sealed class HostedLayer : IDisposable
         long epoch,
         EpConfig config,
         Func<EpConfig, EpLayerOptions, RankMailbox, EpAll2AllLayer> create,
-        Func<EpConfig, EpLowLatencyOptions, RankMailbox, EpLowLatencyLayer>? createLowLatency)
+        Func<EpConfig, EpLowLatencyOptions, RankMailbox, EpLowLatencyLayer>? createLowLatency,
+        int? groupRank = null,
+        MaskedWorld? world = null)
     {
+        GroupRank = groupRank ?? config.Rank;
+        World = world;
         Name = name;
         Spec = spec;
         Epoch = epoch;
@@ -58,6 +62,12 @@ internal sealed class HostedLayer : IDisposable
     }
 
     public string Name { get; }
+
+    /// <summary>The rank of the group this silo serves (<see cref="Config"/>.Rank is the layer's, which differs in a masked group).</summary>
+    public int GroupRank { get; }
+
+    /// <summary>The survivors this layer runs on while ranks are masked, or null for the whole group.</summary>
+    public MaskedWorld? World { get; }
 
     public LayerSpec Spec { get; }
 
@@ -95,12 +105,12 @@ internal sealed class HostedLayer : IDisposable
     {
         if (header.Epoch != 0 && header.Epoch != Epoch)
         {
-            throw new InvalidOperationException($"rank {Config.Rank}: step {header.Step} belongs to epoch {header.Epoch}, but layer '{Name}' was formed anew (epoch {Epoch}, re-configured or re-formed after a failure): its input is refused; begin a new step");
+            throw new InvalidOperationException($"rank {GroupRank}: step {header.Step} belongs to epoch {header.Epoch}, but layer '{Name}' was formed anew (epoch {Epoch}, re-configured or re-formed after a failure): its input is refused; begin a new step");
         }
 
         if (header.Tokens < 0 || header.Tokens > Config.MaxTokens)
         {
-            throw new ArgumentException($"rank {Config.Rank}: step {header.Step} announces {header.Tokens} tokens; a rank dispatches 0 to MaxTokens = {Config.MaxTokens}", nameof(header));
+            throw new ArgumentException($"rank {GroupRank}: step {header.Step} announces {header.Tokens} tokens; a rank dispatches 0 to MaxTokens = {Config.MaxTokens}", nameof(header));
         }
 
         lock (gate)
@@ -115,7 +125,7 @@ internal sealed class HostedLayer : IDisposable
         {
             if (staged is null || staged.Header.Step != step)
             {
-                throw new InvalidOperationException($"rank {Config.Rank}: input for step {step} arrived before its header");
+                throw new InvalidOperationException($"rank {GroupRank}: input for step {step} arrived before its header");
             }
 
             staged.Add(part, offset, data);
@@ -134,7 +144,7 @@ internal sealed class HostedLayer : IDisposable
         {
             if (!outputs.TryGetValue(step, out UnreadOutput? o))
             {
-                throw new InvalidOperationException($"rank {Config.Rank}: no combined output for step {step} (never run here, already read, or given up unread after {MaxUnreadOutputs} later steps or {OutputBound.TotalSeconds:0.#} s)");
+                throw new InvalidOperationException($"rank {GroupRank}: no combined output for step {step} (never run here, already read, or given up unread after {MaxUnreadOutputs} later steps or {OutputBound.TotalSeconds:0.#} s)");
             }
 
             if (offset < 0 || count < 0 || (long)offset + count > o.Bytes.Length)
@@ -206,7 +216,7 @@ internal sealed class HostedLayer : IDisposable
     public async Task<RankStepReport> RunStepAsync(StepTicket ticket, bool weighted, IExpertCompute compute)
     {
         using Activity? span = EpTelemetry.Source.StartActivity("epa2a.rank.step");
-        span?.SetTag(EpTelemetry.Tags.SpanRank, Config.Rank);
+        span?.SetTag(EpTelemetry.Tags.SpanRank, GroupRank);
         span?.SetTag(EpTelemetry.Tags.SpanLayer, Name);
         span?.SetTag(EpTelemetry.Tags.SpanStep, ticket.Step);
         span?.SetTag(EpTelemetry.Tags.SpanEpoch, ticket.Epoch);
@@ -231,12 +241,12 @@ internal sealed class HostedLayer : IDisposable
         {
             if (aborted)
             {
-                return Failed($"rank {Config.Rank}: step {ticket.Step} aborted by the coordinator", null);
+                return Failed($"rank {GroupRank}: step {ticket.Step} aborted by the coordinator", null);
             }
 
             if (staged is null || staged.Header.Step != ticket.Step)
             {
-                return Failed($"rank {Config.Rank} has no input for step {ticket.Step}", Config.Rank);
+                return Failed($"rank {GroupRank} has no input for step {ticket.Step}", GroupRank);
             }
 
             input = staged;
@@ -247,8 +257,8 @@ internal sealed class HostedLayer : IDisposable
         Phases.Clear();
         try
         {
-            input.ThrowIfIncomplete(Config.Rank);
-            (byte[] bytes, int rows) = LowLatencyLayer is { } lowLatency
+            input.ThrowIfIncomplete(GroupRank);
+            (byte[] bytes, int rows, int maskedSlots) = LowLatencyLayer is { } lowLatency
                 ? await RunLowLatencyAsync(lowLatency, input, weighted, compute, cts.Token).ConfigureAwait(false)
                 : await RunNormalAsync(input, weighted, compute, cts.Token).ConfigureAwait(false);
             lock (gate)
@@ -256,20 +266,25 @@ internal sealed class HostedLayer : IDisposable
                 KeepOutput(ticket.Step, bytes);
             }
 
-            return new RankStepReport(Config.Rank, true, null, null, rows, bytes.Length, Phases.Snapshot());
+            return new RankStepReport(GroupRank, true, null, null, rows, bytes.Length, Phases.Snapshot(), maskedSlots);
+        }
+        catch (ArgumentException e)
+        {
+            // This rank's own input, refused before it was sent: the cause even when the coordinator's abort (which the
+            // rejection itself set off, through the peers it told) arrived while the layer was telling them.
+            return Failed($"rank {GroupRank}: bad input: {e.Message}", GroupRank);
         }
         catch (Exception) when (cts.IsCancellationRequested)
         {
             // Whatever this rank saw after the coordinator's abort is a consequence of it, not a cause.
-            return Failed($"rank {Config.Rank}: step {ticket.Step} aborted by the coordinator", null);
+            return Failed($"rank {GroupRank}: step {ticket.Step} aborted by the coordinator", null);
         }
         catch (EpStepFailedException e)
         {
-            return Failed(e.Message, e.Rank);
-        }
-        catch (ArgumentException e)
-        {
-            return Failed($"rank {Config.Rank}: bad input: {e.Message}", Config.Rank);
+            // The layer names its own ranks: in a masked group, member i is group rank Members[i].
+            return World is { } w
+                ? Failed($"{e.Message} (in the masked group, rank i is group rank [{string.Join(", ", w.Members)}][i])", e.Rank is int i && (uint)i < (uint)w.Members.Length ? w.Members[i] : e.Rank)
+                : Failed(e.Message, e.Rank);
         }
         finally
         {
@@ -286,34 +301,36 @@ internal sealed class HostedLayer : IDisposable
         LowLatencyLayer?.Dispose();
     }
 
-    private Task<(byte[] Bytes, int Rows)> RunNormalAsync(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token) => Config.TokenType switch
+    private Task<(byte[] Bytes, int Rows, int MaskedSlots)> RunNormalAsync(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token) => Config.TokenType switch
     {
         TokenType.BFloat16 => RunAsync<BFloat16>(input, weighted, compute, token),
         TokenType.Float16 => RunAsync<Half>(input, weighted, compute, token),
         _ => RunAsync<float>(input, weighted, compute, token),
     };
 
-    private async Task<(byte[] Bytes, int Rows)> RunAsync<T>(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
+    private async Task<(byte[] Bytes, int Rows, int MaskedSlots)> RunAsync<T>(StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
         where T : unmanaged
     {
         int n = input.Header.Tokens;
         int k = Config.TopK;
         EpAll2AllLayer layer = Layer!;
+        (int[] ids, int masked) = LayerIds(input);
         DispatchResult<T> dispatched = await layer.DispatchAsync(
             Tensor.Create(MemoryMarshal.Cast<byte, T>(input.Tokens).ToArray(), [n, Config.Hidden]),
-            Tensor.Create(MemoryMarshal.Cast<byte, int>(input.Ids).ToArray(), [n, k]),
+            Tensor.Create(ids, [n, k]),
             input.Weights is { } w ? Tensor.Create(MemoryMarshal.Cast<byte, float>(w).ToArray(), [n, k]) : null,
             input.Scatter is { } s ? Tensor.Create(MemoryMarshal.Cast<byte, int>(s).ToArray(), [n, k]) : null,
             token).ConfigureAwait(false);
-        Tensor<T> expertOutput = await compute.ComputeAsync(Name, Config, dispatched, token).ConfigureAwait(false);
+        // The experts are the group's: a masked group's layer numbers them anew, the experts must not notice.
+        Tensor<T> expertOutput = await compute.ComputeAsync(Name, World is null ? Config : Spec.ToConfig(GroupRank), dispatched, token).ConfigureAwait(false);
         Tensor<T> combined = await layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
         byte[] bytes = new byte[n * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(combined, MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
-        return (bytes, dispatched.Layout.RecvRows);
+        return (bytes, dispatched.Layout.RecvRows, masked);
     }
 
     /// <summary>A low-latency step: dispatch, the experts on the expert-major rows, combine (weighted as the client asked).</summary>
-    private async Task<(byte[] Bytes, int Rows)> RunLowLatencyAsync(EpLowLatencyLayer layer, StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
+    private async Task<(byte[] Bytes, int Rows, int MaskedSlots)> RunLowLatencyAsync(EpLowLatencyLayer layer, StagedInput input, bool weighted, IExpertCompute compute, CancellationToken token)
     {
         if (input.Scatter is not null)
         {
@@ -338,9 +355,41 @@ internal sealed class HostedLayer : IDisposable
         Tensor<BFloat16> combined = await layer.CombineAsync(expertOutput, dispatched.Handle, weighted, token).ConfigureAwait(false);
         byte[] bytes = new byte[n * Config.Hidden * 2];
         combined.FlattenTo(MemoryMarshal.Cast<byte, BFloat16>(bytes.AsSpan()));
-        return (bytes, rows);
+        return (bytes, rows, 0);
     }
 
     private RankStepReport Failed(string error, int? blamed) =>
-        new(Config.Rank, false, error, blamed, 0, 0, Phases.Snapshot());
+        new(GroupRank, false, error, blamed, 0, 0, Phases.Snapshot());
+
+    /// <summary>
+    /// The staged group expert ids in the layer's numbering: as they are for the whole group; in a masked group each id
+    /// is checked against the group's range first (the layer checks only its own), then mapped, and the slots whose
+    /// expert's rank is masked are counted.
+    /// </summary>
+    private (int[] Ids, int Masked) LayerIds(StagedInput input)
+    {
+        int[] ids = MemoryMarshal.Cast<byte, int>(input.Ids).ToArray();
+        if (World is not { } w)
+        {
+            return (ids, 0);
+        }
+
+        if (input.Scatter is not null)
+        {
+            throw new ArgumentException($"scatter indices place rows across the whole group, which is masked now (serving ranks {string.Join(", ", w.Members)}): a masked step cannot honour them", nameof(input));
+        }
+
+        int masked = 0;
+        for (int i = 0; i < ids.Length; i++)
+        {
+            if ((uint)ids[i] > (uint)Spec.NumExperts)
+            {
+                throw new ArgumentException($"expertIds[{i / Spec.TopK}, {i % Spec.TopK}] = {ids[i]} is outside [0, NumExperts = {Spec.NumExperts}] (NumExperts marks a dropped slot)", nameof(input));
+            }
+
+            masked += w.Map(ref ids[i]) ? 1 : 0;
+        }
+
+        return (ids, masked);
+    }
 }

@@ -40,6 +40,13 @@ internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
         return runtime.CreateLayerAsync(layer, spec.Validated(), epoch, Rank);
     }
 
+    public Task CreateMaskedLayerAsync(string layer, LayerSpec spec, long epoch, int[] masked)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        ArgumentNullException.ThrowIfNull(masked);
+        return runtime.CreateLayerAsync(layer, spec.Validated(), epoch, Rank, masked);
+    }
+
     public Task DropLayerAsync(string layer)
     {
         runtime.DropLayer(layer);

@@ -98,7 +98,7 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
         layers.GetValueOrDefault(layer) ?? throw new InvalidOperationException($"rank {Options.Rank} of group '{Options.Group}' hosts no layer '{layer}' (not configured, or its silo restarted)");
 
     /// <summary>Creates the layer: on the CUDA backend a collective (every rank at once), run off the scheduler.</summary>
-    internal async Task CreateLayerAsync(string name, LayerSpec spec, long epoch, int rank)
+    internal async Task CreateLayerAsync(string name, LayerSpec spec, long epoch, int rank, int[]? masked = null)
     {
         if (rank != Options.Rank)
         {
@@ -106,7 +106,18 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
         }
 
         HostedLayer layer;
-        if (IsCuda)
+        if (masked is { Length: > 0 })
+        {
+            if (IsCuda)
+            {
+                throw new InvalidOperationException($"rank {rank} runs the cuda backend: a CUDA group is one NVSHMEM job and cannot re-form on a part of its ranks, so lost ranks cannot be masked");
+            }
+
+            MaskedWorld world = new(spec, masked);
+            layer = new HostedLayer(name, spec, epoch, world.ToConfig(rank), (config, options, mailbox) =>
+                EpAll2AllLayer.CreateCpu(config, new GrainRankTransport(grains, Options.Group, name, config.Rank, Options.ChunkBytes, mailbox, world.Members), options), rank, world);
+        }
+        else if (IsCuda)
         {
             NvshmemRuntime runtime = gpu ?? throw new InvalidOperationException($"rank {rank} has not joined NVSHMEM: the coordinator initializes the GPU before creating layers");
             layer = await Task.Run(() => new HostedLayer(

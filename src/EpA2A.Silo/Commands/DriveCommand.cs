@@ -38,6 +38,7 @@ internal static class DriveCommand
         Option<int> seed = new("--seed") { Description = "Seed of the random routing", DefaultValueFactory = _ => 1 };
         Option<double> timeout = new("--timeout-seconds") { Description = "Step deadline", DefaultValueFactory = _ => 10 };
         Option<bool> keepGoing = new("--continue-on-failure") { Description = "Keep stepping after a failed step" };
+        Option<bool> masking = new("--masking") { Description = "Configure the layer to mask lost ranks (LostRankPolicy.Mask): serve on the survivors, their experts' slots dropped, until they are back" };
         Option<int> interval = new("--interval-ms") { Description = "Pause between steps", DefaultValueFactory = _ => 0 };
         Option<bool> takeOver = new("--take-over") { Description = "Re-configure the layer even while another client is stepping it (that client's next step then fails, naming this one)" };
         Option<double> connectTimeout = new("--connect-timeout-seconds") { Description = "Give up when no gateway answers, or the group does not form, within this", DefaultValueFactory = _ => 60 };
@@ -45,7 +46,7 @@ internal static class DriveCommand
 
         Command command = new("drive", "Run checked steps through the grains of running silos, from a separate client process.")
         {
-            world, group, layer, clustering, redis, portBase, clusterId, steps, local, maxTokens, hidden, topK, experts, tokenType, drop, seed, timeout, keepGoing, interval, takeOver, connectTimeout, gatewayOffset,
+            world, group, layer, clustering, redis, portBase, clusterId, steps, local, maxTokens, hidden, topK, experts, tokenType, drop, seed, timeout, keepGoing, masking, interval, takeOver, connectTimeout, gatewayOffset,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -76,6 +77,7 @@ internal static class DriveCommand
                 LocalWorldSize = p.GetValue(local),
                 TokenType = LocalCommand.ParseTokenType(p.GetValue(tokenType)!),
                 StepTimeout = stepTimeout,
+                OnLostRank = p.GetValue(masking) ? LostRankPolicy.Mask : LostRankPolicy.FailAndReform,
             });
             // A start that fails is reported as one line below; the host's own log of it is a stack trace.
             using IHost host = EpA2AHosts.BuildClient(
@@ -141,7 +143,7 @@ internal static class DriveCommand
                     (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(Client, Spec, rng, DropRatio, skewed: false, weighted: false, cancellationToken);
                     bool ok = worst <= 1.0;
                     mismatches += ok ? 0 : 1;
-                    output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"step {s}: {(ok ? "ok" : "MISMATCH")}, {report.Ranks.Sum(r => r.ReceivedRows)} rows, {roundTrip.TotalMilliseconds:0.0} ms"));
+                    output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"step {s}: {(ok ? "ok" : "MISMATCH")}, {report.Ranks.Sum(r => r.ReceivedRows)} rows, {roundTrip.TotalMilliseconds:0.0} ms{(report.MaskedRanks is { Count: > 0 } m ? $", masked ranks [{string.Join(", ", m)}]: {report.MaskedSlots} slots dropped" : string.Empty)}"));
                     table.Add("Client round trip", roundTrip.TotalMicroseconds);
                 }
                 catch (Exception e) when (e is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
@@ -185,7 +187,8 @@ internal static class DriveCommand
                 try
                 {
                     await Client.ConfigureAsync(Spec, TakeOver).WaitAsync(ConnectBound, cancellationToken);
-                    output.WriteLine($"drive: layer '{Client.Layer}' formed over {Spec.WorldSize} ranks");
+                    CoordinatorInfo where = await Client.Coordinator.DescribeAsync().WaitAsync(ConnectBound, cancellationToken);
+                    output.WriteLine($"drive: layer '{Client.Layer}' formed over {Spec.WorldSize} ranks; its coordinator runs in process {where.ProcessId} (silo {where.Silo})");
                     output.Flush();
                     return;
                 }

@@ -23,13 +23,14 @@ internal static class SiloCommand
         Option<int?> primaryPort = new("--primary-port") { Description = "Localhost clustering: the membership primary's silo port (default: --port-base, rank 0's silo). Another silo's port lets every rank restart without taking membership down" };
         Option<string> clustering = new("--clustering") { Description = "localhost (rank 0 is primary) or redis", DefaultValueFactory = _ => "localhost" };
         Option<string?> redis = new("--redis") { Description = "Redis connection string (with --clustering redis)" };
+        Option<string> advertise = new("--advertise") { Description = "With --clustering redis: the address other hosts reach this silo at (an IP or a host name); auto: this host's own (an up, non-loopback interface, the routed one first). Loopback only when given", DefaultValueFactory = _ => "auto" };
         Option<string> clusterId = new("--cluster-id") { Description = "Orleans cluster id", DefaultValueFactory = _ => "epa2a" };
         Option<int> expertDelay = new("--expert-delay-ms") { Description = "Fault drill: this rank's experts wait this long every step (a straggler)", DefaultValueFactory = _ => 0 };
 
         TelemetryCommandOptions telemetry = new();
         Command command = new("silo", "Run one silo serving one rank until Ctrl-C.")
         {
-            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, clusterId, expertDelay,
+            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, advertise, clusterId, expertDelay,
         };
         telemetry.AddTo(command);
         Option<int> gatewayOffset = new("--gateway-offset") { Description = "Gateway port = port base + this + rank (at least the world size, so silo and gateway ports never meet)", DefaultValueFactory = _ => 100 };
@@ -55,6 +56,7 @@ internal static class SiloCommand
             int delayMs = p.GetValue(expertDelay);
             OptionRules.Require(delayMs >= 0, $"--expert-delay-ms {delayMs} must not be negative");
             OptionRules.Require(p.GetValue(gpu) is null or >= 0, $"--gpu {p.GetValue(gpu)} must not be negative");
+            IPAddress? advertised = kind == ClusteringKind.Redis ? Advertised(p.GetValue(advertise)) : null;
             SiloSettings settings = new()
             {
                 Group = p.GetValue(group)!,
@@ -66,6 +68,7 @@ internal static class SiloCommand
                 Primary = new IPEndPoint(IPAddress.Loopback, p.GetValue(primaryPort) ?? basePort),
                 Clustering = kind,
                 RedisConnection = p.GetValue(redis),
+                AdvertisedAddress = advertised,
                 ClusterId = p.GetValue(clusterId)!,
                 ExpertDelay = TimeSpan.FromMilliseconds(delayMs),
                 Configuration = telemetry.ToConfiguration(p),
@@ -73,6 +76,19 @@ internal static class SiloCommand
             return await ServeAsync(settings, w, ct);
         });
         return command;
+    }
+
+    /// <summary>--advertise as an address; a bad one is a usage error (exit code 2) naming the option.</summary>
+    private static IPAddress Advertised(string? text)
+    {
+        try
+        {
+            return AdvertisedAddress.Parse(text);
+        }
+        catch (ArgumentException e)
+        {
+            throw new UsageException(e.Message, e);
+        }
     }
 
     /// <summary>
@@ -103,7 +119,7 @@ internal static class SiloCommand
                     throw new UsageException($"rank {settings.Rank} of group '{settings.Group}' is already served by the live silo {other}: a second silo for one rank is refused (stop that one first)");
                 }
 
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {settings.Rank} of {world} in group '{settings.Group}' ({settings.Backend}), silo port {settings.SiloPort}, gateway {settings.GatewayPort}{(incarnation > 1 ? $", restarted in process (start {incarnation})" : string.Empty)}; Ctrl-C to stop"));
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {settings.Rank} of {world} in group '{settings.Group}' ({settings.Backend}), silo port {settings.SiloPort}, gateway {settings.GatewayPort}, advertised at {settings.AdvertisedAddress?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}{(incarnation > 1 ? $", restarted in process (start {incarnation})" : string.Empty)}; Ctrl-C to stop"));
                 Task shutdown = silo.WaitForShutdownAsync(ct);
                 if (await Task.WhenAny(shutdown, declaredDead.Task) == shutdown)
                 {

@@ -23,6 +23,14 @@ internal static class StepChecker
             [.. inputs.Select(i => new RankStepInput<T>(i.Tokens, i.Count, i.ExpertIds, i.Weights))], weighted, cancellationToken);
         TimeSpan roundTrip = System.Diagnostics.Stopwatch.GetElapsedTime(start);
 
+        // A masking layer may have served without some ranks: what it must return is the reference of that.
+        IReadOnlyList<int> masked = outcome.Report.MaskedRanks ?? [];
+        inputs = MaskedRanks.Apply(config, inputs, [.. masked], out int maskedSlots);
+        if (maskedSlots != outcome.Report.MaskedSlots)
+        {
+            throw new InvalidOperationException($"the step reports {outcome.Report.MaskedSlots} masked slots; masking ranks {string.Join(", ", masked)} drops {maskedSlots}");
+        }
+
         T[][] expected = spec.Mode == LayerMode.LowLatency
             ? (T[][])(object)ExpectedLowLatency(spec, (RankInput<BFloat16>[])(object)inputs, weighted) // a low-latency spec is bf16 (validated)
             : Expected(config, inputs, weighted);

@@ -44,7 +44,8 @@ public static class EpA2AHosts
             {
                 case ClusteringKind.Redis:
                     silo.UseRedisClustering(settings.RedisConnection ?? throw new ArgumentException("Redis clustering needs a connection string", nameof(settings)));
-                    silo.ConfigureEndpoints(IPAddress.Loopback, settings.SiloPort, settings.GatewayPort);
+                    // Other hosts dial what is advertised; listening on every address keeps a local client's loopback path too.
+                    silo.ConfigureEndpoints(settings.AdvertisedAddress ?? AdvertisedAddress.OfThisHost(), settings.SiloPort, settings.GatewayPort, listenOnAnyHostAddress: true);
                     break;
                 default:
                     silo.UseLocalhostClustering(settings.SiloPort, settings.GatewayPort, settings.Primary);

@@ -39,6 +39,12 @@ public sealed record SiloSettings
     /// <summary>Which membership.</summary>
     public ClusteringKind Clustering { get; init; } = ClusteringKind.Localhost;
 
+    /// <summary>
+    /// Redis clustering: the address this silo advertises to the cluster (null: this host's own, see
+    /// <see cref="Hosting.AdvertisedAddress.OfThisHost"/>). The silo listens on every address of the host.
+    /// </summary>
+    public IPAddress? AdvertisedAddress { get; init; }
+
     /// <summary>Redis connection string (Redis clustering).</summary>
     public string? RedisConnection { get; init; }
 

@@ -161,6 +161,8 @@ internal sealed partial class CpuBackend
     {
         int h = config.Hidden;
         int[] sources = SameLocalRankPeers();
+        MessageTag tag = op.Tag(ExchangePhase.CombineCrossNode);
+        await ForwardAbortAsync(op, tag, sources, node, partials).ConfigureAwait(false);
         Dictionary<(int Source, int Token), int> slotOf = [];
         for (int i = 0; i < node.Length; i++)
         {
@@ -197,7 +199,6 @@ internal sealed partial class CpuBackend
         // Each source's tokens in ascending order.
         (int Source, int Token, int Slot)[] order = [.. slotOf.Select(kv => (kv.Key.Source, kv.Key.Token, kv.Value))];
         Array.Sort(order);
-        MessageTag tag = op.Tag(ExchangePhase.CombineCrossNode);
         List<Task> sends = [];
         foreach (int s in sources)
         {
@@ -219,6 +220,29 @@ internal sealed partial class CpuBackend
         }
 
         await Task.WhenAll(sends).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// A rank of this node aborted its combine (it rejected its input): the sources this gateway owes partials to wait
+    /// for them, not for that rank, so they get the abort from here, naming it; then this rank fails the same way.
+    /// </summary>
+    private async ValueTask ForwardAbortAsync(OperationContext op, MessageTag tag, int[] sources, int[] node, byte[][] partials)
+    {
+        for (int i = 0; i < node.Length; i++)
+        {
+            MessageReader r = new(partials[i], node[i]);
+            if (r.ReadInt() != MessageStatus.Aborted)
+            {
+                continue;
+            }
+
+            int culprit = r.ReadInt();
+            string reason = r.ReadString();
+            Task[] sends = [.. sources.Where(s => s != Rank).Select(s => transport.SendAsync(s, tag, MessageStatus.Abort(culprit, reason), op.Token).AsTask())];
+            await Task.WhenAll(sends).ConfigureAwait(false);
+            MessageReader again = new(partials[i], node[i]);
+            ThrowIfAborted(ref again, node[i]);
+        }
     }
 
     private void AccumulateRow(ReadOnlySpan<byte> row, Span<float> acc, float scale)

@@ -277,6 +277,33 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
     public void Reset(long epoch, long sequence) => transport.DiscardBefore(epoch, sequence);
 
+    /// <summary>
+    /// An abort naming this rank, sent where the peers first wait for this rank in the operation: the counts of a
+    /// dispatch (every rank waits for every rank's), the rows of a combine (its node, or every rank on one node) and,
+    /// inter-node, the cross-node partials this rank owes the ranks it is the gateway for (the rest of the node
+    /// forwards the abort, see <see cref="ReduceNodeAndSendAsync"/>).
+    /// </summary>
+    public async ValueTask RejectAsync(OperationContext operation, bool dispatch, string reason)
+    {
+        List<(int Rank, ExchangePhase Phase)> targets = [];
+        if (dispatch)
+        {
+            targets.AddRange(AllRanks().Select(d => (d, ExchangePhase.Counts)));
+        }
+        else if (config.IsIntraNode)
+        {
+            targets.AddRange(AllRanks().Select(d => (d, ExchangePhase.CombineRows)));
+        }
+        else
+        {
+            targets.AddRange(NodeRanks().Select(d => (d, ExchangePhase.CombineRows)));
+            targets.AddRange(Gateways().Select(d => (d, ExchangePhase.CombineCrossNode)));
+        }
+
+        Task[] sends = [.. targets.Where(t => t.Rank != Rank).Select(t => transport.SendAsync(t.Rank, operation.Tag(t.Phase), MessageStatus.Abort(Rank, reason), operation.Token).AsTask())];
+        await Task.WhenAll(sends).ConfigureAwait(false);
+    }
+
     public void Dispose()
     {
     }

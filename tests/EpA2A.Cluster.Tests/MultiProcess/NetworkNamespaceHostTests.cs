@@ -1,0 +1,157 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.RegularExpressions;
+
+namespace EpA2A.Cluster.Tests.MultiProcess;
+
+/// <summary>
+/// Several hosts for real (BRIEF §2, issue 18): network namespaces on this machine, each with its own address on a
+/// bridge: Redis in one, four `epa2a silo` processes each in its own (under a restart loop, as a supervisor would run
+/// them), and an `epa2a drive` client in another. Each silo advertises its own host's address (the default; nothing
+/// is on loopback), steps pass, pulling one host's cable fails the next step within its bound naming that rank, and
+/// plugging it back heals the group with no client action. Skipped only where namespaces cannot be made (not
+/// Linux, not root, no `ip netns`), which the skip message says.
+/// </summary>
+[Collection(ProcessCluster.Collection)]
+public sealed partial class NetworkNamespaceHostTests
+{
+    private const int Ranks = 4;
+    private static readonly TimeSpan Deadline = TimeSpan.FromSeconds(2);
+
+    [Fact]
+    public async Task Silos_on_four_namespace_hosts_step_a_cut_host_fails_the_step_naming_its_rank_and_the_group_heals_when_the_link_returns()
+    {
+        using NetnsCluster cluster = await NetnsCluster.StartAsync(masking: false);
+        await cluster.StepsPassAsync(3);
+        int victim = cluster.RankAwayFromTheCoordinator();
+
+        long cut = Stopwatch.GetTimestamp();
+        int before = cluster.Drive.Lines.Count;
+        cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: false);
+        string failed = await cluster.Drive.WaitForLineAsync(l => l.Contains("FAILED", StringComparison.Ordinal), (Deadline * 2) + TimeSpan.FromSeconds(15), skip: before);
+        TimeSpan detected = Stopwatch.GetElapsedTime(cut);
+        Assert.Contains($"rank {victim}", failed, StringComparison.Ordinal);
+        Assert.True(detected < (Deadline * 2) + TimeSpan.FromSeconds(6), $"the first failed step ended {detected.TotalSeconds:0.0} s after the cut: {failed}");
+
+        cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: true);
+        TimeSpan outage = await cluster.FirstOkAfterAsync(cut, TimeSpan.FromSeconds(90));
+        await cluster.StepsPassAsync(2);
+        cluster.Report($"fail-and-re-form: rank {victim}'s link cut; first failed step {detected.TotalMilliseconds:0} ms after the cut; outage (cut to first good step, link back after the failure) {outage.TotalSeconds:0.0} s; cluster start {cluster.StartTime.TotalSeconds:0.0} s; silo restarts {cluster.Restarts}");
+    }
+}
+
+/// <summary>The namespace cluster of <see cref="NetworkNamespaceHostTests"/>: Redis, four supervised silos, a drive client.</summary>
+internal sealed partial class NetnsCluster : IDisposable
+{
+    private static readonly TimeSpan Deadline = TimeSpan.FromSeconds(2);
+
+    private NetnsCluster(NetnsHosts hosts) => Hosts = hosts;
+
+    public NetnsHosts Hosts { get; }
+
+    public ChildProcess Drive { get; private set; } = null!;
+
+    public ChildProcess[] Silos { get; } = new ChildProcess[4];
+
+    public static string HostOf(int rank) => string.Create(CultureInfo.InvariantCulture, $"h{rank}");
+
+    /// <summary>How long starting Redis, the silos and the client's first formed layer took.</summary>
+    public TimeSpan StartTime { get; private set; }
+
+    public static async Task<NetnsCluster> StartAsync(bool masking)
+    {
+        long begun = Stopwatch.GetTimestamp();
+        string? why = NetnsHosts.Unavailable();
+        Assert.SkipWhen(why is not null, $"SKIPPED: network namespaces are not available here ({why}); this test needs root and `ip netns`");
+        string? redisServer = (Environment.GetEnvironmentVariable("PATH") ?? string.Empty).Split(':').Select(d => Path.Combine(d, "redis-server")).FirstOrDefault(File.Exists);
+        Assert.SkipWhen(redisServer is null, "redis-server is not installed (.ci/run installs it)");
+
+        NetnsCluster cluster = new(NetnsHosts.Create("redis", "h0", "h1", "h2", "h3", "client"));
+        try
+        {
+            string redisAt = cluster.Hosts.Address("redis");
+            ChildProcess redis = cluster.Hosts.Start("redis", "redis", redisServer!, "--port", "6379", "--bind", redisAt, "--protected-mode", "no", "--save", "", "--appendonly", "no");
+            await redis.WaitForLineAsync(l => l.Contains("Ready to accept connections", StringComparison.Ordinal), TimeSpan.FromSeconds(20));
+            string connection = redisAt + ":6379";
+            string clusterId = "nh-" + Guid.NewGuid().ToString("N")[..8];
+            for (int r = 0; r < 4; r++)
+            {
+                // The same ports on every host, as on real machines; no --advertise: each silo finds its host's own address.
+                cluster.Silos[r] = cluster.Hosts.StartSupervisedEpa2a(HostOf(r), $"silo{r}", "silo", "--rank", r.ToString(CultureInfo.InvariantCulture), "--world-size", "4", "--group", "nh",
+                    "--clustering", "redis", "--redis", connection, "--cluster-id", clusterId, "--port-base", "11111");
+            }
+
+            for (int r = 0; r < 4; r++)
+            {
+                string started = await cluster.Silos[r].WaitForLineAsync(l => l.StartsWith("epa2a silo: rank", StringComparison.Ordinal), TimeSpan.FromSeconds(90));
+                Assert.Contains($"advertised at {cluster.Hosts.Address(HostOf(r))},", started, StringComparison.Ordinal);
+            }
+
+            string[] drive = ["drive", "--world-size", "4", "--group", "nh", "--clustering", "redis", "--redis", connection, "--cluster-id", clusterId,
+                "--steps", "100000", "--continue-on-failure", "--interval-ms", "100", "--timeout-seconds", Deadline.TotalSeconds.ToString(CultureInfo.InvariantCulture)];
+            cluster.Drive = cluster.Hosts.StartEpa2a("client", "drive", masking ? [.. drive, "--masking"] : drive);
+            await cluster.Drive.WaitForLineAsync(l => l.Contains("formed over", StringComparison.Ordinal), TimeSpan.FromSeconds(90));
+            cluster.StartTime = Stopwatch.GetElapsedTime(begun);
+            return cluster;
+        }
+        catch
+        {
+            cluster.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Waits for <paramref name="count"/> more correct steps; no step ever mismatched.</summary>
+    public async Task StepsPassAsync(int count)
+    {
+        for (int i = 0; i < count; i++)
+        {
+            int seen = Drive.Lines.Count;
+            await Drive.WaitForLineAsync(l => l.StartsWith("step ", StringComparison.Ordinal) && l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: seen);
+        }
+
+        Assert.DoesNotContain(Drive.Lines, l => l.Contains("MISMATCH", StringComparison.Ordinal));
+    }
+
+    /// <summary>The first correct step that ends after <paramref name="since"/>: how long after it that was.</summary>
+    public async Task<TimeSpan> FirstOkAfterAsync(long since, TimeSpan within)
+    {
+        int seen = Drive.Lines.Count;
+        await Drive.WaitForLineAsync(l => l.StartsWith("step ", StringComparison.Ordinal) && l.Contains(": ok", StringComparison.Ordinal), within, skip: seen);
+        return Stopwatch.GetElapsedTime(since);
+    }
+
+    /// <summary>A rank (2 if it can) whose silo does not host the layer's coordinator, so the cut tests the rank, not the coordinator.</summary>
+    public int RankAwayFromTheCoordinator()
+    {
+        string formed = Drive.Lines.Last(l => l.Contains("formed over", StringComparison.Ordinal));
+        int coordinator = int.Parse(ProcessOf().Match(formed).Groups[1].Value, CultureInfo.InvariantCulture);
+        foreach (int r in new[] { 2, 3, 1, 0 })
+        {
+            string started = Silos[r].Lines.Last(l => l.StartsWith("epa2a silo: rank", StringComparison.Ordinal));
+            if (int.Parse(PidOf().Match(started).Groups[1].Value, CultureInfo.InvariantCulture) != coordinator)
+            {
+                return r;
+            }
+        }
+
+        throw new InvalidOperationException("every silo claims the coordinator's process");
+    }
+
+    public void Report(string summary)
+    {
+        TestContext.Current.TestOutputHelper?.WriteLine(string.Join('\n', Drive.Lines.TakeLast(40)));
+        DrillLog.Write(summary, Drive.Lines.TakeLast(40));
+    }
+
+    /// <summary>How often a supervisor loop started a silo again (a silo declared dead while cut off ends itself).</summary>
+    public int Restarts => Silos.Sum(s => s.Lines.Count(l => l.StartsWith("supervisor: exited", StringComparison.Ordinal)));
+
+    public void Dispose() => Hosts.Dispose();
+
+    [GeneratedRegex(@"coordinator runs in process (\d+)")]
+    private static partial Regex ProcessOf();
+
+    [GeneratedRegex(@"pid (\d+);")]
+    private static partial Regex PidOf();
+}
