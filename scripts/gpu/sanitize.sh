@@ -26,7 +26,9 @@ fi
 APP=.device/app
 [ -f $APP/epa2a-tools.dll ] || APP=""
 export EPA2A_NATIVE_DIR=$PWD/native/build NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-2G}
-start_mps >/dev/null
+# No MPS: under MPS compute-sanitizer cannot attach (cudaSetDevice fails with cudaErrorDevicesUnavailable, seen on the
+# H200 2026-12-03), so the ranks time-slice the GPU here: slow, but every wait still completes.
+stop_mps >/dev/null 2>&1
 rows=()
 run() { # tool name timeout command...
   local tool=$1 name=$2 limit=$3
@@ -55,7 +57,6 @@ for tool in "${tools[@]}"; do
     run "$tool" gpu-check-"$GROUPS_CHECK" 240 dotnet $APP/epa2a-tools.dll gpu-check --groups "$GROUPS_CHECK" --out "$LOG/gpu-check-$tool"
   fi
 done
-stop_mps >/dev/null 2>&1
 {
   echo "# compute-sanitizer on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), $(date -u +%F)"
   echo
