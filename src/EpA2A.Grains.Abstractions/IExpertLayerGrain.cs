@@ -1,3 +1,5 @@
+using Orleans.Concurrency;
+
 namespace EpA2A.Grains;
 
 /// <summary>
@@ -18,10 +20,12 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     /// <param name="takeOver">Re-configure even while another client is stepping the layer.</param>
     Task ConfigureAsync(LayerSpec spec, string client, bool takeOver);
 
-    /// <summary>The configuration, or null before <see cref="ConfigureAsync"/>.</summary>
+    /// <summary>The configuration, or null before <see cref="ConfigureAsync"/>. A read: it answers while a step or a re-formation is in progress.</summary>
+    [AlwaysInterleave]
     Task<LayerSpec?> GetSpecAsync();
 
-    /// <summary>Where this coordinator lives (silo, process) and the state of its group.</summary>
+    /// <summary>Where this coordinator lives (silo, process) and the state of its group. A read that interleaves.</summary>
+    [AlwaysInterleave]
     Task<CoordinatorInfo> DescribeAsync();
 
     /// <summary>Where every rank lives.</summary>

@@ -51,7 +51,7 @@ public sealed class MultiProcessClusterTests
             silos[2].Kill();
             string failed = await drive.WaitForLineAsync(l => l.Contains("FAILED", StringComparison.Ordinal), (Deadline * 2) + TimeSpan.FromSeconds(10), skip: before);
             TimeSpan detected = clock.Elapsed;
-            Assert.Contains("rank 2", failed, StringComparison.Ordinal);
+            Assert.True(failed.Contains("rank 2", StringComparison.Ordinal), $"the failed step does not name rank 2: {failed}");
             // When the killed silo also hosted the layer's coordinator (placement is random), Orleans does not fail the
             // client's pending call: the client gives up at its own documented bound, 2T + 5 s (README, RELIABILITY.md), and
             // the line says the coordinator did not answer. Otherwise the coordinator names the rank within 2T + 5 s.
