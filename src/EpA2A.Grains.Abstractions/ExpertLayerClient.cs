@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Runtime.InteropServices;
 using EpA2A.Config;
 using Orleans.Concurrency;
@@ -118,7 +119,7 @@ public sealed class ExpertLayerClient
         // Every call below has a deadline: a grain on a dead silo would otherwise hold the caller until
         // Orleans' response timeout, and a client must never wait longer than the step's own bound.
         TimeSpan callBound = (configured?.StepTimeout ?? DefaultCallBound) + TimeSpan.FromSeconds(1);
-        LayerSpec? spec = await CoordinatorCallAsync(Coordinator.GetSpecAsync(), "GetSpecAsync", callBound, cancellationToken).ConfigureAwait(false);
+        LayerSpec? spec = await CoordinatorReadAsync(Coordinator.GetSpecAsync, "GetSpecAsync", callBound, cancellationToken).ConfigureAwait(false);
         if (spec is null && configured is not null)
         {
             // The coordinator's silo went away and it was activated anew without its state: configure it
@@ -215,6 +216,43 @@ public sealed class ExpertLayerClient
     }
 
     /// <summary>
+    /// A read of the coordinator (it changes nothing, so asking again is safe) with a deadline. A message can be lost
+    /// without an answer when it went out through a silo that has just died (the client's gateway for the coordinator,
+    /// or the owner of its directory entry); the client notices that silo is gone within a second or two and routes the
+    /// next message around it. So the read is asked again with short attempts (1 s, then 2 s, ...) until
+    /// <paramref name="bound"/>, and only a coordinator that misses every attempt is blamed.
+    /// </summary>
+    private async Task<TResult> CoordinatorReadAsync<TResult>(Func<Task<TResult>> read, string what, TimeSpan bound, CancellationToken cancellationToken)
+    {
+        Stopwatch clock = Stopwatch.StartNew();
+        TimeSpan attempt = TimeSpan.FromSeconds(1);
+        while (true)
+        {
+            TimeSpan left = bound - clock.Elapsed;
+            TimeSpan thisAttempt = attempt < left ? attempt : left;
+            try
+            {
+                return await read().WaitAsync(thisAttempt, cancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception e) when ((e is TimeoutException or OrleansException) && clock.Elapsed + TimeSpan.FromMilliseconds(200) < bound)
+            {
+                // Not blamed yet: a quick failure (the gateway's connection closed) waits a moment before asking again.
+                if (e is OrleansException)
+                {
+                    await Task.Delay(TimeSpan.FromMilliseconds(100), cancellationToken).ConfigureAwait(false);
+                }
+
+                attempt *= 2;
+            }
+            catch (Exception e) when (e is TimeoutException or OrleansException)
+            {
+                string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
+                throw new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
+            }
+        }
+    }
+
+    /// <summary>
     /// After a failed step: when the layer now has another spec (a client took it over mid-step), that is the cause to
     /// report, not the ranks' view of it. Best effort: an unreachable coordinator leaves the original failure standing.
     /// </summary>
@@ -224,10 +262,10 @@ public sealed class ExpertLayerClient
         CoordinatorInfo info;
         try
         {
-            now = await Coordinator.GetSpecAsync().WaitAsync(bound, cancellationToken).ConfigureAwait(false);
-            info = await Coordinator.DescribeAsync().WaitAsync(bound, cancellationToken).ConfigureAwait(false);
+            now = await CoordinatorReadAsync(Coordinator.GetSpecAsync, "GetSpecAsync", bound, cancellationToken).ConfigureAwait(false);
+            info = await CoordinatorReadAsync(Coordinator.DescribeAsync, "DescribeAsync", bound, cancellationToken).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is TimeoutException or OrleansException)
+        catch (GroupStepFailedException)
         {
             return;
         }

@@ -103,6 +103,9 @@ public static class EpA2AHosts
                 o.ClusterId = clusterId;
                 o.ServiceId = serviceId;
             });
+            // A gateway whose silo was declared dead (killed, or its host cut off) leaves the client's list within
+            // seconds, not the default minute: until then messages routed through it are lost and only deadlines end them.
+            client.Configure<GatewayOptions>(o => o.GatewayListRefreshPeriod = TimeSpan.FromSeconds(2));
             client.AddActivityPropagation();
         });
         return builder.Build();
