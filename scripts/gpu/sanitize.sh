@@ -46,6 +46,28 @@ run() { # tool name timeout command...
   rows+=("| $tool | $name | $verdict | exit $rc | $(($(date +%s) - t0)) s |")
   echo "${rows[-1]}"
 }
+# gpu-check's ranks are processes it starts itself: each runs under a sanitizer of its own (EPA2A_RANK_WRAPPER, read
+# by src/EpA2A.Tools/RankProcesses.cs) with its own log file, so that every rank's summary is counted, not only the
+# parent's.
+run_ranks() { # tool name timeout command...
+  local tool=$1 name=$2 limit=$3
+  shift 3
+  local log="$LOG/$tool-$name.log" t0 rc
+  t0=$(date +%s)
+  rm -f "$LOG/$tool-$name"-rank-*.log
+  EPA2A_RANK_WRAPPER="compute-sanitizer --tool $tool --print-limit 20 --log-file $LOG/$tool-$name-rank-%p.log" \
+    timeout "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  local summaries errors files
+  files=$(ls "$LOG/$tool-$name"-rank-*.log 2>/dev/null | wc -l)
+  summaries=$(cat "$LOG/$tool-$name"-rank-*.log 2>/dev/null | grep -c "ERROR SUMMARY")
+  errors=$(cat "$LOG/$tool-$name"-rank-*.log 2>/dev/null | grep -o "ERROR SUMMARY: [0-9]* error" | awk '{s += $3} END {print s + 0}')
+  local verdict="$errors errors in $summaries of $files rank processes"
+  [ "$rc" = 124 ] && verdict="$verdict; TIMED OUT after ${limit}s"
+  [ "$summaries" = 0 ] && verdict="no sanitizer summary from $files rank logs (rc $rc)"
+  rows+=("| $tool | $name (each rank under its own sanitizer) | $verdict | exit $rc | $(($(date +%s) - t0)) s |")
+  echo "${rows[-1]}"
+}
 IFS=, read -ra tools <<<"$TOOLS"
 for tool in "${tools[@]}"; do
   run "$tool" native-smoke-intra 150 native/build/epa2a_smoke "$GROUPS_NATIVE" 42 "intra bf16"
@@ -54,7 +76,7 @@ for tool in "${tools[@]}"; do
     run "$tool" ll-smoke 150 native/build/epa2a_ll_smoke "$GROUPS_NATIVE" 42 "fp8" 10
   fi
   if [ -n "$APP" ] && [ "$tool" = memcheck ]; then
-    run "$tool" gpu-check-"$GROUPS_CHECK" 240 dotnet $APP/epa2a-tools.dll gpu-check --groups "$GROUPS_CHECK" --out "$LOG/gpu-check-$tool"
+    run_ranks "$tool" gpu-check-"$GROUPS_CHECK" 300 dotnet $APP/epa2a-tools.dll gpu-check --groups "$GROUPS_CHECK" --out "$LOG/gpu-check-$tool"
   fi
 done
 {

@@ -11,6 +11,9 @@ namespace EpA2A.Tools;
 /// </summary>
 internal static class RankProcesses
 {
+    /// <summary>The environment variable naming a command that each rank process runs under (empty: none).</summary>
+    public const string WrapperVariable = "EPA2A_RANK_WRAPPER";
+
     private const string UidFile = "uid";
 
     /// <summary>
@@ -22,7 +25,21 @@ internal static class RankProcesses
     public static Process Start(IEnumerable<string> args, Action<string, bool> onLine, CoreAffinity? cores = null)
     {
         string self = Environment.ProcessPath ?? throw new InvalidOperationException("cannot find this program's path to start the rank processes");
-        ProcessStartInfo psi = new(self) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        // EPA2A_RANK_WRAPPER (words split on spaces) runs each rank process under a wrapper of its own, e.g.
+        // "compute-sanitizer --tool memcheck": the sanitizer then reports on every rank, which it does not when it
+        // only follows the parent (scripts/gpu/sanitize.sh).
+        string[] wrapper = (Environment.GetEnvironmentVariable(WrapperVariable) ?? string.Empty).Split(' ', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        ProcessStartInfo psi = new(wrapper.Length > 0 ? wrapper[0] : self) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string w in wrapper.Skip(1))
+        {
+            psi.ArgumentList.Add(w);
+        }
+
+        if (wrapper.Length > 0)
+        {
+            psi.ArgumentList.Add(self);
+        }
+
         if (Path.GetFileNameWithoutExtension(self) == "dotnet")
         {
             psi.ArgumentList.Add(Assembly.GetEntryAssembly()!.Location);
