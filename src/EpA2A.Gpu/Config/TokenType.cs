@@ -32,6 +32,38 @@ public static class TokenTypeInfo
         _ => throw new ArgumentOutOfRangeException(nameof(type), type, "unknown token type"),
     };
 
+    /// <summary>The short name the command lines, tables and files use: "bf16", "fp16" or "fp32".</summary>
+    public static string Name(TokenType type) => type switch
+    {
+        TokenType.BFloat16 => "bf16",
+        TokenType.Float16 => "fp16",
+        TokenType.Float32 => "fp32",
+        _ => throw new ArgumentOutOfRangeException(nameof(type), type, "unknown token type"),
+    };
+
+    /// <summary>
+    /// Reads a token type from its short name or a common alias, ignoring case: bf16 / bfloat16, fp16 / f16 / float16,
+    /// fp32 / f32 / float32. The one parser of token types: each command turns a false into its own usage error.
+    /// </summary>
+    public static bool TryParse(string? text, out TokenType type)
+    {
+        switch (text?.Trim().ToUpperInvariant())
+        {
+            case "BF16" or "BFLOAT16":
+                type = TokenType.BFloat16;
+                return true;
+            case "FP16" or "F16" or "FLOAT16":
+                type = TokenType.Float16;
+                return true;
+            case "FP32" or "F32" or "FLOAT32":
+                type = TokenType.Float32;
+                return true;
+            default:
+                type = default;
+                return false;
+        }
+    }
+
     /// <summary>The token type whose CLR element type is <typeparamref name="T"/>.</summary>
     public static TokenType Of<T>()
         where T : unmanaged

@@ -88,13 +88,9 @@ internal static class LocalCommand
         _ => throw new ArgumentException($"--mode '{text}' is not normal or low-latency"),
     };
 
-    internal static TokenType ParseTokenType(string text) => text.ToUpperInvariant() switch
-    {
-        "BF16" or "BFLOAT16" => TokenType.BFloat16,
-        "FP16" or "F16" or "FLOAT16" => TokenType.Float16,
-        "FP32" or "F32" or "FLOAT32" => TokenType.Float32,
-        _ => throw new UsageException($"--token-type '{text}' is not bf16, fp16 or fp32"),
-    };
+    internal static TokenType ParseTokenType(string text) => TokenTypeInfo.TryParse(text, out TokenType type)
+        ? type
+        : throw new UsageException($"--token-type '{text}' is not bf16, fp16 or fp32");
 }
 
 /// <summary>One run of `epa2a local`.</summary>

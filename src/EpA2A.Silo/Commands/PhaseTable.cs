@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Text;
+using EpA2A.Telemetry;
 
 namespace EpA2A.Silo.Commands;
 
@@ -44,5 +45,5 @@ internal sealed class PhaseTable
         return sb.ToString();
     }
 
-    private static double Percentile(double[] sorted, double q) => sorted[Math.Min(sorted.Length - 1, (int)Math.Ceiling(q * sorted.Length) - 1)];
+    private static double Percentile(double[] sorted, double q) => SampleStats.PercentileOfSorted(sorted, q);
 }

@@ -156,20 +156,11 @@ internal static class StepCommand
         }
     }
 
-    private static TokenType ParseTokenType(string text) => text switch
-    {
-        "bf16" => TokenType.BFloat16,
-        "fp16" => TokenType.Float16,
-        "fp32" => TokenType.Float32,
-        _ => throw new StepUsageException($"--token-type {text} is not bf16, fp16 or fp32"),
-    };
+    private static TokenType ParseTokenType(string text) => TokenTypeInfo.TryParse(text, out TokenType type)
+        ? type
+        : throw new StepUsageException($"--token-type {text} is not bf16, fp16 or fp32");
 
-    private static string TokenTypeName(TokenType type) => type switch
-    {
-        TokenType.BFloat16 => "bf16",
-        TokenType.Float16 => "fp16",
-        _ => "fp32",
-    };
+    private static string TokenTypeName(TokenType type) => TokenTypeInfo.Name(type);
 
     /// <summary>Ranks a replay runs in this process, at most: each is a layer with its own buffers and mailboxes.</summary>
     internal const int MaxWorldSize = 256;

@@ -8,6 +8,7 @@ using EpA2A.Layer;
 using EpA2A.LowLatency;
 using EpA2A.Numerics;
 using EpA2A.Reference;
+using EpA2A.Telemetry;
 
 namespace EpA2A.Tools.Bench;
 
@@ -260,16 +261,7 @@ internal static class BenchDecode
         point.CombineSendMedianUs = Quantile(combineSend, 0.5);
     }
 
-    private static double Quantile(List<double> v, double q)
-    {
-        if (v.Count == 0)
-        {
-            return 0;
-        }
-
-        List<double> s = [.. v.Order()];
-        return s[(int)Math.Round(q * (s.Count - 1))];
-    }
+    private static double Quantile(List<double> v, double q) => SampleStats.Percentile(v, q);
 
     private static BenchDecodeSummary Summarize(BenchDecodeManifest m, BenchDecodeRankReport?[] reports, string gpu, string driver, DateTime started)
     {

@@ -1,3 +1,5 @@
+using EpA2A.Telemetry;
+
 namespace EpA2A.Tools.Bench;
 
 /// <summary>Median, p99 and count of a sample (µs).</summary>
@@ -8,20 +10,10 @@ internal sealed record BenchStat(double Median, double P99, int Samples)
 
 internal static class BenchStats
 {
-    public static double Median(IReadOnlyList<double> v) => Percentile(v, 0.5);
+    public static double Median(IReadOnlyList<double> v) => SampleStats.Median(v);
 
-    /// <summary>Nearest-rank percentile; 0 for an empty sample.</summary>
-    public static double Percentile(IReadOnlyList<double> v, double q)
-    {
-        if (v.Count == 0)
-        {
-            return 0;
-        }
-
-        double[] s = [.. v.Order()];
-        int i = (int)Math.Ceiling(q * s.Length) - 1;
-        return s[Math.Clamp(i, 0, s.Length - 1)];
-    }
+    /// <summary>Nearest-rank percentile (<see cref="SampleStats"/>); 0 for an empty sample.</summary>
+    public static double Percentile(IReadOnlyList<double> v, double q) => SampleStats.Percentile(v, q);
 
     /// <summary>Per iteration, the slowest rank: a step is done when every rank is.</summary>
     public static List<double> SlowestRank(IEnumerable<List<double>> perRank)

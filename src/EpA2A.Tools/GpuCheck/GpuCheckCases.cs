@@ -63,12 +63,7 @@ internal sealed record GpuCheckCase(
         }
     }
 
-    public string TypeName => Type switch
-    {
-        TokenType.BFloat16 => "bf16",
-        TokenType.Float16 => "fp16",
-        _ => "fp32",
-    };
+    public string TypeName => TokenTypeInfo.Name(Type);
 
     public string Flags => string.Join(' ', new[]
     {

@@ -9,6 +9,7 @@ using EpA2A.Experts;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Reference;
+using EpA2A.Telemetry;
 
 namespace EpA2A.Tools.GpuCheck;
 
@@ -124,8 +125,7 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             return 0;
         }
 
-        List<double> s = v.Count > 2 ? [.. v.Skip(1).Order()] : [.. v.Order()]; // the first is warm-up
-        return s[s.Count / 2];
+        return SampleStats.Median(v.Count > 2 ? v.Skip(1) : v); // the first is warm-up
     }
 
     /// <summary>Scatter indices that place every row somewhere new: the packed placement permuted inside each rank's range.</summary>

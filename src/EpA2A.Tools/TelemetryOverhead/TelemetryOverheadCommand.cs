@@ -130,13 +130,9 @@ internal static class TelemetryOverheadCommand
 
     private static object Summary(List<double> values) => new { p50Micros = Median(values), meanMicros = values.Average(), p95Micros = Percentile(values, 0.95) };
 
-    private static double Median(List<double> values) => Percentile(values, 0.5);
+    private static double Median(List<double> values) => SampleStats.Median(values);
 
-    private static double Percentile(List<double> values, double q)
-    {
-        double[] sorted = [.. values.Order()];
-        return sorted[Math.Min(sorted.Length - 1, (int)Math.Ceiling(q * sorted.Length) - 1)];
-    }
+    private static double Percentile(List<double> values, double q) => SampleStats.Percentile(values, q);
 
     private static int FreePort()
     {
