@@ -37,12 +37,20 @@ run() { # tool name timeout command...
   t0=$(date +%s)
   timeout "$limit" compute-sanitizer --tool "$tool" --target-processes all --print-limit 20 "$@" >"$log" 2>&1
   rc=$?
-  local summaries errors
-  summaries=$(grep -c "ERROR SUMMARY" "$log")
-  errors=$(grep -o "ERROR SUMMARY: [0-9]* error" "$log" | awk '{s += $3} END {print s + 0}')
-  local verdict="$errors errors in $summaries processes"
+  row "$tool" "$name" "$rc" "$limit" "$t0" "processes" "$log"
+}
+# One table row from the sanitizer logs given: errors summed over every ERROR SUMMARY in them.
+row() { # tool name rc limit t0 what logs...
+  local tool=$1 name=$2 rc=$3 limit=$4 t0=$5 what=$6
+  shift 6
+  local summaries=0 errors=0 verdict
+  if [ $# -gt 0 ]; then # (cat with no file would read stdin)
+    summaries=$(cat "$@" 2>/dev/null | grep -c "ERROR SUMMARY")
+    errors=$(cat "$@" 2>/dev/null | grep -o "ERROR SUMMARY: [0-9]* error" | awk '{s += $3} END {print s + 0}')
+  fi
+  verdict="$errors errors in $summaries $what"
   [ "$rc" = 124 ] && verdict="$verdict; TIMED OUT after ${limit}s"
-  [ "$summaries" = 0 ] && verdict="no sanitizer summary (rc $rc)"
+  [ "$summaries" = 0 ] && verdict="no sanitizer summary in $# logs (rc $rc)"
   rows+=("| $tool | $name | $verdict | exit $rc | $(($(date +%s) - t0)) s |")
   echo "${rows[-1]}"
 }
@@ -58,15 +66,10 @@ run_ranks() { # tool name timeout command...
   EPA2A_RANK_WRAPPER="compute-sanitizer --tool $tool --print-limit 20 --log-file $LOG/$tool-$name-rank-%p.log" \
     timeout "$limit" "$@" >"$log" 2>&1
   rc=$?
-  local summaries errors files
-  files=$(ls "$LOG/$tool-$name"-rank-*.log 2>/dev/null | wc -l)
-  summaries=$(cat "$LOG/$tool-$name"-rank-*.log 2>/dev/null | grep -c "ERROR SUMMARY")
-  errors=$(cat "$LOG/$tool-$name"-rank-*.log 2>/dev/null | grep -o "ERROR SUMMARY: [0-9]* error" | awk '{s += $3} END {print s + 0}')
-  local verdict="$errors errors in $summaries of $files rank processes"
-  [ "$rc" = 124 ] && verdict="$verdict; TIMED OUT after ${limit}s"
-  [ "$summaries" = 0 ] && verdict="no sanitizer summary from $files rank logs (rc $rc)"
-  rows+=("| $tool | $name (each rank under its own sanitizer) | $verdict | exit $rc | $(($(date +%s) - t0)) s |")
-  echo "${rows[-1]}"
+  shopt -s nullglob
+  local logs=("$LOG/$tool-$name"-rank-*.log)
+  shopt -u nullglob
+  row "$tool" "$name (each rank under its own sanitizer)" "$rc" "$limit" "$t0" "of ${#logs[@]} rank processes" "${logs[@]}"
 }
 IFS=, read -ra tools <<<"$TOOLS"
 for tool in "${tools[@]}"; do

@@ -210,9 +210,15 @@ public sealed class ExpertLayerClient
         }
         catch (Exception e) when (e is TimeoutException or OrleansException)
         {
-            string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
-            throw new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
+            throw CoordinatorFailed(e, what, bound);
         }
+    }
+
+    /// <summary>The failure a coordinator call ends in: it names the silo the coordinator was last seen on and its ranks.</summary>
+    private GroupStepFailedException CoordinatorFailed(Exception e, string what, TimeSpan bound)
+    {
+        string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
+        return new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
     }
 
     /// <summary>
@@ -246,8 +252,7 @@ public sealed class ExpertLayerClient
             }
             catch (Exception e) when (e is TimeoutException or OrleansException)
             {
-                string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
-                throw new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
+                throw CoordinatorFailed(e, what, bound);
             }
         }
     }

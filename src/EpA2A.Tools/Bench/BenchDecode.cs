@@ -253,15 +253,13 @@ internal static class BenchDecode
         // row once and writes each token once.
         point.DispatchFloorBytes = 2.0 * pairs * wire;
         point.CombineFloorBytes = (pairs * 2.0 * config.Hidden) + ((double)n * config.WorldSize * 2.0 * config.Hidden);
-        point.DispatchMedianUs = Quantile(dispatch, 0.5);
-        point.DispatchP99Us = Quantile(dispatch, 0.99);
-        point.CombineMedianUs = Quantile(combine, 0.5);
-        point.CombineP99Us = Quantile(combine, 0.99);
-        point.DispatchSendMedianUs = Quantile(dispatchSend, 0.5);
-        point.CombineSendMedianUs = Quantile(combineSend, 0.5);
+        point.DispatchMedianUs = SampleStats.Percentile(dispatch, 0.5);
+        point.DispatchP99Us = SampleStats.Percentile(dispatch, 0.99);
+        point.CombineMedianUs = SampleStats.Percentile(combine, 0.5);
+        point.CombineP99Us = SampleStats.Percentile(combine, 0.99);
+        point.DispatchSendMedianUs = SampleStats.Percentile(dispatchSend, 0.5);
+        point.CombineSendMedianUs = SampleStats.Percentile(combineSend, 0.5);
     }
-
-    private static double Quantile(List<double> v, double q) => SampleStats.Percentile(v, q);
 
     private static BenchDecodeSummary Summarize(BenchDecodeManifest m, BenchDecodeRankReport?[] reports, string gpu, string driver, DateTime started)
     {

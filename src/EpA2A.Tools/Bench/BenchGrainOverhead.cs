@@ -11,6 +11,8 @@ using EpA2A.Silo.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 
+using EpA2A.Telemetry;
+
 namespace EpA2A.Tools.Bench;
 
 /// <summary>One size of the grain-path measurement: a client's step through the grains against the same step in process.</summary>
@@ -108,9 +110,9 @@ internal sealed record BenchGrainOverhead(int World, List<BenchGrainSize> Sizes)
             }
         }
 
-        double g = BenchStats.Median(grain);
-        double l = BenchStats.Median(local);
+        double g = SampleStats.Median(grain);
+        double l = SampleStats.Median(local);
         await Console.Out.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"  tokens {tokens}, hidden {hidden}: grain step {g:0} us, in-process step {l:0} us")).ConfigureAwait(false);
-        return new BenchGrainSize(tokens, hidden, g, BenchStats.Percentile(grain, 0.99), l, g - l);
+        return new BenchGrainSize(tokens, hidden, g, SampleStats.Percentile(grain, 0.99), l, g - l);
     }
 }

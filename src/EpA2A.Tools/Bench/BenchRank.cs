@@ -6,6 +6,8 @@ using EpA2A.Config;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 
+using EpA2A.Telemetry;
+
 namespace EpA2A.Tools.Bench;
 
 /// <summary>
@@ -103,7 +105,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
                 GC.WaitForPendingFinalizers();
                 (long free, _) = await runtime.DeviceMemoryAsync().ConfigureAwait(false);
                 using Process self = Process.GetCurrentProcess();
-                samples.Add(new BenchSoakSample(step, free, GC.GetTotalMemory(forceFullCollection: true), self.HandleCount, self.Threads.Count, BenchStats.Median(times)));
+                samples.Add(new BenchSoakSample(step, free, GC.GetTotalMemory(forceFullCollection: true), self.HandleCount, self.Threads.Count, SampleStats.Median(times)));
                 times.Clear();
                 if (step == manifest.SoakSteps)
                 {

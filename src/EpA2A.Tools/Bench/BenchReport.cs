@@ -1,6 +1,8 @@
 using System.Globalization;
 using System.Text;
 
+using EpA2A.Telemetry;
+
 namespace EpA2A.Tools.Bench;
 
 /// <summary>The markdown table and the PNG plot of a bench summary.</summary>
@@ -211,7 +213,7 @@ internal static class BenchReport
         List<BenchPointSummary> all = [.. s.Points.Where(p => p.Cuda?.DispatchGpu is not null)];
         if (all.Count > 0)
         {
-            sb.AppendLine(ic, $"- C# orchestration per call, median over points: dispatch {BenchStats.Median([.. all.Select(p => p.Cuda!.DispatchOrchestrationUs)]):0.0} µs, combine {BenchStats.Median([.. all.Select(p => p.Cuda!.CombineOrchestrationUs)]):0.0} µs (target under 10 µs).");
+            sb.AppendLine(ic, $"- C# orchestration per call, median over points: dispatch {SampleStats.Median([.. all.Select(p => p.Cuda!.DispatchOrchestrationUs)]):0.0} µs, combine {SampleStats.Median([.. all.Select(p => p.Cuda!.CombineOrchestrationUs)]):0.0} µs (target under 10 µs).");
         }
 
         List<BenchPointSummary> peers = [.. all.Where(p => p.Peer is not null)];

@@ -5,16 +5,11 @@ namespace EpA2A.Tools.Bench;
 /// <summary>Median, p99 and count of a sample (µs).</summary>
 internal sealed record BenchStat(double Median, double P99, int Samples)
 {
-    public static BenchStat Of(IReadOnlyList<double> v) => new(BenchStats.Median(v), BenchStats.Percentile(v, 0.99), v.Count);
+    public static BenchStat Of(IReadOnlyList<double> v) => new(SampleStats.Median(v), SampleStats.Percentile(v, 0.99), v.Count);
 }
 
 internal static class BenchStats
 {
-    public static double Median(IReadOnlyList<double> v) => SampleStats.Median(v);
-
-    /// <summary>Nearest-rank percentile (<see cref="SampleStats"/>); 0 for an empty sample.</summary>
-    public static double Percentile(IReadOnlyList<double> v, double q) => SampleStats.Percentile(v, q);
-
     /// <summary>Per iteration, the slowest rank: a step is done when every rank is.</summary>
     public static List<double> SlowestRank(IEnumerable<List<double>> perRank)
     {
@@ -264,18 +259,18 @@ internal sealed record BenchSummary
             CombineGpu = cGpu,
             DispatchWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.DispatchWall))),
             CombineWall = BenchStat.Of(BenchStats.SlowestRank(ok.Select(x => x.CombineWall))),
-            DispatchHostGapUs = BenchStats.Median(BenchStats.SlowestRank(ok.Select(x => x.DispatchHostGap))),
-            DispatchPrepareUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchPrepareGpu))]),
+            DispatchHostGapUs = SampleStats.Median(BenchStats.SlowestRank(ok.Select(x => x.DispatchHostGap))),
+            DispatchPrepareUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median(x.DispatchPrepareGpu))]),
             DispatchCeilingPct = CopyCeiling.Percent(floor, bandwidth, CopyCeiling.MedianSpanUs([.. ok.Select(x => CopyCeiling.Intervals(x.DispatchStarts, x.DispatchEnds))])),
             CombineCeilingPct = CopyCeiling.Percent(floor, bandwidth, CopyCeiling.MedianSpanUs([.. ok.Select(x => CopyCeiling.Intervals(x.DispatchEnds, x.CombineEnds))])),
             DispatchAlgbwGBps = dGpu.Median > 0 ? recvBytesPerRank / dGpu.Median / 1e3 : 0,
             CombineAlgbwGBps = cGpu.Median > 0 ? recvBytesPerRank / cGpu.Median / 1e3 : 0,
-            DispatchOrchestrationUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchWallUntimed) - BenchStats.Median(x.DirectDispatchWall))]),
-            CombineOrchestrationUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.CombineWallUntimed) - BenchStats.Median(x.DirectCombineWall))]),
-            DispatchOrchestrationTimedUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.DispatchWall) - BenchStats.Median(x.DirectDispatchWall))]),
-            CombineOrchestrationTimedUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median(x.CombineWall) - BenchStats.Median(x.DirectCombineWall))]),
-            DispatchWallMinusGpuUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median([.. x.DispatchWall.Zip(x.DispatchGpu, (w, g) => w - g)]))]),
-            CombineWallMinusGpuUs = BenchStats.Median([.. ok.Select(x => BenchStats.Median([.. x.CombineWall.Zip(x.CombineGpu, (w, g) => w - g)]))]),
+            DispatchOrchestrationUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median(x.DispatchWallUntimed) - SampleStats.Median(x.DirectDispatchWall))]),
+            CombineOrchestrationUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median(x.CombineWallUntimed) - SampleStats.Median(x.DirectCombineWall))]),
+            DispatchOrchestrationTimedUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median(x.DispatchWall) - SampleStats.Median(x.DirectDispatchWall))]),
+            CombineOrchestrationTimedUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median(x.CombineWall) - SampleStats.Median(x.DirectCombineWall))]),
+            DispatchWallMinusGpuUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median([.. x.DispatchWall.Zip(x.DispatchGpu, (w, g) => w - g)]))]),
+            CombineWallMinusGpuUs = SampleStats.Median([.. ok.Select(x => SampleStats.Median([.. x.CombineWall.Zip(x.CombineGpu, (w, g) => w - g)]))]),
             Graph = graph,
             Checked = ok.All(x => x.Checked),
             Error = error,
@@ -296,7 +291,7 @@ internal sealed record BenchSummary
             return (0, 0, 0, 0);
         }
 
-        double median = BenchStats.Median(step);
+        double median = SampleStats.Median(step);
         int slow = 0, slowPreempted = 0, preempted = 0;
         for (int i = 0; i < n; i++)
         {

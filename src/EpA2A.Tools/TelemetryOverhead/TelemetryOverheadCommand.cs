@@ -63,8 +63,8 @@ internal static class TelemetryOverheadCommand
             }
         }
 
-        double offMedian = Median(off);
-        double onMedian = Median(on);
+        double offMedian = SampleStats.Median(off);
+        double onMedian = SampleStats.Median(on);
         double overhead = (onMedian / offMedian) - 1;
         output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"telemetry overhead: {config.WorldSize} ranks in process (CPU backend), {config.MaxTokens} tokens x {config.Hidden} bf16 per rank, top-{config.TopK} of {config.NumExperts}; {rounds} rounds x {steps} steps per mode"));
         output.WriteLine("| telemetry | steps | p50 µs/step | mean µs/step | p95 µs/step |");
@@ -126,13 +126,9 @@ internal static class TelemetryOverheadCommand
     }
 
     private static string Row(string name, List<double> values) =>
-        string.Create(CultureInfo.InvariantCulture, $"| {name,-9} | {values.Count,5} | {Median(values),11:0.0} | {values.Average(),12:0.0} | {Percentile(values, 0.95),11:0.0} |");
+        string.Create(CultureInfo.InvariantCulture, $"| {name,-9} | {values.Count,5} | {SampleStats.Median(values),11:0.0} | {values.Average(),12:0.0} | {SampleStats.Percentile(values, 0.95),11:0.0} |");
 
-    private static object Summary(List<double> values) => new { p50Micros = Median(values), meanMicros = values.Average(), p95Micros = Percentile(values, 0.95) };
-
-    private static double Median(List<double> values) => SampleStats.Median(values);
-
-    private static double Percentile(List<double> values, double q) => SampleStats.Percentile(values, q);
+    private static object Summary(List<double> values) => new { p50Micros = SampleStats.Median(values), meanMicros = values.Average(), p95Micros = SampleStats.Percentile(values, 0.95) };
 
     private static int FreePort()
     {
