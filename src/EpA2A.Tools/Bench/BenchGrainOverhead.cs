@@ -8,10 +8,9 @@ using EpA2A.Grains;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Silo.Hosting;
+using EpA2A.Telemetry;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
-
-using EpA2A.Telemetry;
 
 namespace EpA2A.Tools.Bench;
 
