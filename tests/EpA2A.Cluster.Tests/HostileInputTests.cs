@@ -412,6 +412,22 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
     }
 
     [Fact]
+    public async Task A_rank_that_dispatched_no_token_reads_an_empty_output_of_its_step()
+    {
+        (ExpertLayerClient client, int seed) = await LayerAsync("read-empty");
+        int[] counts = [.. Enumerable.Range(0, Spec.WorldSize).Select(r => r == BadRank ? 0 : Spec.MaxTokens)];
+        RankInput<BFloat16>[] inputs = RoutingGenerator.Draw<BFloat16>(Spec.ToConfig(0), counts, 0.2, false, false, new Random(seed));
+        StepOutcome<BFloat16> outcome = await client.StepAsync([.. inputs.Select(i => new RankStepInput<BFloat16>(i.Tokens, i.Count, i.ExpertIds))]);
+        GrainStepRunner.AssertMatches(Spec, seed, GrainStepRunner.Expected(Spec, inputs, false), outcome.Outputs);
+        Assert.Equal(0, outcome.Report.Ranks.Single(r => r.Rank == BadRank).OutputBytes);
+
+        // Reading all of a rank's output, as a caller does from the report, works for a rank with no token too.
+        byte[] empty = (await Rank(BadRank).ReadOutputAsync(client.Layer, outcome.Report.Step, 0, 0)).Value;
+        Assert.Empty(empty);
+        await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 1);
+    }
+
+    [Fact]
     public async Task Running_a_step_that_was_never_begun_is_rejected_by_the_coordinator()
     {
         (ExpertLayerClient client, int seed) = await LayerAsync("forged-ticket");

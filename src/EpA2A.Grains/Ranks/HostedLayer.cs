@@ -136,7 +136,8 @@ internal sealed class HostedLayer : IDisposable
     /// A slice of a step's combined output. Outputs are kept per step until every byte was read and a later step has
     /// run (so another client's step cannot replace one before its client has it), and at most
     /// <see cref="MaxUnreadOutputs"/> steps or <see cref="UnreadOutputLifetime"/> beyond the step bound; an output given
-    /// up that way is named when asked for.
+    /// up that way is named when asked for. A rank that dispatched no token has an empty output, which reads as an
+    /// empty slice until a later step runs.
     /// </summary>
     public byte[] ReadOutput(long step, int offset, int count)
     {
@@ -167,11 +168,6 @@ internal sealed class HostedLayer : IDisposable
 
     private void KeepOutput(long step, byte[] bytes)
     {
-        if (bytes.Length == 0)
-        {
-            return; // nothing to read
-        }
-
         long now = Stopwatch.GetTimestamp();
         foreach (long stale in outputs.Where(o => o.Value.Read >= o.Value.Bytes.Length || Stopwatch.GetElapsedTime(o.Value.Stored, now) > OutputBound).Select(o => o.Key).ToArray())
         {
