@@ -94,7 +94,8 @@ internal static class SiloCommand
     /// <summary>
     /// Serves the rank until stopped. A silo the cluster declared dead (it was paused, or cut off, past the probe
     /// limit) cannot rejoin under its old identity: instead of ending the process, the host is stopped and a new one
-    /// starts on the same ports, a new generation that the others admit as a fresh member.
+    /// starts on the same ports, a new generation that the others admit as a fresh member. A silo whose membership table
+    /// vanished (Redis restarted empty) does the same: a new host re-creates the table and its row.
     /// </summary>
     private static async Task<int> ServeAsync(SiloSettings settings, int world, CancellationToken ct)
     {
@@ -111,6 +112,7 @@ internal static class SiloCommand
 
             DeclaredDeadSignal declaredDead = new();
             IHost silo = EpA2AHosts.BuildSilo(settings, LogLevel.Information, declaredDead);
+            using CancellationTokenSource watch = new();
             try
             {
                 await silo.StartAsync(ct);
@@ -121,16 +123,29 @@ internal static class SiloCommand
 
                 Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {settings.Rank} of {world} in group '{settings.Group}' ({settings.Backend}), silo port {settings.SiloPort}, gateway {settings.GatewayPort}, advertised at {settings.AdvertisedAddress?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}{(incarnation > 1 ? $", restarted in process (start {incarnation})" : string.Empty)}; Ctrl-C to stop"));
                 Task shutdown = silo.WaitForShutdownAsync(ct);
-                if (await Task.WhenAny(shutdown, declaredDead.Task) == shutdown)
+                Task<string> tableGone = settings.Clustering == ClusteringKind.Redis
+                    ? MembershipTableWatch.WaitUntilGoneAsync(silo, TimeSpan.FromSeconds(1), watch.Token)
+                    : new TaskCompletionSource<string>().Task;
+                Task first = await Task.WhenAny(shutdown, declaredDead.Task, tableGone);
+                if (first == shutdown)
                 {
                     await shutdown;
                     return ExitCodes.Ok;
                 }
 
-                Console.WriteLine($"epa2a silo: rank {settings.Rank} was declared dead by the cluster ({declaredDead.Task.Result}); restarting the silo in this process");
+                if (first == tableGone)
+                {
+                    Console.WriteLine($"epa2a silo: rank {settings.Rank}: the membership table of cluster '{settings.ClusterId}' in Redis {settings.RedisConnection} is gone ({tableGone.Result}; Redis restarted empty, or its keys were deleted); rejoining: restarting the silo in this process");
+                    await MembershipTableWatch.RecreateAsync(silo, TimeSpan.FromSeconds(5));
+                }
+                else
+                {
+                    Console.WriteLine($"epa2a silo: rank {settings.Rank} was declared dead by the cluster ({declaredDead.Task.Result}); restarting the silo in this process");
+                }
             }
             finally
             {
+                await watch.CancelAsync();
                 try
                 {
                     await silo.StopAsync(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(10), CancellationToken.None);
