@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using EpA2A.Config;
 using Orleans.Concurrency;
@@ -352,28 +353,29 @@ public sealed class ExpertLayerClient
         IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
         long step = ticket.Step;
         await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch)).ConfigureAwait(false);
+        // Each chunk is copied once, straight from the caller's array into the message (Immutable: Orleans copies no more).
         List<Task> sends = [];
-        sends.AddRange(Chunks(grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()).ToArray()));
-        sends.AddRange(Chunks(grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()).ToArray()));
+        Chunks(sends, grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()));
+        Chunks(sends, grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()));
         if (input.Weights is { } w)
         {
-            sends.AddRange(Chunks(grain, step, InputPart.Weights, MemoryMarshal.AsBytes(w.AsSpan()).ToArray()));
+            Chunks(sends, grain, step, InputPart.Weights, MemoryMarshal.AsBytes(w.AsSpan()));
         }
 
         if (input.ScatterIndices is { } s)
         {
-            sends.AddRange(Chunks(grain, step, InputPart.ScatterIndices, MemoryMarshal.AsBytes(s.AsSpan()).ToArray()));
+            Chunks(sends, grain, step, InputPart.ScatterIndices, MemoryMarshal.AsBytes(s.AsSpan()));
         }
 
         await Task.WhenAll(sends).ConfigureAwait(false);
     }
 
-    private IEnumerable<Task> Chunks(IRankGrain grain, long step, InputPart part, byte[] bytes)
+    private void Chunks(List<Task> sends, IRankGrain grain, long step, InputPart part, ReadOnlySpan<byte> bytes)
     {
         for (int offset = 0; offset < bytes.Length; offset += chunkBytes)
         {
-            byte[] piece = bytes[offset..Math.Min(bytes.Length, offset + chunkBytes)];
-            yield return grain.StageInputAsync(Layer, step, part, offset, new Immutable<byte[]>(piece));
+            byte[] piece = bytes[offset..Math.Min(bytes.Length, offset + chunkBytes)].ToArray();
+            sends.Add(grain.StageInputAsync(Layer, step, part, offset, new Immutable<byte[]>(piece)));
         }
     }
 
@@ -381,16 +383,17 @@ public sealed class ExpertLayerClient
         where T : unmanaged
     {
         IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
-        byte[] bytes = new byte[totalBytes];
+        // The chunks land straight in the result's bytes.
+        T[] result = new T[totalBytes / Unsafe.SizeOf<T>()];
         List<Task> reads = [];
         for (int offset = 0; offset < totalBytes; offset += chunkBytes)
         {
             int at = offset;
             int count = Math.Min(chunkBytes, totalBytes - offset);
-            reads.Add(grain.ReadOutputAsync(Layer, step, at, count).ContinueWith(t => t.Result.Value.CopyTo(bytes, at), TaskScheduler.Default));
+            reads.Add(grain.ReadOutputAsync(Layer, step, at, count).ContinueWith(t => t.Result.Value.CopyTo(MemoryMarshal.AsBytes(result.AsSpan())[at..]), TaskScheduler.Default));
         }
 
         await Task.WhenAll(reads).ConfigureAwait(false);
-        return MemoryMarshal.Cast<byte, T>(bytes).ToArray();
+        return result;
     }
 }

@@ -33,7 +33,8 @@ public sealed class DeterministicExpertCompute : IExpertCompute
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(dispatched);
-        T[] rows = DenseTensor.ToArray(dispatched.Output);
+        // The received rows are read where they lie (the layer's output buffer), not copied first.
+        ReadOnlySpan<T> rows = DenseTensor.TryGetRowMajorSpan(dispatched.Output, out ReadOnlySpan<T> dense) ? dense : DenseTensor.ToArray(dispatched.Output);
         EpAllToAllLayout layout = dispatched.Layout;
         T[] output = DeterministicExperts.ApplyToBlocks<T>(rows, config.Hidden, config.Rank * config.ExpertsPerRank, layout.ExpertRowStarts, layout.RowsPerLocalExpert);
         return ValueTask.FromResult(Tensor.Create(output, [layout.RecvRows, config.Hidden]));

@@ -154,7 +154,8 @@ internal sealed class HostedLayer : IDisposable
             }
 
             o.Read += count;
-            return o.Bytes[offset..(offset + count)];
+            // The whole output (one chunk) goes out as it is: it is never written after the step, and crosses as Immutable.
+            return offset == 0 && count == o.Bytes.Length ? o.Bytes : o.Bytes[offset..(offset + count)];
         }
     }
 

@@ -15,38 +15,47 @@ internal sealed class StagedInput
 
     private readonly int rank;
 
+    /// <summary>Announced bytes per part (-1: not announced); arrays are made on the first chunk that does not fill one.</summary>
+    private readonly int[] lengths = new int[4];
+    private readonly byte[]?[] parts = new byte[]?[4];
+
     public StagedInput(StepInputHeader header, EpConfig config)
     {
         Header = header;
         rank = config.Rank;
         int slots = header.Tokens * config.TopK;
-        Tokens = new byte[header.Tokens * config.Hidden * config.TokenBytes];
-        Ids = new byte[slots * 4];
-        Weights = header.HasWeights ? new byte[slots * 4] : null;
-        Scatter = header.HasScatterIndices ? new byte[slots * 4] : null;
+        lengths[(int)InputPart.Tokens] = header.Tokens * config.Hidden * config.TokenBytes;
+        lengths[(int)InputPart.ExpertIds] = slots * 4;
+        lengths[(int)InputPart.Weights] = header.HasWeights ? slots * 4 : -1;
+        lengths[(int)InputPart.ScatterIndices] = header.HasScatterIndices ? slots * 4 : -1;
     }
 
     public StepInputHeader Header { get; }
 
-    public byte[] Tokens { get; }
+    public byte[] Tokens => Part(InputPart.Tokens)!;
 
-    public byte[] Ids { get; }
+    public byte[] Ids => Part(InputPart.ExpertIds)!;
 
-    public byte[]? Weights { get; }
+    public byte[]? Weights => Part(InputPart.Weights);
 
-    public byte[]? Scatter { get; }
+    public byte[]? Scatter => Part(InputPart.ScatterIndices);
 
     public void Add(InputPart part, int offset, byte[] data)
     {
         ArgumentNullException.ThrowIfNull(data);
-        byte[] target = Target(part) ?? throw new ArgumentException($"rank {rank}: step {Header.Step} announced no {part}", nameof(part));
-        long end = (long)offset + data.Length;
-        if (offset < 0 || end > target.Length)
+        int length = (uint)part < (uint)lengths.Length ? lengths[(int)part] : -1;
+        if (length < 0)
         {
-            throw new ArgumentOutOfRangeException(nameof(offset), $"rank {rank}: {part} chunk [{offset}, {end}) is outside the announced {target.Length} bytes");
+            throw new ArgumentException($"rank {rank}: step {Header.Step} announced no {part}", nameof(part));
         }
 
-        if (data.Length == 0 || (data.Length < MessageAssembler.MinChunkBytes && end != target.Length))
+        long end = (long)offset + data.Length;
+        if (offset < 0 || end > length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(offset), $"rank {rank}: {part} chunk [{offset}, {end}) is outside the announced {length} bytes");
+        }
+
+        if (data.Length == 0 || (data.Length < MessageAssembler.MinChunkBytes && end != length))
         {
             throw new ArgumentException($"rank {rank}: {part} chunk [{offset}, {end}) holds {data.Length} bytes; only the piece that ends the array may be shorter than {MessageAssembler.MinChunkBytes}", nameof(data));
         }
@@ -62,7 +71,16 @@ internal sealed class StagedInput
         }
 
         seen.Add(piece);
-        data.CopyTo(target, offset);
+        if (data.Length == length)
+        {
+            // The whole array in one chunk (the usual case): the message's own array is the input, no copy.
+            parts[(int)part] = data;
+        }
+        else
+        {
+            data.CopyTo(parts[(int)part] ??= new byte[length], offset);
+        }
+
         received[(int)part] += data.Length;
     }
 
@@ -70,20 +88,19 @@ internal sealed class StagedInput
     {
         foreach (InputPart part in Enum.GetValues<InputPart>())
         {
-            byte[]? target = Target(part);
-            if (target is not null && received[(int)part] != target.Length)
+            int length = lengths[(int)part];
+            if (length >= 0 && received[(int)part] != length)
             {
-                throw new ArgumentException($"rank {rank}: step {Header.Step} has {received[(int)part]} of {target.Length} bytes of {part}");
+                throw new ArgumentException($"rank {rank}: step {Header.Step} has {received[(int)part]} of {length} bytes of {part}");
             }
         }
     }
 
-    private byte[]? Target(InputPart part) => part switch
+    /// <summary>An announced part (empty when it has no bytes), or null when it was not announced.</summary>
+    private byte[]? Part(InputPart part) => lengths[(int)part] switch
     {
-        InputPart.Tokens => Tokens,
-        InputPart.ExpertIds => Ids,
-        InputPart.Weights => Weights,
-        InputPart.ScatterIndices => Scatter,
-        _ => null,
+        < 0 => null,
+        0 => [],
+        int length => parts[(int)part] ?? new byte[length],
     };
 }
