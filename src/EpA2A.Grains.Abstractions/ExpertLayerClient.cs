@@ -157,10 +157,14 @@ public sealed class ExpertLayerClient
             int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
             string why = string.Join("; ", failed.Select(r => $"rank {r}: {(staging[r].IsFaulted ? staging[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             string message = $"step {ticket.Step} of layer '{Layer}': staging the input failed on {why}";
+
+            // Ranks that gave no answer at all (as opposed to refusing the input) are reported as unreachable: a masking
+            // layer masks them when the step is given up.
+            int[] unreachable = [.. failed.Where(r => !staging[r].IsCompleted || staging[r].Exception?.GetBaseException() is TimeoutException or OrleansException or NoSiloForRankException)];
             await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             try
             {
-                await Coordinator.AbandonStepAsync(ticket, message).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
+                await Coordinator.AbandonStepAsync(ticket, message, unreachable).WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
             }
             catch (Exception abandon) when (abandon is TimeoutException or OrleansException)
             {

