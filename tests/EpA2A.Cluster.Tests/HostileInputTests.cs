@@ -417,7 +417,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
         (ExpertLayerClient client, int seed) = await LayerAsync("read-empty");
         int[] counts = [.. Enumerable.Range(0, Spec.WorldSize).Select(r => r == BadRank ? 0 : Spec.MaxTokens)];
         RankInput<BFloat16>[] inputs = RoutingGenerator.Draw<BFloat16>(Spec.ToConfig(0), counts, 0.2, false, false, new Random(seed));
-        StepOutcome<BFloat16> outcome = await client.StepAsync([.. inputs.Select(i => new RankStepInput<BFloat16>(i.Tokens, i.Count, i.ExpertIds))]);
+        StepOutcome<BFloat16> outcome = await client.StepAsync([.. inputs.Select(i => new RankStepInput<BFloat16>(i.Tokens, i.Count, i.ExpertIds))], cancellationToken: TestContext.Current.CancellationToken);
         GrainStepRunner.AssertMatches(Spec, seed, GrainStepRunner.Expected(Spec, inputs, false), outcome.Outputs);
         Assert.Equal(0, outcome.Report.Ranks.Single(r => r.Rank == BadRank).OutputBytes);
 
