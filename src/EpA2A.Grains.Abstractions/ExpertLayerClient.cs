@@ -178,7 +178,7 @@ public sealed class ExpertLayerClient
         StepReport report;
         try
         {
-            report = await CoordinatorCallAsync(Coordinator.RunStepAsync(ticket, weighted), "RunStepAsync", (spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
+            report = await RunOnCoordinatorAsync(ticket, weighted, (spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is GroupStepFailedException or InvalidOperationException)
         {
@@ -216,6 +216,57 @@ public sealed class ExpertLayerClient
         catch (Exception e) when (e is TimeoutException or OrleansException)
         {
             throw CoordinatorFailed(e, what, bound);
+        }
+    }
+
+    /// <summary>
+    /// Runs the step on the coordinator within <paramref name="bound"/>. An answer is lost when it was to come back
+    /// through a gateway silo that died mid-step (a rank's silo being killed is exactly when a step fails), so with no
+    /// answer after 1 s, 3 s, 7 s ... the step is asked for again: the coordinator answers a repeated ticket with the
+    /// outcome of the run it already has (or runs it, when the first ask never arrived), and the answer comes back
+    /// through a live gateway. Only a coordinator that answers no ask is blamed.
+    /// </summary>
+    private async Task<StepReport> RunOnCoordinatorAsync(StepTicket ticket, bool weighted, TimeSpan bound, CancellationToken cancellationToken)
+    {
+        Stopwatch clock = Stopwatch.StartNew();
+        List<Task<StepReport>> asks = [];
+        Exception? lost = null;
+        TimeSpan gap = TimeSpan.FromSeconds(1);
+        TimeSpan nextAsk = TimeSpan.Zero;
+        while (true)
+        {
+            if (clock.Elapsed >= nextAsk)
+            {
+                Task<StepReport> ask = Coordinator.RunStepAsync(ticket, weighted);
+                _ = ask.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+                asks.Add(ask);
+                nextAsk = clock.Elapsed + gap;
+                gap *= 2;
+            }
+
+            TimeSpan left = bound - clock.Elapsed;
+            if (left <= TimeSpan.Zero)
+            {
+                throw CoordinatorFailed(lost ?? new TimeoutException(), "RunStepAsync", bound);
+            }
+
+            TimeSpan wait = nextAsk - clock.Elapsed;
+            using CancellationTokenSource tick = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            Task delay = Task.Delay(wait < left ? wait : left, tick.Token);
+            Task first = await Task.WhenAny([.. asks, delay]).ConfigureAwait(false);
+            await tick.CancelAsync().ConfigureAwait(false);
+            cancellationToken.ThrowIfCancellationRequested();
+            if (first is Task<StepReport> answered)
+            {
+                asks.Remove(answered);
+                if (answered.IsCompletedSuccessfully || answered.Exception?.GetBaseException() is not (TimeoutException or OrleansException))
+                {
+                    return await answered.ConfigureAwait(false); // the coordinator's answer, a failure included
+                }
+
+                lost = answered.Exception.GetBaseException(); // the message went nowhere: ask again at the next tick
+                nextAsk = clock.Elapsed + TimeSpan.FromMilliseconds(100) < nextAsk ? clock.Elapsed + TimeSpan.FromMilliseconds(100) : nextAsk;
+            }
         }
     }
 

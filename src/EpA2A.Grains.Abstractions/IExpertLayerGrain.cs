@@ -47,7 +47,11 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     /// layer masks them at once and re-forms on the others, so the next step does not wait on them again.</param>
     Task AbandonStepAsync(StepTicket ticket, string reason, IReadOnlyList<int>? unreachable = null);
 
-    /// <summary>Runs a step on every rank once their inputs are staged; throws <see cref="GroupStepFailedException"/> on failure.</summary>
+    /// <summary>
+    /// Runs a step on every rank once their inputs are staged; throws <see cref="GroupStepFailedException"/> on failure.
+    /// Asked again for the step last run (or running), it answers with that step's outcome and runs nothing: a client
+    /// whose answer was lost can ask again safely.
+    /// </summary>
     Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted);
 }
 

@@ -428,6 +428,34 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
     }
 
     [Fact]
+    public async Task A_step_asked_for_again_answers_with_its_one_run_and_runs_nothing_twice()
+    {
+        (ExpertLayerClient client, int seed) = await LayerAsync("ask-again");
+        RankInput<BFloat16>[] inputs = GrainStepRunner.Draw(Spec, seed, minTokens: 1);
+        StepTicket ticket = await client.Coordinator.BeginStepAsync(Spec, client.Name);
+        for (int r = 0; r < Spec.WorldSize; r++)
+        {
+            IRankGrain grain = Rank(r);
+            await grain.BeginInputAsync(client.Layer, new StepInputHeader(ticket.Step, inputs[r].Count, false, false));
+            await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].Tokens.AsSpan()).ToArray()));
+            await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].ExpertIds.AsSpan()).ToArray()));
+        }
+
+        // Asked twice at once (a lost answer's second ask arriving while the step runs), then once more after it ran.
+        StepReport[] both = await Task.WhenAll(client.Coordinator.RunStepAsync(ticket, false), client.Coordinator.RunStepAsync(ticket, false));
+        StepReport again = await client.Coordinator.RunStepAsync(ticket, false);
+        Assert.All([both[1], again], r => Assert.Equal(both[0].Ranks.Select(x => (x.Rank, x.ReceivedRows, x.OutputBytes)), r.Ranks.Select(x => (x.Rank, x.ReceivedRows, x.OutputBytes))));
+        CoordinatorInfo info = await client.Coordinator.DescribeAsync();
+        Assert.Equal(ticket.Step, info.LastStep);
+
+        // Each rank's output was produced once and reads back right.
+        BFloat16[][] outputs = await Task.WhenAll(both[0].Ranks.OrderBy(r => r.Rank).Select(async r =>
+            MemoryMarshal.Cast<byte, BFloat16>((await Rank(r.Rank).ReadOutputAsync(client.Layer, ticket.Step, 0, r.OutputBytes)).Value).ToArray()));
+        GrainStepRunner.AssertMatches(Spec, seed, GrainStepRunner.Expected(Spec, inputs, false), outputs);
+        await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 1);
+    }
+
+    [Fact]
     public async Task Running_a_step_that_was_never_begun_is_rejected_by_the_coordinator()
     {
         (ExpertLayerClient client, int seed) = await LayerAsync("forged-ticket");

@@ -23,6 +23,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     private long nextStep;
     private bool formed;
     private (StepTicket Ticket, long Began)? pending;
+
+    /// <summary>The last step run and its outcome: asked again for the same ticket, the coordinator answers with it.</summary>
+    private (StepTicket Ticket, Task<StepReport> Run)? lastRun;
     private string? configuredBy;
     private (LayerSpec Old, long Epoch, string By, DateTime At)? reconfigured;
     private readonly Dictionary<string, long> steppedBy = new(StringComparer.Ordinal);
@@ -194,6 +197,12 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     public async Task<StepReport> RunStepAsync(StepTicket ticket, bool weighted)
     {
         ArgumentNullException.ThrowIfNull(ticket);
+        if (lastRun is { } last && last.Ticket == ticket)
+        {
+            // Asked again: the client's answer was lost with a gateway silo that died mid-step. Same outcome, no second run.
+            return await last.Run.ConfigureAwait(true);
+        }
+
         if (pending?.Ticket != ticket && reconfigured is { } r && ticket.Epoch <= r.Epoch)
         {
             throw new LayerSpecConflictException(
@@ -208,6 +217,13 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         }
 
         pending = null;
+        Task<StepReport> run = RunTracedAsync(ticket, weighted);
+        lastRun = (ticket, run);
+        return await run.ConfigureAwait(true);
+    }
+
+    private async Task<StepReport> RunTracedAsync(StepTicket ticket, bool weighted)
+    {
         using Activity? span = EpTelemetry.Source.StartActivity("epa2a.step");
         span?.SetTag(EpTelemetry.Tags.SpanGroup, Key.Group);
         span?.SetTag(EpTelemetry.Tags.SpanLayer, Key.Layer);

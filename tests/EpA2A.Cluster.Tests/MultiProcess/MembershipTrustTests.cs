@@ -58,7 +58,7 @@ public sealed class MembershipTrustTests
         Stopwatch kill = Stopwatch.StartNew();
         drill.Silos[2].Kill();
         string failed = await drive.WaitForLineAsync(l => l.Contains("FAILED", StringComparison.Ordinal), (Deadline * 2) + TimeSpan.FromSeconds(10), skip: before);
-        Assert.Contains("rank 2", failed, StringComparison.Ordinal);
+        Assert.True(failed.Contains("rank 2", StringComparison.Ordinal), $"the first failed step after rank 2's kill does not name it: {failed}");
         drill.Restart(2);
         int afterRestart = drive.Lines.Count;
         await drive.WaitForLineAsync(IsOk, TimeSpan.FromSeconds(90), skip: afterRestart);
