@@ -230,6 +230,7 @@ public sealed class ExpertLayerClient
     {
         Stopwatch clock = Stopwatch.StartNew();
         List<Task<StepReport>> asks = [];
+        Task<StepReport>? firstAsk = null;
         Exception? lost = null;
         TimeSpan gap = TimeSpan.FromSeconds(1);
         TimeSpan nextAsk = TimeSpan.Zero;
@@ -239,6 +240,7 @@ public sealed class ExpertLayerClient
             {
                 Task<StepReport> ask = Coordinator.RunStepAsync(ticket, weighted);
                 _ = ask.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+                firstAsk ??= ask;
                 asks.Add(ask);
                 nextAsk = clock.Elapsed + gap;
                 gap *= 2;
@@ -259,21 +261,28 @@ public sealed class ExpertLayerClient
             if (first is Task<StepReport> answered)
             {
                 asks.Remove(answered);
-                if (answered.IsCompletedSuccessfully || answered.Exception?.GetBaseException() is not (TimeoutException or OrleansException))
+                Exception? error = answered.Exception?.GetBaseException();
+                if (answered != firstAsk && error is InvalidOperationException)
+                {
+                    // A second ask reached an activation that knows no such step: the one that ran it is gone with its silo.
+                    throw CoordinatorFailed(error, "RunStepAsync", bound, $"lost step {ticket.Step} with its silo (asked again, a new activation knows no such step)");
+                }
+
+                if (answered.IsCompletedSuccessfully || error is not (TimeoutException or OrleansException))
                 {
                     return await answered.ConfigureAwait(false); // the coordinator's answer, a failure included
                 }
 
-                lost = answered.Exception.GetBaseException(); // the message went nowhere: ask again at the next tick
+                lost = error; // the message went nowhere: ask again at the next tick
                 nextAsk = clock.Elapsed + TimeSpan.FromMilliseconds(100) < nextAsk ? clock.Elapsed + TimeSpan.FromMilliseconds(100) : nextAsk;
             }
         }
     }
 
     /// <summary>The failure a coordinator call ends in: it names the silo the coordinator was last seen on and its ranks.</summary>
-    private GroupStepFailedException CoordinatorFailed(Exception e, string what, TimeSpan bound)
+    private GroupStepFailedException CoordinatorFailed(Exception e, string what, TimeSpan bound, string? why = null)
     {
-        string why = e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
+        why ??= e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
         return new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
     }
 
