@@ -12,8 +12,8 @@ public sealed class RankSiloOptions
     /// <summary>The GPU this silo drives (null on the CPU backend).</summary>
     public int? Gpu { get; set; }
 
-    /// <summary>"cpu" (default) or "cuda".</summary>
-    public string Backend { get; set; } = "cpu";
+    /// <summary>The data plane (configuration spells it "cpu", the default, or "cuda").</summary>
+    public EpBackendKind Backend { get; set; } = EpBackendKind.Cpu;
 
     /// <summary>Largest message piece between ranks through grain calls; well below Orleans' message size limit.</summary>
     public int ChunkBytes { get; set; } = 1 << 20;

@@ -109,6 +109,13 @@ internal static class OptionRules
         }
     }
 
+    /// <summary>The --backend option: "cpu" or "cuda"; anything else is a usage error naming the option and both.</summary>
+    public static EpBackendKind Backend(string? value, string option = "--backend")
+    {
+        Require(EpBackendKinds.TryParse(value, out EpBackendKind kind), EpBackendKinds.Invalid(value, option));
+        return kind;
+    }
+
     /// <summary>A deadline option in seconds: finite and in (0, <paramref name="max"/>].</summary>
     public static TimeSpan Seconds(double value, string option, double max = 3600)
     {

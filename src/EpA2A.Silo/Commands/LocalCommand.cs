@@ -169,7 +169,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
         IReadOnlyList<RankInfo> placement = await layer.Coordinator.DescribeGroupAsync();
         foreach (RankInfo info in placement)
         {
-            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  rank {info.Rank} on silo {info.Silo} ({info.Backend})"));
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  rank {info.Rank} on silo {info.Silo} ({info.Backend.ToName()})"));
         }
 
         Random rng = new(Seed);
