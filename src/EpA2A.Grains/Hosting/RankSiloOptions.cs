@@ -1,8 +1,15 @@
 namespace EpA2A.Grains.Hosting;
 
-/// <summary>Which rank of which group a silo serves, and how.</summary>
+/// <summary>
+/// Which rank of which group a silo serves, and how; bound from the configuration section "EpA2A:Rank"
+/// (appsettings.json, environment variables such as <c>EpA2A__Rank__ChunkBytes</c>) and then from the code's
+/// configure action, checked by <see cref="RankSiloOptionsValidator"/> when the silo starts.
+/// </summary>
 public sealed class RankSiloOptions
 {
+    /// <summary>The configuration section.</summary>
+    public const string SectionName = "EpA2A:Rank";
+
     /// <summary>The group (a set of ranks that dispatch to each other).</summary>
     public string Group { get; set; } = "default";
 

@@ -84,6 +84,7 @@ internal static class CommandLineExit
         return e switch
         {
             UsageException => (ExitCodes.BadInput, message),
+            Microsoft.Extensions.Options.OptionsValidationException => (ExitCodes.BadInput, $"bad settings: {message}"),
             InvalidDataException => (ExitCodes.BadInput, $"bad input file: {message}"),
             LayerSpecConflictException => (ExitCodes.ClusterFailed, message),
             GroupStepFailedException or EpStepFailedException or NoSiloForRankException => (ExitCodes.ClusterFailed, $"the cluster failed: {message}"),
