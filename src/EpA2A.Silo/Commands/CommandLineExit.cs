@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Net.Sockets;
+using EpA2A.Config;
 using EpA2A.Errors;
 using EpA2A.Grains;
+using EpA2A.Silo.Hosting;
 
 namespace EpA2A.Silo.Commands;
 
@@ -116,6 +118,24 @@ internal static class OptionRules
         Require(EpBackendKinds.TryParse(value, out EpBackendKind kind), EpBackendKinds.Invalid(value, option));
         return kind;
     }
+
+    /// <summary>--clustering (localhost, the default, or redis) with the --redis connection that redis needs.</summary>
+    public static ClusteringKind Clustering(string? clustering, string? redis)
+    {
+        ClusteringKind kind = clustering switch
+        {
+            "localhost" or null => ClusteringKind.Localhost,
+            "redis" => ClusteringKind.Redis,
+            string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
+        };
+        Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(redis), "--clustering redis needs --redis HOST:PORT");
+        return kind;
+    }
+
+    /// <summary>--token-type: bf16, fp16 or fp32.</summary>
+    public static TokenType TokenType(string text) => TokenTypeInfo.TryParse(text, out TokenType type)
+        ? type
+        : throw new UsageException($"--token-type '{text}' is not bf16, fp16 or fp32");
 
     /// <summary>A deadline option in seconds: finite and in (0, <paramref name="max"/>].</summary>
     public static TimeSpan Seconds(double value, string option, double max = 3600)

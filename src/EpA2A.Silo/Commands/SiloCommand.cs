@@ -43,13 +43,7 @@ internal static class SiloCommand
             OptionRules.Require(w >= 1, $"--world-size {w} must be at least 1");
             OptionRules.Require(r >= 0 && r < w, $"--rank {r} must be in [0, --world-size {w})");
             EpBackendKind b = OptionRules.Backend(p.GetValue(backend));
-            ClusteringKind kind = p.GetValue(clustering) switch
-            {
-                "localhost" or null => ClusteringKind.Localhost,
-                "redis" => ClusteringKind.Redis,
-                string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
-            };
-            OptionRules.Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(p.GetValue(redis)), "--clustering redis needs --redis HOST:PORT");
+            ClusteringKind kind = OptionRules.Clustering(p.GetValue(clustering), p.GetValue(redis));
             int basePort = p.GetValue(portBase);
             int offset = p.GetValue(gatewayOffset);
             OptionRules.Ports(basePort, offset, w, "--world-size");
