@@ -66,7 +66,7 @@ public sealed record RankInfo(
     [property: Id(1)] int Rank,
     [property: Id(2)] string Silo,
     [property: Id(3)] int? Gpu,
-    [property: Id(4)] string Backend,
+    [property: Id(4)] EpBackendKind Backend,
     [property: Id(5)] int ProcessId,
     [property: Id(6)] bool GpuInitialized = false,
     [property: Id(7)] int StepsInFlight = 0,

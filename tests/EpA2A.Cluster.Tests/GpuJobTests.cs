@@ -38,5 +38,5 @@ public sealed class GpuJobTests
     }
 
     private static RankInfo Rank(int rank, string? job) =>
-        new("g", rank, "silo", 0, "cuda", 1000 + rank, GpuInitialized: job is not null, StepsInFlight: 0, GpuJob: job);
+        new("g", rank, "silo", 0, EpBackendKind.Cuda, 1000 + rank, GpuInitialized: job is not null, StepsInFlight: 0, GpuJob: job);
 }

@@ -503,7 +503,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         }
 
         RankInfo[] infos = [.. describe.Select(d => d.Result)];
-        int[] cuda = [.. infos.Where(i => string.Equals(i.Backend, "cuda", StringComparison.OrdinalIgnoreCase)).Select(i => i.Rank)];
+        int[] cuda = [.. infos.Where(i => i.Backend == EpBackendKind.Cuda).Select(i => i.Rank)];
         if (cuda.Length == 0)
         {
             return;

@@ -1,8 +1,10 @@
 using EpA2A.Experts;
 using EpA2A.Grains.Placement;
 using EpA2A.Grains.Ranks;
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.DependencyInjection.Extensions;
+using Microsoft.Extensions.Options;
 using Orleans.Runtime.MembershipService.SiloMetadata;
 
 namespace EpA2A.Grains.Hosting;
@@ -14,34 +16,32 @@ public static class EpA2ASiloBuilderExtensions
     /// Declares the rank in the silo's metadata (epa2a.group, epa2a.rank, epa2a.gpu), registers rank
     /// placement, the rank runtime and the built-in expert compute (replace <see cref="IExpertCompute"/> to
     /// run real experts), and turns on activity propagation so a step is one trace across silos.
+    /// <see cref="RankSiloOptions"/> is bound from the section "EpA2A:Rank", then <paramref name="configure"/>
+    /// runs on it; it is validated when the silo starts (<see cref="RankSiloOptionsValidator"/>).
     /// </summary>
-    public static ISiloBuilder AddEpA2ARank(this ISiloBuilder builder, Action<RankSiloOptions> configure)
+    public static ISiloBuilder AddEpA2ARank(this ISiloBuilder builder, Action<RankSiloOptions>? configure = null)
     {
         ArgumentNullException.ThrowIfNull(builder);
-        ArgumentNullException.ThrowIfNull(configure);
-        RankSiloOptions options = new();
-        configure(options);
-        if (options.Rank < 0)
+        IConfigurationSection section = builder.Configuration.GetSection(RankSiloOptions.SectionName);
+        OptionsBuilder<RankSiloOptions> options = builder.Services.AddOptions<RankSiloOptions>().Bind(section);
+        if (configure is not null)
         {
-            throw new ArgumentException($"RankSiloOptions.Rank = {options.Rank} must not be negative", nameof(configure));
+            options.Configure(configure);
         }
 
-        if (string.IsNullOrWhiteSpace(options.Group) || options.Group.Contains('/', StringComparison.Ordinal))
-        {
-            throw new ArgumentException($"RankSiloOptions.Group = '{options.Group}' must be a non-empty name without '/'", nameof(configure));
-        }
+        options.ValidateOnStart();
+        builder.Services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<RankSiloOptions>, RankSiloOptionsValidator>());
 
-        if (options.ChunkBytes < 1024)
-        {
-            throw new ArgumentException($"RankSiloOptions.ChunkBytes = {options.ChunkBytes} must be at least 1024", nameof(configure));
-        }
-
+        // Orleans takes a silo's metadata as a dictionary while the silo is built, before options exist: the same
+        // two steps as the options (bind, then configure) give the values the rank runtime will see.
+        RankSiloOptions declared = section.Get<RankSiloOptions>() ?? new();
+        configure?.Invoke(declared);
         Dictionary<string, string> metadata = new()
         {
-            [RankMetadata.Group] = options.Group,
-            [RankMetadata.Rank] = options.Rank.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            [RankMetadata.Group] = declared.Group,
+            [RankMetadata.Rank] = declared.Rank.ToString(System.Globalization.CultureInfo.InvariantCulture),
         };
-        if (options.Gpu is int gpu)
+        if (declared.Gpu is int gpu)
         {
             metadata[RankMetadata.Gpu] = gpu.ToString(System.Globalization.CultureInfo.InvariantCulture);
         }
@@ -49,14 +49,6 @@ public static class EpA2ASiloBuilderExtensions
         builder.UseSiloMetadata(metadata);
         builder.AddActivityPropagation();
         builder.Services.AddPlacementDirector<RankPlacementStrategy, RankPlacementDirector>();
-        builder.Services.Configure<RankSiloOptions>(o =>
-        {
-            o.Group = options.Group;
-            o.Rank = options.Rank;
-            o.Gpu = options.Gpu;
-            o.Backend = options.Backend;
-            o.ChunkBytes = options.ChunkBytes;
-        });
         builder.Services.TryAddSingleton<IExpertCompute, DeterministicExpertCompute>();
         builder.Services.AddSingleton<RankRuntime>();
         return builder;

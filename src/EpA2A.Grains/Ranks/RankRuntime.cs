@@ -42,7 +42,7 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
     /// <summary>Which NVSHMEM job this rank joined (a digest of its unique id); null before it joined.</summary>
     public string? GpuJob { get; private set; }
 
-    private bool IsCuda => string.Equals(Options.Backend, "cuda", StringComparison.OrdinalIgnoreCase);
+    private bool IsCuda => Options.Backend == EpBackendKind.Cuda;
 
     internal byte[] CreateUniqueId()
     {
@@ -198,7 +198,7 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
     {
         if (!IsCuda)
         {
-            throw new InvalidOperationException($"rank {Options.Rank} runs the '{Options.Backend}' backend, not cuda");
+            throw new InvalidOperationException($"rank {Options.Rank} runs the '{Options.Backend.ToName()}' backend, not cuda");
         }
     }
 

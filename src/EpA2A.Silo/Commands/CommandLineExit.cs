@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Net.Sockets;
+using EpA2A.Config;
 using EpA2A.Errors;
 using EpA2A.Grains;
+using EpA2A.Silo.Hosting;
 
 namespace EpA2A.Silo.Commands;
 
@@ -84,6 +86,7 @@ internal static class CommandLineExit
         return e switch
         {
             UsageException => (ExitCodes.BadInput, message),
+            Microsoft.Extensions.Options.OptionsValidationException => (ExitCodes.BadInput, $"bad settings: {message}"),
             InvalidDataException => (ExitCodes.BadInput, $"bad input file: {message}"),
             LayerSpecConflictException => (ExitCodes.ClusterFailed, message),
             GroupStepFailedException or EpStepFailedException or NoSiloForRankException => (ExitCodes.ClusterFailed, $"the cluster failed: {message}"),
@@ -108,6 +111,31 @@ internal static class OptionRules
             throw new UsageException(rule);
         }
     }
+
+    /// <summary>The --backend option: "cpu" or "cuda"; anything else is a usage error naming the option and both.</summary>
+    public static EpBackendKind Backend(string? value, string option = "--backend")
+    {
+        Require(EpBackendKinds.TryParse(value, out EpBackendKind kind), EpBackendKinds.Invalid(value, option));
+        return kind;
+    }
+
+    /// <summary>--clustering (localhost, the default, or redis) with the --redis connection that redis needs.</summary>
+    public static ClusteringKind Clustering(string? clustering, string? redis)
+    {
+        ClusteringKind kind = clustering switch
+        {
+            "localhost" or null => ClusteringKind.Localhost,
+            "redis" => ClusteringKind.Redis,
+            string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
+        };
+        Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(redis), "--clustering redis needs --redis HOST:PORT");
+        return kind;
+    }
+
+    /// <summary>--token-type: bf16, fp16 or fp32.</summary>
+    public static TokenType TokenType(string text) => TokenTypeInfo.TryParse(text, out TokenType type)
+        ? type
+        : throw new UsageException($"--token-type '{text}' is not bf16, fp16 or fp32");
 
     /// <summary>A deadline option in seconds: finite and in (0, <paramref name="max"/>].</summary>
     public static TimeSpan Seconds(double value, string option, double max = 3600)

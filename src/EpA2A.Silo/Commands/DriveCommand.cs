@@ -56,13 +56,7 @@ internal static class DriveCommand
             double dropRatio = OptionRules.Probability(p.GetValue(drop), "--drop");
             TimeSpan stepTimeout = OptionRules.Seconds(p.GetValue(timeout), "--timeout-seconds");
             TimeSpan connectBound = OptionRules.Seconds(p.GetValue(connectTimeout), "--connect-timeout-seconds");
-            ClusteringKind kind = p.GetValue(clustering) switch
-            {
-                "localhost" or null => ClusteringKind.Localhost,
-                "redis" => ClusteringKind.Redis,
-                string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
-            };
-            OptionRules.Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(p.GetValue(redis)), "--clustering redis needs --redis HOST:PORT");
+            ClusteringKind kind = OptionRules.Clustering(p.GetValue(clustering), p.GetValue(redis));
             int basePort = p.GetValue(portBase);
             int offset = p.GetValue(gatewayOffset);
             OptionRules.Require(p.GetValue(world) >= 1, $"--world-size {p.GetValue(world)} must be at least 1");
@@ -75,7 +69,7 @@ internal static class DriveCommand
                 NumExperts = p.GetValue(experts),
                 WorldSize = p.GetValue(world),
                 LocalWorldSize = p.GetValue(local),
-                TokenType = LocalCommand.ParseTokenType(p.GetValue(tokenType)!),
+                TokenType = OptionRules.TokenType(p.GetValue(tokenType)!),
                 StepTimeout = stepTimeout,
                 OnLostRank = p.GetValue(masking) ? LostRankPolicy.Mask : LostRankPolicy.FailAndReform,
             });

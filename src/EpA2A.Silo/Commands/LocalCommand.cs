@@ -65,7 +65,7 @@ internal static class LocalCommand
                 NumExperts = p.GetValue(experts),
                 WorldSize = p.GetValue(ranks),
                 LocalWorldSize = p.GetValue(local),
-                TokenType = ParseTokenType(p.GetValue(tokenType)!),
+                TokenType = OptionRules.TokenType(p.GetValue(tokenType)!),
                 Mode = ParseMode(p.GetValue(mode)!),
                 LowLatencyFormat = p.GetValue(fp8) ? LowLatencyFormat.Fp8 : LowLatencyFormat.Bf16,
                 PowerOfTwoScales = p.GetValue(pow2),
@@ -87,10 +87,6 @@ internal static class LocalCommand
         "LOW-LATENCY" or "LOWLATENCY" or "LL" => LayerMode.LowLatency,
         _ => throw new ArgumentException($"--mode '{text}' is not normal or low-latency"),
     };
-
-    internal static TokenType ParseTokenType(string text) => TokenTypeInfo.TryParse(text, out TokenType type)
-        ? type
-        : throw new UsageException($"--token-type '{text}' is not bf16, fp16 or fp32");
 }
 
 /// <summary>One run of `epa2a local`.</summary>
@@ -169,7 +165,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
         IReadOnlyList<RankInfo> placement = await layer.Coordinator.DescribeGroupAsync();
         foreach (RankInfo info in placement)
         {
-            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  rank {info.Rank} on silo {info.Silo} ({info.Backend})"));
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  rank {info.Rank} on silo {info.Silo} ({info.Backend.ToName()})"));
         }
 
         Random rng = new(Seed);

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using System.Net;
 
+using EpA2A.Grains;
 using EpA2A.Silo.Hosting;
 
 using Microsoft.Extensions.Hosting;
@@ -17,7 +18,7 @@ internal static class SiloCommand
         Option<int> rank = new("--rank") { Description = "The rank this silo serves", Required = true };
         Option<int> world = new("--world-size") { Description = "Ranks in the group (checked against --rank)", Required = true };
         Option<string> group = new("--group") { Description = "Group name", DefaultValueFactory = _ => "default" };
-        Option<string> backend = new("--backend") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
+        Option<string> backend = new("--backend") { Description = string.Join(" or ", EpBackendKinds.Names), DefaultValueFactory = _ => EpBackendKind.Cpu.ToName() };
         Option<int?> gpu = new("--gpu") { Description = "GPU index (cuda backend)" };
         Option<int> portBase = new("--port-base") { Description = "Silo port = base + rank; gateway = base + 100 + rank", DefaultValueFactory = _ => 11111 };
         Option<int?> primaryPort = new("--primary-port") { Description = "Localhost clustering: the membership primary's silo port (default: --port-base, rank 0's silo). Another silo's port lets every rank restart without taking membership down" };
@@ -41,15 +42,8 @@ internal static class SiloCommand
             int w = p.GetValue(world);
             OptionRules.Require(w >= 1, $"--world-size {w} must be at least 1");
             OptionRules.Require(r >= 0 && r < w, $"--rank {r} must be in [0, --world-size {w})");
-            string b = p.GetValue(backend)!;
-            OptionRules.Require(b is "cpu" or "cuda", $"--backend '{b}' is not cpu or cuda");
-            ClusteringKind kind = p.GetValue(clustering) switch
-            {
-                "localhost" or null => ClusteringKind.Localhost,
-                "redis" => ClusteringKind.Redis,
-                string other => throw new UsageException($"--clustering '{other}' is not localhost or redis"),
-            };
-            OptionRules.Require(kind != ClusteringKind.Redis || !string.IsNullOrWhiteSpace(p.GetValue(redis)), "--clustering redis needs --redis HOST:PORT");
+            EpBackendKind b = OptionRules.Backend(p.GetValue(backend));
+            ClusteringKind kind = OptionRules.Clustering(p.GetValue(clustering), p.GetValue(redis));
             int basePort = p.GetValue(portBase);
             int offset = p.GetValue(gatewayOffset);
             OptionRules.Ports(basePort, offset, w, "--world-size");
@@ -121,7 +115,7 @@ internal static class SiloCommand
                     throw new UsageException($"rank {settings.Rank} of group '{settings.Group}' is already served by the live silo {other}: a second silo for one rank is refused (stop that one first)");
                 }
 
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {settings.Rank} of {world} in group '{settings.Group}' ({settings.Backend}), silo port {settings.SiloPort}, gateway {settings.GatewayPort}, advertised at {settings.AdvertisedAddress?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}{(incarnation > 1 ? $", restarted in process (start {incarnation})" : string.Empty)}; Ctrl-C to stop"));
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a silo: rank {settings.Rank} of {world} in group '{settings.Group}' ({settings.Backend.ToName()}), silo port {settings.SiloPort}, gateway {settings.GatewayPort}, advertised at {settings.AdvertisedAddress?.ToString() ?? "127.0.0.1 (localhost clustering)"}, pid {Environment.ProcessId}{(incarnation > 1 ? $", restarted in process (start {incarnation})" : string.Empty)}; Ctrl-C to stop"));
                 Task shutdown = silo.WaitForShutdownAsync(ct);
                 Task<string> tableGone = settings.Clustering == ClusteringKind.Redis
                     ? MembershipTableWatch.WaitUntilGoneAsync(silo, TimeSpan.FromSeconds(1), watch.Token)

@@ -69,6 +69,8 @@ public static class EpA2AHosts
                 o.IAmAliveTablePublishTimeout = TimeSpan.FromSeconds(2);
                 o.DeathVoteExpirationTimeout = TimeSpan.FromSeconds(10);
             });
+            // The settings' rank fields over the EpA2A:Rank section; a RankSiloOptions field that SiloSettings does
+            // not carry is still set by configuration (SiloSettings.Configuration, appsettings.json, the environment).
             silo.AddEpA2ARank(o =>
             {
                 o.Group = settings.Group;

@@ -1,5 +1,7 @@
 using System.Net;
 
+using EpA2A.Grains;
+
 namespace EpA2A.Silo.Hosting;
 
 /// <summary>How membership is found: one host (localhost) or a Redis store shared by several hosts.</summary>
@@ -21,8 +23,8 @@ public sealed record SiloSettings
     /// <summary>The rank it serves.</summary>
     public required int Rank { get; init; }
 
-    /// <summary>"cpu" or "cuda".</summary>
-    public string Backend { get; init; } = "cpu";
+    /// <summary>The data plane.</summary>
+    public EpBackendKind Backend { get; init; } = EpBackendKind.Cpu;
 
     /// <summary>GPU index (CUDA backend).</summary>
     public int? Gpu { get; init; }

@@ -4,6 +4,7 @@ using System.Globalization;
 using System.Numerics.Tensors;
 using System.Text.Json;
 using EpA2A.Config;
+using EpA2A.Grains;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Reference;
@@ -85,7 +86,7 @@ internal static class TelemetryOverheadCommand
                 new
                 {
                     benchmark = "telemetry-overhead",
-                    backend = "cpu",
+                    backend = EpBackendKind.Cpu.ToName(),
                     ranks = config.WorldSize,
                     tokensPerRank = config.MaxTokens,
                     hidden = config.Hidden,

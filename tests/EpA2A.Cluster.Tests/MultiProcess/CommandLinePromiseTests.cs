@@ -22,6 +22,7 @@ public sealed class CommandLinePromiseTests
         { ["local", "--drop", "1.5"], "--drop 1.5 must be in [0, 1)" },
         { ["local", "--ranks", "101"], "--ranks 101 is more than --gateway-offset 100" },
         { ["silo", "--rank", "3", "--world-size", "2"], "--rank 3 must be in [0, --world-size 2)" },
+        { ["silo", "--rank", "0", "--world-size", "1", "--backend", "tpu"], "--backend 'tpu' is not a backend: expected one of cpu, cuda" },
         { ["step", "--no-such-option"], "--no-such-option" },
     };
 
