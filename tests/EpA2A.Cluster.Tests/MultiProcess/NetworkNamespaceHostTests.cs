@@ -36,6 +36,7 @@ public sealed partial class NetworkNamespaceHostTests
         cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: true);
         TimeSpan outage = await cluster.FirstOkAfterAsync(cut, TimeSpan.FromSeconds(90));
         await cluster.StepsPassAsync(2);
+        DrillLog.Outage(EpA2A.Grains.LostRankPolicy.FailAndReform, "cut-host", outage);
         cluster.Report($"fail-and-re-form: rank {victim}'s link cut; first failed step {detected.TotalMilliseconds:0} ms after the cut; outage (cut to first good step, link back after the failure) {outage.TotalSeconds:0.0} s; cluster start {cluster.StartTime.TotalSeconds:0.0} s; silo restarts {cluster.Restarts}");
     }
 
@@ -66,6 +67,7 @@ public sealed partial class NetworkNamespaceHostTests
         string whole = await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && !l.Contains("masked", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: back);
         TimeSpan readmitted = Stopwatch.GetElapsedTime(healed);
         await cluster.StepsPassAsync(2);
+        DrillLog.Outage(EpA2A.Grains.LostRankPolicy.Mask, "cut-host", outage);
         cluster.Report($"mask: rank {victim}'s link cut; outage (cut to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; link back to the first step with every rank {readmitted.TotalMilliseconds:0} ms ({whole}); silo restarts {cluster.Restarts}");
     }
 
@@ -101,6 +103,7 @@ public sealed partial class NetworkNamespaceHostTests
         TimeSpan readmitted = Stopwatch.GetElapsedTime(resumed);
         await cluster.StepsPassAsync(2);
         bool restartedInProcess = cluster.Silos[victim].Lines.Any(l => l.Contains("restarted in process", StringComparison.Ordinal));
+        DrillLog.Outage(EpA2A.Grains.LostRankPolicy.Mask, "sigstop", outage);
         cluster.Report($"mask: rank {victim}'s silo SIGSTOPped; outage (stop to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; SIGCONT to the first step with every rank {readmitted.TotalMilliseconds:0} ms; declared dead and restarted in process: {restartedInProcess}; supervisor restarts {cluster.Restarts}");
     }
 
