@@ -179,10 +179,13 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         // within T + 1 s. A masking layer masks it now (the background probe re-admits it once it answers), so the
         // next step is served by the survivors instead of waiting on it again while the group re-forms. When every
         // serving rank is unreachable the client is the one cut off: nothing is masked.
+        // The client's word is checked first: its messages to a healthy rank are lost too when they were routed through
+        // the cut host's gateway, so only a rank that also misses this coordinator's own probe (1 s) is masked.
         if (spec is { OnLostRank: LostRankPolicy.Mask } s && unreachable is { Count: > 0 })
         {
-            int[] serving = [.. Serving(s).Select(r => r.Rank)];
-            int[] lost = [.. unreachable.Where(serving.Contains).Distinct().Order()];
+            (int Rank, IRankGrain Grain)[] serving = Serving(s);
+            int[] suspects = [.. unreachable.Where(r => serving.Any(x => x.Rank == r)).Distinct().Order()];
+            int[] lost = suspects.Length > 0 ? await ConfirmByProbeAsync([.. serving.Where(x => suspects.Contains(x.Rank))], suspects, [], keepWhenAllAnswer: false).ConfigureAwait(true) : [];
             if (lost.Length > 0 && lost.Length < serving.Length)
             {
                 LogStepFailed(logger, $"layer '{Key.Layer}': ranks {string.Join(", ", lost)} did not answer the client's staging{await MaskAsync(s, lost).ConfigureAwait(true)}");
@@ -280,7 +283,14 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             // An aborted rank runs no further step on this incarnation, so the next step re-forms the group even
             // if every report comes back a success after all.
             formed = false;
-            await AbortAllAsync(ranks, $"step {ticket.Step} failed").ConfigureAwait(true);
+
+            // A masking layer does not wait up to 2 s for an abort that a lost rank cannot take: the grace below covers it.
+            Task aborts = AbortAllAsync(ranks, $"step {ticket.Step} failed");
+            if (s.OnLostRank != LostRankPolicy.Mask)
+            {
+                await aborts.ConfigureAwait(true);
+            }
+
             TimeSpan left = bound - Stopwatch.GetElapsedTime(start);
 
             // A masking layer does not wait for a lost rank: the aborted ranks answer at once, and one that does not
@@ -349,14 +359,14 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// waits stays blamed when it also fails a direct probe (no answer within a second). A rank that reported its own
     /// failure (bad input) stays blamed. When every suspect answers, the blame stands as it was.
     /// </summary>
-    private static async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported)
+    private static async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true)
     {
         selfReported = [.. selfReported.Intersect(suspects)];
         int[] probed = [.. suspects.Except(selfReported)];
-        Task<RankInfo>[] probes = [.. probed.Select(r => ranks[r].Grain.DescribeAsync())];
+        Task<RankInfo>[] probes = [.. probed.Select(r => ranks.First(x => x.Rank == r).Grain.DescribeAsync())];
         await Task.WhenAny(Task.WhenAll(probes), Task.Delay(TimeSpan.FromSeconds(1))).ConfigureAwait(true);
         int[] confirmed = [.. selfReported.Concat(probed.Where((_, i) => !probes[i].IsCompletedSuccessfully)).Distinct().Order()];
-        return confirmed.Length > 0 ? confirmed : suspects;
+        return confirmed.Length > 0 || !keepWhenAllAnswer ? confirmed : suspects;
     }
 
     private static async Task WhenFirstFailure(Task<RankStepReport>[] calls)

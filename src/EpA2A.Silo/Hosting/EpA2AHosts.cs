@@ -63,6 +63,12 @@ public static class EpA2AHosts
             silo.Configure<ClusterMembershipOptions>(o =>
             {
                 o.ProbeTimeout = TimeSpan.FromSeconds(1);
+
+                // A silo that received a message within MaxProbeTimeout x NumMissedProbesLimit is not voted dead (by
+                // default 4 s x 2 = 8 s): a host whose cable is pulled mid-step was declared dead only ~8.4 s later, and
+                // until then the client's messages routed through its gateway (to the coordinator, to other ranks) were
+                // lost. A window of 2 s has it declared dead within ~3 s, and the client drops its gateway a second later.
+                o.MaxProbeTimeout = TimeSpan.FromSeconds(1);
                 o.NumMissedProbesLimit = 2;
                 o.NumVotesForDeathDeclaration = 1;
                 o.TableRefreshTimeout = TimeSpan.FromSeconds(2);
@@ -107,7 +113,7 @@ public static class EpA2AHosts
             });
             // A gateway whose silo was declared dead (killed, or its host cut off) leaves the client's list within
             // seconds, not the default minute: until then messages routed through it are lost and only deadlines end them.
-            client.Configure<GatewayOptions>(o => o.GatewayListRefreshPeriod = TimeSpan.FromSeconds(2));
+            client.Configure<GatewayOptions>(o => o.GatewayListRefreshPeriod = TimeSpan.FromSeconds(1));
             client.AddActivityPropagation();
         });
         return builder.Build();

@@ -13,6 +13,7 @@ public sealed class ChildProcess : IDisposable
 {
     private readonly Process process;
     private readonly ConcurrentQueue<string> lines = new();
+    private readonly ConcurrentQueue<(long At, string Line)> stamped = new();
     private readonly SemaphoreSlim arrived = new(0);
 
     private ChildProcess(string name, string file, IEnumerable<string> arguments)
@@ -45,6 +46,9 @@ public sealed class ChildProcess : IDisposable
     public int Id => process.Id;
 
     public IReadOnlyCollection<string> Lines => lines;
+
+    /// <summary>Every line with the <see cref="Stopwatch.GetTimestamp"/> it arrived at, so a drill can say when each happened.</summary>
+    public IReadOnlyCollection<(long At, string Line)> StampedLines => stamped;
 
     /// <summary>Runs the epa2a command line that the test build carries (epa2a.dll beside the tests).</summary>
     public static ChildProcess Epa2a(string name, params string[] arguments) =>
@@ -128,6 +132,7 @@ public sealed class ChildProcess : IDisposable
     {
         if (line is not null)
         {
+            stamped.Enqueue((Stopwatch.GetTimestamp(), line));
             lines.Enqueue(line);
             arrived.Release();
         }

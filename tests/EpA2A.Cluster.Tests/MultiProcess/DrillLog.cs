@@ -1,3 +1,6 @@
+using System.Globalization;
+using EpA2A.Grains;
+
 namespace EpA2A.Cluster.Tests.MultiProcess;
 
 /// <summary>
@@ -8,6 +11,10 @@ namespace EpA2A.Cluster.Tests.MultiProcess;
 internal static class DrillLog
 {
     private static readonly Lock Gate = new();
+
+    /// <summary>The line every fault drill prints, one format for both policies: "outage: &lt;policy&gt; &lt;kind&gt; &lt;ms&gt;" (fault to first good step).</summary>
+    public static void Outage(LostRankPolicy policy, string kind, TimeSpan outage) =>
+        Write(string.Create(CultureInfo.InvariantCulture, $"outage: {(policy == LostRankPolicy.Mask ? "mask" : "fail-and-re-form")} {kind} {outage.TotalMilliseconds:0}"));
 
     public static void Write(string summary, IEnumerable<string>? detail = null)
     {

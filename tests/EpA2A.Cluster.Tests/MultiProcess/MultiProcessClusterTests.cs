@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
+using EpA2A.Grains;
 
 namespace EpA2A.Cluster.Tests.MultiProcess;
 
@@ -62,9 +63,11 @@ public sealed class MultiProcessClusterTests
             silos[2] = StartSilo(2, portBase, redis, clusterId);
             int afterRestart = drive.Lines.Count;
             await drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(90), skip: afterRestart);
+            TimeSpan outage = clock.Elapsed; // every step fails until the rank is back: the outage includes the restart
             int healed = drive.Lines.Count;
             await drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: healed);
             Assert.DoesNotContain(drive.Lines, l => l.Contains("MISMATCH", StringComparison.Ordinal));
+            DrillLog.Outage(LostRankPolicy.FailAndReform, "sigkill-between-steps", outage);
             TestContext.Current.TestOutputHelper?.WriteLine($"failure seen {detected.TotalMilliseconds:0} ms after SIGKILL; client lines:\n{string.Join('\n', drive.Lines.Skip(before - 1))}");
         }
         finally

@@ -30,16 +30,17 @@ public sealed partial class NetworkNamespaceHostTests
         cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: false);
         string failed = await cluster.Drive.WaitForLineAsync(l => l.Contains("FAILED", StringComparison.Ordinal), (Deadline * 2) + TimeSpan.FromSeconds(15), skip: before);
         TimeSpan detected = Stopwatch.GetElapsedTime(cut);
-        Assert.Contains($"rank {victim}", failed, StringComparison.Ordinal);
+        Assert.True(failed.Contains($"rank {victim}", StringComparison.Ordinal), $"the first failed step does not name rank {victim}: {failed}\n{cluster.Timeline(cut)}");
         Assert.True(detected < (Deadline * 2) + TimeSpan.FromSeconds(6), $"the first failed step ended {detected.TotalSeconds:0.0} s after the cut: {failed}");
 
         cluster.Hosts.SetLink(NetnsCluster.HostOf(victim), up: true);
         TimeSpan outage = await cluster.FirstOkAfterAsync(cut, TimeSpan.FromSeconds(90));
         await cluster.StepsPassAsync(2);
+        DrillLog.Outage(EpA2A.Grains.LostRankPolicy.FailAndReform, "cut-host", outage);
         cluster.Report($"fail-and-re-form: rank {victim}'s link cut; first failed step {detected.TotalMilliseconds:0} ms after the cut; outage (cut to first good step, link back after the failure) {outage.TotalSeconds:0.0} s; cluster start {cluster.StartTime.TotalSeconds:0.0} s; silo restarts {cluster.Restarts}");
     }
 
-    [Fact(Skip = "fails its bound: on 2026-12-04 the cut rank was masked and the survivors' steps were correct, but cut to the first good masked step took 12.7 s against 2T + 3 s = 7 s (not yet explained)")]
+    [Fact]
     public async Task With_masking_a_cut_host_is_masked_within_twice_the_deadline_the_survivors_serve_and_it_is_readmitted_when_the_link_returns()
     {
         using NetnsCluster cluster = await NetnsCluster.StartAsync(masking: true);
@@ -55,7 +56,7 @@ public sealed partial class NetworkNamespaceHostTests
         string masked = await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && l.Contains($"masked ranks [{victim}]", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: before);
         TimeSpan outage = Stopwatch.GetElapsedTime(cut);
         int failedSteps = cluster.Drive.Lines.Skip(before).Count(l => l.Contains("FAILED", StringComparison.Ordinal));
-        Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"cut to the first masked good step took {outage.TotalSeconds:0.0} s: {masked}");
+        Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"cut to the first masked good step took {outage.TotalSeconds:0.0} s: {masked}\n{cluster.Timeline(cut)}");
         int served = cluster.Drive.Lines.Count;
         await cluster.StepsPassAsync(3);
         Assert.All(cluster.Drive.Lines.Skip(served).Where(l => l.StartsWith("step ", StringComparison.Ordinal)), l => Assert.Contains(": ok", l, StringComparison.Ordinal));
@@ -66,10 +67,11 @@ public sealed partial class NetworkNamespaceHostTests
         string whole = await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && !l.Contains("masked", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: back);
         TimeSpan readmitted = Stopwatch.GetElapsedTime(healed);
         await cluster.StepsPassAsync(2);
+        DrillLog.Outage(EpA2A.Grains.LostRankPolicy.Mask, "cut-host", outage);
         cluster.Report($"mask: rank {victim}'s link cut; outage (cut to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; link back to the first step with every rank {readmitted.TotalMilliseconds:0} ms ({whole}); silo restarts {cluster.Restarts}");
     }
 
-    [Fact(Skip = "written, not yet run (out of time on 2026-12-04)")]
+    [Fact]
     public async Task With_masking_a_stalled_silo_is_masked_the_survivors_serve_and_it_is_readmitted_when_resumed()
     {
         using NetnsCluster cluster = await NetnsCluster.StartAsync(masking: true);
@@ -94,13 +96,14 @@ public sealed partial class NetworkNamespaceHostTests
             Signal(pid, "CONT");
         }
 
-        Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"stall to the first masked good step took {outage.TotalSeconds:0.0} s");
+        Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"stall to the first masked good step took {outage.TotalSeconds:0.0} s\n{cluster.Timeline(stop)}");
         long resumed = Stopwatch.GetTimestamp();
         int back = cluster.Drive.Lines.Count;
         await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && !l.Contains("masked", StringComparison.Ordinal), TimeSpan.FromSeconds(60), skip: back);
         TimeSpan readmitted = Stopwatch.GetElapsedTime(resumed);
         await cluster.StepsPassAsync(2);
         bool restartedInProcess = cluster.Silos[victim].Lines.Any(l => l.Contains("restarted in process", StringComparison.Ordinal));
+        DrillLog.Outage(EpA2A.Grains.LostRankPolicy.Mask, "sigstop", outage);
         cluster.Report($"mask: rank {victim}'s silo SIGSTOPped; outage (stop to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; SIGCONT to the first step with every rank {readmitted.TotalMilliseconds:0} ms; declared dead and restarted in process: {restartedInProcess}; supervisor restarts {cluster.Restarts}");
     }
 
@@ -213,6 +216,38 @@ internal sealed partial class NetnsCluster : IDisposable
         throw new InvalidOperationException("every silo claims the coordinator's process");
     }
 
+    /// <summary>
+    /// The client's and the silos' lines since <paramref name="since"/>, in order, each with its time after it: what a
+    /// missed bound is explained by. Stack traces and the membership service's probe chatter are left out.
+    /// </summary>
+    public string Timeline(long since, int max = 300) => string.Join('\n', new[] { Drive }.Concat(Silos)
+        .SelectMany(p => Readable(p.StampedLines).Where(l => l.At >= since).Select(l => (l.At, Line: $"{p.Name}: {l.Line}")))
+        .OrderBy(l => l.At)
+        .Take(max)
+        .Select(l => string.Create(CultureInfo.InvariantCulture, $"+{Stopwatch.GetElapsedTime(since, l.At).TotalMilliseconds:0} ms {l.Line}")));
+
+    private static IEnumerable<(long At, string Line)> Readable(IEnumerable<(long At, string Line)> lines)
+    {
+        bool chatter = false;
+        foreach ((long at, string line) in lines)
+        {
+            if (LogHeader().Match(line) is { Success: true } header)
+            {
+                chatter = header.Groups[2].Value.StartsWith("Orleans.Runtime.MembershipService", StringComparison.Ordinal) && header.Groups[1].Value is "info" or "warn";
+            }
+            else if (!line.StartsWith(' '))
+            {
+                chatter = false;
+            }
+
+            string t = line.TrimStart();
+            if (!chatter && !t.StartsWith("at ", StringComparison.Ordinal) && !t.StartsWith("---", StringComparison.Ordinal) && !t.StartsWith("Exc level", StringComparison.Ordinal))
+            {
+                yield return (at, line);
+            }
+        }
+    }
+
     public void Report(string summary)
     {
         TestContext.Current.TestOutputHelper?.WriteLine(string.Join('\n', Drive.Lines.TakeLast(40)));
@@ -226,6 +261,9 @@ internal sealed partial class NetnsCluster : IDisposable
 
     [GeneratedRegex(@"coordinator runs in process (\d+)")]
     private static partial Regex ProcessOf();
+
+    [GeneratedRegex(@"^(\w+): ([\w.]+)\[")]
+    private static partial Regex LogHeader();
 
     [GeneratedRegex(@"pid (\d+);")]
     private static partial Regex PidOf();
