@@ -344,7 +344,16 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             string message = $"step {ticket.Step} of layer '{Key.Layer}' failed because of {who}: {string.Join("; ", errors.Distinct())}";
             if (s.OnLostRank == LostRankPolicy.Mask && unreachable.Count > 0)
             {
-                message += await MaskAsync(s, [.. unreachable.Distinct()]).ConfigureAwait(true);
+                // A rank that only had not answered within the grace may be slow, not lost (still in its experts): it
+                // answers a probe (DescribeAsync interleaves with its step), so only ranks that answer neither are masked.
+                // Several unreachable ranks were probed for the blame above already.
+                int[] lost = unreachable.Distinct().Count() > 1
+                    ? [.. culprits.Intersect(unreachable)]
+                    : await ConfirmLostAsync(ranks, calls, [.. unreachable.Distinct()]).ConfigureAwait(true);
+                if (lost.Length > 0)
+                {
+                    message += await MaskAsync(s, lost).ConfigureAwait(true);
+                }
             }
 
             LogStepFailed(logger, message);
@@ -367,6 +376,15 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         await Task.WhenAny(Task.WhenAll(probes), Task.Delay(TimeSpan.FromSeconds(1))).ConfigureAwait(true);
         int[] confirmed = [.. selfReported.Concat(probed.Where((_, i) => !probes[i].IsCompletedSuccessfully)).Distinct().Order()];
         return confirmed.Length > 0 || !keepWhenAllAnswer ? confirmed : suspects;
+    }
+
+    /// <summary>Of ranks that did not answer a step: those whose call failed to reach them, and those that also miss a probe.</summary>
+    private static async Task<int[]> ConfirmLostAsync((int Rank, IRankGrain Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered)
+    {
+        int[] unreachable = [.. unanswered.Where(r => calls[Array.FindIndex(ranks, x => x.Rank == r)].IsFaulted)];
+        int[] silent = [.. unanswered.Except(unreachable)];
+        int[] stillSilent = silent.Length > 0 ? await ConfirmByProbeAsync(ranks, silent, [], keepWhenAllAnswer: false).ConfigureAwait(true) : [];
+        return [.. unreachable.Concat(stillSilent).Order()];
     }
 
     private static async Task WhenFirstFailure(Task<RankStepReport>[] calls)
