@@ -120,7 +120,9 @@ public sealed class ExpertLayerClient
         // Every call below has a deadline: a grain on a dead silo would otherwise hold the caller until
         // Orleans' response timeout, and a client must never wait longer than the step's own bound.
         TimeSpan callBound = (configured?.StepTimeout ?? DefaultCallBound) + TimeSpan.FromSeconds(1);
-        LayerSpec? spec = await CoordinatorReadAsync(Coordinator.GetSpecAsync, "GetSpecAsync", callBound, cancellationToken).ConfigureAwait(false);
+        // The read may go out through a gateway whose silo was just cut off: it is asked again until the client has
+        // dropped that gateway (declared dead in about 3 s), so it gets twice the call bound.
+        LayerSpec? spec = await CoordinatorReadAsync(Coordinator.GetSpecAsync, "GetSpecAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
         if (spec is null && configured is not null)
         {
             // The coordinator's silo went away and it was activated anew without its state: configure it
