@@ -433,13 +433,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
         (ExpertLayerClient client, int seed) = await LayerAsync("ask-again");
         RankInput<BFloat16>[] inputs = GrainStepRunner.Draw(Spec, seed, minTokens: 1);
         StepTicket ticket = await client.Coordinator.BeginStepAsync(Spec, client.Name);
-        for (int r = 0; r < Spec.WorldSize; r++)
-        {
-            IRankGrain grain = Rank(r);
-            await grain.BeginInputAsync(client.Layer, new StepInputHeader(ticket.Step, inputs[r].Count, false, false));
-            await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].Tokens.AsSpan()).ToArray()));
-            await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].ExpertIds.AsSpan()).ToArray()));
-        }
+        await StageByHandAsync(client.Layer, ticket, inputs);
 
         // Asked twice at once (a lost answer's second ask arriving while the step runs), then once more after it ran.
         StepReport[] both = await Task.WhenAll(client.Coordinator.RunStepAsync(ticket, false), client.Coordinator.RunStepAsync(ticket, false));
@@ -479,16 +473,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
             other.StepAsync([.. secondInputs.Select(i => new RankStepInput<BFloat16>(i.Tokens, i.Count, i.ExpertIds))], cancellationToken: TestContext.Current.CancellationToken));
         AssertNames(e, seed, $"step {ticket.Step} of layer 'slow-overlap' is in progress", "must not overlap");
 
-        for (int r = 0; r < Spec.WorldSize; r++)
-        {
-            IRankGrain grain = Rank(r);
-            await grain.BeginInputAsync(client.Layer, new StepInputHeader(ticket.Step, inputs[r].Count, false, false));
-            if (inputs[r].Count > 0)
-            {
-                await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].Tokens.AsSpan()).ToArray()));
-                await grain.StageInputAsync(client.Layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].ExpertIds.AsSpan()).ToArray()));
-            }
-        }
+        await StageByHandAsync(client.Layer, ticket, inputs);
 
         StepReport report = await client.Coordinator.RunStepAsync(ticket, false);
         BFloat16[][] outputs = await Task.WhenAll(report.Ranks.OrderBy(r => r.Rank).Select(async r =>
@@ -565,6 +550,21 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
         foreach (string part in parts)
         {
             Assert.True(e.Message.Contains(part, StringComparison.Ordinal), $"seed {seed}: the {e.GetType().Name} does not say \"{part}\": {e.Message}");
+        }
+    }
+
+    /// <summary>Stages a begun step's inputs on every rank directly, as the client would.</summary>
+    private async Task StageByHandAsync(string layer, StepTicket ticket, RankInput<BFloat16>[] inputs)
+    {
+        for (int r = 0; r < Spec.WorldSize; r++)
+        {
+            IRankGrain grain = Rank(r);
+            await grain.BeginInputAsync(layer, new StepInputHeader(ticket.Step, inputs[r].Count, false, false));
+            if (inputs[r].Count > 0)
+            {
+                await grain.StageInputAsync(layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].Tokens.AsSpan()).ToArray()));
+                await grain.StageInputAsync(layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].ExpertIds.AsSpan()).ToArray()));
+            }
         }
     }
 }

@@ -346,10 +346,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             {
                 // A rank that only had not answered within the grace may be slow, not lost (still in its experts): it
                 // answers a probe (DescribeAsync interleaves with its step), so only ranks that answer neither are masked.
-                // Several unreachable ranks were probed for the blame above already.
-                int[] lost = unreachable.Distinct().Count() > 1
-                    ? [.. culprits.Intersect(unreachable)]
-                    : await ConfirmLostAsync(ranks, calls, [.. unreachable.Distinct()]).ConfigureAwait(true);
+                int[] lost = await ConfirmLostAsync(ranks, calls, [.. unreachable.Distinct()]).ConfigureAwait(true);
                 if (lost.Length > 0)
                 {
                     message += await MaskAsync(s, lost).ConfigureAwait(true);
