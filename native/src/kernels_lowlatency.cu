@@ -598,6 +598,30 @@ cudaError_t ll_prepare_kernels(int W, int E, int MK) {
   return e;
 }
 
+cudaError_t ll_blocks_per_sm(const LLCtx& c, int* per_sm) {
+  const int MK = c.M * c.K;
+  const struct {
+    const void* fn;
+    size_t smem;
+  } kernels[] = {
+      {reinterpret_cast<const void*>(ll_dispatch_send_kernel), ll_dispatch_send_smem(c.E, MK)},
+      {reinterpret_cast<const void*>(ll_dispatch_recv_kernel), ll_dispatch_recv_smem(c.W, c.Epr)},
+      {reinterpret_cast<const void*>(ll_combine_send_kernel), combine_send_smem(c.Epr)},
+      {reinterpret_cast<const void*>(ll_combine_recv_kernel), 0},
+      {reinterpret_cast<const void*>(ll_dispatch_fused_kernel), fused_dispatch_smem(c)},
+      {reinterpret_cast<const void*>(ll_combine_fused_kernel), combine_send_smem(c.Epr)},
+  };
+  int fewest = 1 << 30;
+  for (const auto& k : kernels) {
+    int n = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, kLLThreads, k.smem);
+    if (e != cudaSuccess) return e;
+    fewest = std::min(fewest, n);
+  }
+  *per_sm = fewest;
+  return cudaSuccess;
+}
+
 cudaError_t ll_launch_dispatch_send(const LLCtx& c, int blocks, cudaStream_t s) {
   ll_dispatch_send_kernel<<<blocks, kLLThreads, ll_dispatch_send_smem(c.E, c.M * c.K), s>>>(c);
   return cudaGetLastError();

@@ -81,6 +81,9 @@ cudaError_t ll_launch_combine_fused(const LLCtx& c, const void* expert_output, v
 cudaError_t launch_noop(cudaStream_t s);
 // Raises the dynamic shared-memory limits of the kernels for this layer's sizes (once, at creation).
 cudaError_t ll_prepare_kernels(int W, int E, int MK);
+// Blocks of 256 threads one SM keeps resident for the kernel of this layer that needs the most (registers,
+// shared memory).
+cudaError_t ll_blocks_per_sm(const LLCtx& c, int* per_sm);
 // Dynamic shared memory of the two dispatch kernels.
 size_t ll_dispatch_send_smem(int E, int MK);
 size_t ll_dispatch_recv_smem(int W, int Epr);
@@ -92,7 +95,10 @@ enum class LLStep { Idle, DispatchSent, Dispatched, CombineSent };
 struct epa2a_ll_layer {
   epa2a_ll_config cfg{};
   epa2a::LLCtx ctx{};
-  int blocks = 16;
+  int blocks = 16;            // of every kernel: the requested SM budget, capped by fit_blocks
+  int requested_blocks = 16;  // config.num_sms (or the default)
+  int gpu_sharers = 1;        // ranks (this one included) whose processes use this GPU
+  int resident_per_sm = 0;    // blocks of the heaviest kernel one SM keeps resident
   std::vector<void*> sym;  // symmetric allocations
   std::vector<void*> dev;  // device allocations
   epa2a_status* h_status = nullptr;

@@ -208,6 +208,46 @@ int clear_state(epa2a_ll_layer* l, const char* fn) {
   return EPA2A_OK;
 }
 
+// This GPU's PCI address (domain, bus, device) plus one, the same in every process that uses it; 0 if unknown.
+uint64_t this_gpu_key() {
+  int dev = 0, domain = 0, bus = 0, slot = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&domain, cudaDevAttrPciDomainId, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bus, cudaDevAttrPciBusId, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&slot, cudaDevAttrPciDeviceId, dev) != cudaSuccess)
+    return 0;
+  return 1 + (((uint64_t)domain << 32) | ((uint64_t)bus << 16) | (uint64_t)slot);
+}
+
+// Caps the blocks of every kernel so that the grids of all ranks on this GPU fit on it at once. Ranks that
+// share a GPU (processes under MPS) run their kernels side by side, and a receive block that waits holds its
+// SM until the senders it waits for have run: if the grids together need more blocks than the GPU keeps
+// resident, a sender can sit in the queue behind the waiting receivers until their deadline (seen on the H200:
+// 8 ranks of 20 blocks, one block an SM, waited 30 s). The one-kernel forms need their own grid resident too.
+// After the creation barrier: every rank's key is stored.
+int fit_blocks(epa2a_ll_layer* l, const uint64_t* gpu_key, const char* fn) {
+  uint64_t mine = 0;
+  EPA2A_CUDA(fn, cudaMemcpy(&mine, gpu_key, sizeof mine, cudaMemcpyDeviceToHost));
+  int sharers = 0;
+  for (int r = 0; r < l->ctx.W; ++r) {
+    const void* peer = nvshmem_ptr(gpu_key, r);
+    if (!peer) continue;  // not mapped here: another host's GPU
+    uint64_t theirs = 0;
+    EPA2A_CUDA(fn, cudaMemcpy(&theirs, peer, sizeof theirs, cudaMemcpyDeviceToHost));
+    sharers += theirs == mine;
+  }
+  int dev = 0, sms = 0, per_sm = 0;
+  EPA2A_CUDA(fn, cudaGetDevice(&dev));
+  EPA2A_CUDA(fn, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  EPA2A_CUDA(fn, epa2a::ll_blocks_per_sm(l->ctx, &per_sm));
+  const int fit = std::max(1, per_sm * sms / std::max(sharers, 1));
+  l->requested_blocks = l->blocks;
+  l->blocks = std::min(l->blocks, fit);
+  l->gpu_sharers = std::max(sharers, 1);
+  l->resident_per_sm = per_sm;
+  return EPA2A_OK;
+}
+
 // Checks a dispatch's arguments before anything is launched, then launches the send kernel (or, fused, the
 // one-kernel send + receive).
 int start_dispatch(epa2a_ll_layer* layer, const char* fn, const void* x, const int32_t* expert_ids,
@@ -299,6 +339,8 @@ EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_laye
   c.comb_sig = static_cast<uint64_t*>(p);
   TRY(alloc_sym(l, W * sizeof(uint64_t), &p, fn, "barrier signals"));
   c.bar_sig = static_cast<uint64_t*>(p);
+  TRY(alloc_sym(l, sizeof(uint64_t), &p, fn, "GPU key"));
+  uint64_t* const gpu_key = static_cast<uint64_t*>(p);
   TRY(alloc_dev(l, rows * H * 2, &p, fn));
   c.out_x = static_cast<char*>(p);
   TRY(alloc_dev(l, rows * groups * sizeof(float), &p, fn));
@@ -351,11 +393,15 @@ EPA2A_API int epa2a_ll_layer_create(const epa2a_ll_config* config, epa2a_ll_laye
                               cudaMemcpyHostToDevice));
     EPA2A_CUDA(fn, epa2a::ll_prepare_kernels(c.W, c.E, c.M * c.K));
     EPA2A_CUDA(fn, cudaMemset(c.rows, 0, Epr * sizeof(int)));
-    return clear_state(l, fn);
+    const uint64_t key = this_gpu_key();
+    if (!key) return fail(EPA2A_ERR_CUDA, fn, "could not read this GPU's PCI address");
+    EPA2A_CUDA(fn, cudaMemcpy(gpu_key, &key, sizeof key, cudaMemcpyHostToDevice));
+    return clear_state(l, fn);  // synchronizes the device: the key is stored before the barrier
   };
   TRY(init());
-#undef TRY
   nvshmem_barrier_all();  // no rank may signal another before that rank's signals are zeroed
+  TRY(fit_blocks(l, gpu_key, fn));
+#undef TRY
   *layer = l;
   return EPA2A_OK;
 }
@@ -383,7 +429,7 @@ EPA2A_API int epa2a_ll_get_buffers(epa2a_ll_layer* layer, epa2a_ll_buffers* buff
   buffers->local_experts = c.Epr;
   buffers->expert_capacity = c.W * c.M;
   buffers->hidden = c.H;
-  buffers->reserved = 0;
+  buffers->blocks = layer->blocks;
   return EPA2A_OK;
 }
 
@@ -399,6 +445,25 @@ EPA2A_API int epa2a_ll_layer_abort(epa2a_ll_layer* layer) {
   if (!layer) return fail(EPA2A_ERR_INVALID_ARGUMENT, "epa2a_ll_layer_abort", "layer is NULL");
   *reinterpret_cast<volatile int*>(layer->h_abort) = 1;
   std::atomic_thread_fence(std::memory_order_seq_cst);
+  return EPA2A_OK;
+}
+
+// Diagnostic: this rank's epochs (dispatch, combine, barrier), arrival counters (dispatch, combine), then the
+// dispatch, combine and barrier signals it holds from every rank. Synchronizes the device.
+EPA2A_API int epa2a_ll_debug_epochs(epa2a_ll_layer* layer, uint64_t* out, int32_t capacity) {
+  const char* fn = "epa2a_ll_debug_epochs";
+  int rc = check(layer, fn);
+  if (rc) return rc;
+  const epa2a::LLCtx& c = layer->ctx;
+  if (!out || capacity < 5 + 3 * c.W) return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "out needs 5 + 3 * world_size");
+  unsigned done[2] = {};
+  EPA2A_CUDA(fn, cudaMemcpy(out, c.dep, 3 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  EPA2A_CUDA(fn, cudaMemcpy(done, c.done, sizeof done, cudaMemcpyDeviceToHost));
+  out[3] = done[0];
+  out[4] = done[1];
+  EPA2A_CUDA(fn, cudaMemcpy(out + 5, c.disp_sig, c.W * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  EPA2A_CUDA(fn, cudaMemcpy(out + 5 + c.W, c.comb_sig, c.W * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  EPA2A_CUDA(fn, cudaMemcpy(out + 5 + 2 * c.W, c.bar_sig, c.W * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   return EPA2A_OK;
 }
 

@@ -623,7 +623,25 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
       CK(epa2a_event_record(ev[0], stream));
       for (void* x : plan[q]) CK(epa2a_graph_launch(x, stream));
       CK(epa2a_event_record(ev[1], stream));
-      CK(epa2a_ll_layer_sync(g.l, stream));
+      if (epa2a_ll_layer_sync(g.l, stream) != EPA2A_OK) {
+        // Where each rank stood: its epochs, counters, and the signals it holds (a lost or late signal shows).
+        uint64_t st[5 + 3 * 32] = {};
+        const char* err = epa2a_last_error();
+        const std::string why = err ? err : "";
+        if (epa2a_ll_debug_epochs(g.l, st, 5 + 3 * 32) == EPA2A_OK) {
+          const int W = c.shape.W;
+          std::string line;
+          char b[64];
+          for (int i = 0; i < 5 + 3 * W; ++i) {
+            snprintf(b, sizeof b, "%s%llu", i == 5 || i == 5 + W || i == 5 + 2 * W ? " | " : " ",
+                     (unsigned long long)st[i]);
+            line += b;
+          }
+          fprintf(stderr, "[rank %d] it %d phase %d: dep d/c/b done d/c | disp_sig | comb_sig | bar_sig:%s\n", rank,
+                  it, q, line.c_str());
+        }
+        throw std::runtime_error("epa2a_ll_layer_sync: " + why);
+      }
       float ms = 0;
       CK(epa2a_event_elapsed_ms(ev[0], ev[1], &ms));
       if (it >= 20) t[q].push_back(ms * 1e3);  // the first 20: warm-up
@@ -659,7 +677,8 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
   res.bytes[2] = nk * 2 * H + n * 2 * H;  // pull every (token, k) row, write the output
   res.bytes[3] = 2 * rows * 2 * H + res.bytes[2];
   char b[120];
-  snprintf(b, sizeof(b), "%d replays; combine worst %d ulp; ", iters, worst);
+  snprintf(b, sizeof(b), "%d replays; combine worst %d ulp; %d blocks a kernel; ", iters, worst,
+           (int)io.b.blocks);
   res.msg = b;
 }
 

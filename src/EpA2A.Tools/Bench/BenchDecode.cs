@@ -182,6 +182,7 @@ internal static class BenchDecode
     {
         int rank = config.Rank;
         int n = point.Tokens;
+        point.Blocks = CudaLowLatencyDiagnostics.KernelBlocks(layer);
         int k = m.TopK;
 
         // Every rank draws the whole group's routing from the same seed (so each can check its receive), and uses its own.
@@ -278,6 +279,7 @@ internal static class BenchDecode
                 Routing = lead.Routing,
                 Format = lead.Format,
                 Kernels = lead.Kernels,
+                Blocks = lead.Blocks,
                 Error = error,
                 DispatchMedianUs = lead.DispatchMedianUs,
                 DispatchP99Us = lead.DispatchP99Us,
@@ -316,7 +318,7 @@ internal static class BenchDecode
         StringBuilder sb = new();
         sb.AppendLine(CultureInfo.InvariantCulture, $"# Low-latency decode sweep on {s.Gpu}");
         sb.AppendLine();
-        sb.AppendLine(CultureInfo.InvariantCulture, $"{s.Date}, driver {s.Driver}; {s.World} ranks as processes on the GPU (MPS), top-{s.TopK} of {s.Experts}, {s.NumSms} blocks a kernel; every point captured as CUDA graphs of the four split phases (zero-copy weighted combine) and replayed {s.Iterations} times after a device barrier each.");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"{s.Date}, driver {s.Driver}; {s.World} ranks as processes on the GPU (MPS), top-{s.TopK} of {s.Experts}, {string.Join(" / ", s.Points.Select(p => p.Blocks).Distinct())} blocks a kernel (asked for {s.NumSms?.ToString(CultureInfo.InvariantCulture) ?? "the default"}; capped so that every rank's grid fits on the GPU at once); every point captured as CUDA graphs of the four split phases (zero-copy weighted combine) and replayed {s.Iterations} times after a device barrier each.");
         sb.AppendLine(CultureInfo.InvariantCulture, $"GPU times from CUDA events on rank 0 (median, p99) and the slowest rank's median. Copy ceiling {s.CopyBytesPerSecond / 1e12:0.00} TB/s (device-to-device read + write, this run); floor = bytes read + written by all ranks / ceiling (dispatch: FP8 bytes plus scales, or bf16, once per (token, expert) row; combine: every row read once, every token written once). Algorithm bandwidth of rank 0: per (token, expert) pair, and per destination rank deduplicated.");
         sb.AppendLine();
         sb.AppendLine("| hidden | tokens | routing | format | kernels | dispatch us | p99 | p99/med | worst rank | floor us | x floor | combine us | p99 | p99/med | worst rank | floor us | x floor | dispatch GB/s pair / rank | combine GB/s pair / rank |");
@@ -391,6 +393,9 @@ internal sealed class BenchDecodeRankPoint
 
     public string Key => $"h{Hidden}-t{Tokens}-{Routing}-{Format}-{Kernels}";
 
+    /// <summary>Blocks each kernel launched with (the SM budget after the layer's cap for ranks sharing the GPU).</summary>
+    public int Blocks { get; set; }
+
     public string? Error { get; set; }
 
     public double DispatchMedianUs { get; set; }
@@ -439,6 +444,8 @@ internal sealed record BenchDecodePoint
     public required string Format { get; init; }
 
     public string Kernels { get; init; } = "split";
+
+    public int Blocks { get; init; }
 
     public string? Error { get; init; }
 

@@ -123,6 +123,9 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
 
     public nint DeviceCombineBuffer => buffers.CombineInput;
 
+    /// <summary>Blocks each kernel launches with: the SM budget, capped so that every rank on this GPU fits at once.</summary>
+    internal int KernelBlocks => buffers.Blocks;
+
     /// <summary>Where the device combine receive writes [MaxTokens, Hidden] bf16.</summary>
     public nint CombineOutputPointer => combined.Pointer;
 

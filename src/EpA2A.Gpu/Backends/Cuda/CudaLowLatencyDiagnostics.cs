@@ -39,6 +39,14 @@ public static class CudaLowLatencyDiagnostics
         return new DeviceTensor<BFloat16>(cuda.CombineOutputPointer, [tokens, layer.Config.Hidden], layer);
     }
 
+    /// <summary>
+    /// The blocks each of the layer's kernels launches with: <see cref="EpLowLatencyOptions.NumSms"/>, capped at creation
+    /// so that the grids of every rank on this GPU are resident at once (ranks that share a GPU wait for each other's
+    /// sends; a sender queued behind waiting receivers would otherwise never run).
+    /// </summary>
+    /// <exception cref="ArgumentException">The layer is not on the CUDA backend.</exception>
+    public static int KernelBlocks(EpLowLatencyLayer layer) => Cuda(layer).KernelBlocks;
+
     private static CudaLowLatencyBackend Cuda(EpLowLatencyLayer layer)
     {
         ArgumentNullException.ThrowIfNull(layer);

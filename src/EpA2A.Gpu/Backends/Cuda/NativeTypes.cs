@@ -110,7 +110,9 @@ internal struct NativeLowLatencyBuffers
     public int LocalExperts;
     public int ExpertCapacity;
     public int Hidden;
-    public int Reserved;
+
+    /// <summary>Blocks of every kernel: the SM budget, capped so that the grids of all ranks on this GPU fit at once.</summary>
+    public int Blocks;
 }
 
 /// <summary>EPA2A_LL_FORMAT_*: the token format of a low-latency dispatch.</summary>
