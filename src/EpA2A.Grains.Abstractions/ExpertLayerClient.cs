@@ -35,7 +35,7 @@ public sealed class ExpertLayerClient
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
     private static int clients;
     private LayerSpec? configured;
-    private (string Description, int[] Ranks) coordinatorSilo = (string.Empty, []);
+    private CoordinatorPlace coordinatorSilo = CoordinatorPlace.Unknown;
     private int busy;
 
     /// <summary>Creates a client for layer <paramref name="layer"/> of group <paramref name="group"/>.</summary>
@@ -125,11 +125,13 @@ public sealed class ExpertLayerClient
         LayerSpec? spec = await CoordinatorReadAsync(Coordinator.GetSpecAsync, "GetSpecAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
         if (spec is null && configured is not null)
         {
-            // The coordinator's silo went away and it was activated anew without its state: configure it
-            // again from what this client set up (which forms the group afresh).
-            await Coordinator.ConfigureAsync(configured, Name, false).WaitAsync(callBound * 2, cancellationToken).ConfigureAwait(false);
+            // The coordinator's silo (or the silo holding its directory entry) went away and it was activated anew
+            // without its state: give it back what this client set up. Beginning the step forms the group, so a masking
+            // layer masks a rank lost with that silo in this step. Where the coordinator now runs is looked up beside
+            // the step: describing the group waits on every rank, a stalled one included.
+            await CoordinatorCallAsync(Coordinator.RestoreAsync(configured, Name), "RestoreAsync", callBound, cancellationToken).ConfigureAwait(false);
             spec = configured;
-            await LocateCoordinatorAsync().ConfigureAwait(false);
+            _ = LocateCoordinatorAsync();
         }
 
         if (spec is null)
@@ -209,6 +211,19 @@ public sealed class ExpertLayerClient
     /// error names the silo it was last seen on and the ranks that silo serves (that silo going away is the usual
     /// cause); the next step activates a new coordinator and configures it again.
     /// </summary>
+    private async Task CoordinatorCallAsync(Task call, string what, TimeSpan bound, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await call.WaitAsync(bound, cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is TimeoutException or OrleansException)
+        {
+            throw CoordinatorFailed(e, what, bound);
+        }
+    }
+
+    /// <inheritdoc cref="CoordinatorCallAsync(Task, string, TimeSpan, CancellationToken)"/>
     private async Task<TResult> CoordinatorCallAsync<TResult>(Task<TResult> call, string what, TimeSpan bound, CancellationToken cancellationToken)
     {
         try
@@ -224,9 +239,11 @@ public sealed class ExpertLayerClient
     /// <summary>
     /// Runs the step on the coordinator within <paramref name="bound"/>. An answer is lost when it was to come back
     /// through a gateway silo that died mid-step (a rank's silo being killed is exactly when a step fails), so with no
-    /// answer after 1 s, 3 s, 7 s ... the step is asked for again: the coordinator answers a repeated ticket with the
-    /// outcome of the run it already has (or runs it, when the first ask never arrived), and the answer comes back
-    /// through a live gateway. Only a coordinator that answers no ask is blamed.
+    /// answer the step is asked for again every second: the coordinator answers a repeated ticket with the outcome of
+    /// the run it already has (or runs it, when the first ask never arrived), and the answer comes back through a live
+    /// gateway once the client has dropped the dead one. The asks do not back off: a stalled gateway silo is declared
+    /// dead and dropped about 3 s in, and asks doubling their gap (1 s, 3 s, 7 s) could get through only at 7 s. Only a
+    /// coordinator that answers no ask is blamed.
     /// </summary>
     private async Task<StepReport> RunOnCoordinatorAsync(StepTicket ticket, bool weighted, TimeSpan bound, CancellationToken cancellationToken)
     {
@@ -245,7 +262,6 @@ public sealed class ExpertLayerClient
                 firstAsk ??= ask;
                 asks.Add(ask);
                 nextAsk = clock.Elapsed + gap;
-                gap *= 2;
             }
 
             TimeSpan left = bound - clock.Elapsed;
@@ -292,8 +308,9 @@ public sealed class ExpertLayerClient
     /// A read of the coordinator (it changes nothing, so asking again is safe) with a deadline. A message can be lost
     /// without an answer when it went out through a silo that has just died (the client's gateway for the coordinator,
     /// or the owner of its directory entry); the client notices that silo is gone within a second or two and routes the
-    /// next message around it. So the read is asked again with short attempts (1 s, then 2 s, ...) until
-    /// <paramref name="bound"/>, and only a coordinator that misses every attempt is blamed.
+    /// next message around it. So the read is asked again every second until <paramref name="bound"/>, and only a
+    /// coordinator that misses every attempt is blamed. The attempts do not grow: a stalled gateway silo is dropped
+    /// about 3 s in, and attempts of 1 s, 2 s, 4 s could send the third at 3 s through it and lose the whole bound.
     /// </summary>
     private async Task<TResult> CoordinatorReadAsync<TResult>(Func<Task<TResult>> read, string what, TimeSpan bound, CancellationToken cancellationToken)
     {
@@ -314,8 +331,6 @@ public sealed class ExpertLayerClient
                 {
                     await Task.Delay(TimeSpan.FromMilliseconds(100), cancellationToken).ConfigureAwait(false);
                 }
-
-                attempt *= 2;
             }
             catch (Exception e) when (e is TimeoutException or OrleansException)
             {
@@ -358,12 +373,18 @@ public sealed class ExpertLayerClient
             CoordinatorInfo where = await Coordinator.DescribeAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
             IReadOnlyList<RankInfo> ranks = await Coordinator.DescribeGroupAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
             int[] served = [.. ranks.Where(r => r.Silo == where.Silo).Select(r => r.Rank)];
-            coordinatorSilo = ($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served);
+            coordinatorSilo = new($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served);
         }
         catch (Exception e) when (e is TimeoutException or OrleansException or GroupStepFailedException or NoSiloForRankException)
         {
-            coordinatorSilo = (string.Empty, []);
+            coordinatorSilo = CoordinatorPlace.Unknown;
         }
+    }
+
+    /// <summary>Where the coordinator was last seen, for its errors; a reference, so a lookup beside a step publishes it whole.</summary>
+    private sealed record CoordinatorPlace(string Description, int[] Ranks)
+    {
+        public static CoordinatorPlace Unknown { get; } = new(string.Empty, []);
     }
 
     private static void CheckInputs<T>(LayerSpec spec, IReadOnlyList<RankStepInput<T>> inputs)

@@ -20,6 +20,17 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     /// <param name="takeOver">Re-configure even while another client is stepping the layer.</param>
     Task ConfigureAsync(LayerSpec spec, string client, bool takeOver);
 
+    /// <summary>
+    /// Gives a coordinator that lost its state (activated anew after its silo, or the silo holding its directory entry,
+    /// went away) the spec a client had configured, without forming the group: the client's next
+    /// <see cref="BeginStepAsync"/> forms it, so a masking layer masks a rank lost with that silo in the same step
+    /// instead of failing one step to form and another to mask. A coordinator that has a spec already keeps it (the
+    /// client's step is then checked against it as usual).
+    /// </summary>
+    /// <param name="spec">The spec the client configured.</param>
+    /// <param name="client">Who configured it.</param>
+    Task RestoreAsync(LayerSpec spec, string client);
+
     /// <summary>The configuration, or null before <see cref="ConfigureAsync"/>. A read: it answers while a step or a re-formation is in progress.</summary>
     [AlwaysInterleave]
     Task<LayerSpec?> GetSpecAsync();
@@ -28,7 +39,11 @@ public interface IExpertLayerGrain : IGrainWithStringKey
     [AlwaysInterleave]
     Task<CoordinatorInfo> DescribeAsync();
 
-    /// <summary>Where every rank lives.</summary>
+    /// <summary>
+    /// Where every rank lives: the ranks that answer within the step deadline (a stalled or lost rank is left out). A read
+    /// that interleaves, so it never holds up a step.
+    /// </summary>
+    [AlwaysInterleave]
     Task<IReadOnlyList<RankInfo>> DescribeGroupAsync();
 
     /// <summary>

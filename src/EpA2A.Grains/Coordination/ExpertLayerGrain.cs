@@ -1,7 +1,11 @@
 using System.Diagnostics;
+using System.Globalization;
+using EpA2A.Grains.Placement;
 using EpA2A.Telemetry;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 using Orleans.Placement;
+using Orleans.Runtime.MembershipService.SiloMetadata;
 
 namespace EpA2A.Grains.Coordination;
 
@@ -84,6 +88,19 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         await FormAsync().ConfigureAwait(true);
     }
 
+    public Task RestoreAsync(LayerSpec restored, string client)
+    {
+        ArgumentNullException.ThrowIfNull(restored);
+        if (spec is null)
+        {
+            spec = restored.Validated();
+            configuredBy = string.IsNullOrWhiteSpace(client) ? "an unnamed client" : client;
+            formed = false;
+        }
+
+        return Task.CompletedTask;
+    }
+
     public Task<LayerSpec?> GetSpecAsync() => Task.FromResult(spec);
 
     public Task<CoordinatorInfo> DescribeAsync() => Task.FromResult(new CoordinatorInfo(
@@ -100,7 +117,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     public async Task<IReadOnlyList<RankInfo>> DescribeGroupAsync()
     {
         LayerSpec s = RequireSpec();
-        return await Task.WhenAll(Ranks(s).Select(r => r.Grain.DescribeAsync())).ConfigureAwait(true);
+        Task<RankInfo>[] calls = [.. Ranks(s).Select(r => r.Grain.DescribeAsync())];
+        await Task.WhenAny(Task.WhenAll(calls), Task.Delay(s.StepTimeout)).ConfigureAwait(true);
+        return [.. calls.Where(c => c.IsCompletedSuccessfully).Select(c => c.Result)];
     }
 
     /// <summary>
@@ -135,6 +154,13 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         if (masked.Length > 0 && formed)
         {
             await ReadmitReturnedRanksAsync(s).ConfigureAwait(true);
+        }
+
+        if (!formed && s.OnLostRank == LostRankPolicy.Mask && Serving(s).Where(r => !ServedByActiveSilo(r.Rank)).Select(r => r.Rank).ToArray() is { Length: > 0 } gone && gone.Length < Serving(s).Length)
+        {
+            // A rank whose silo was declared dead is masked before forming: creating its layer would only wait out the
+            // placement's grace (a second) to fail. The background probe re-admits it once a silo serves it again.
+            LogStepFailed(logger, $"layer '{Key.Layer}': no active silo serves ranks {string.Join(", ", gone)}{await MaskAsync(s, gone).ConfigureAwait(true)}");
         }
 
         if (!formed)
@@ -363,20 +389,43 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// <summary>
     /// Several ranks blamed at once are mostly ranks that waited on the one that stalled: a rank blamed only by others'
     /// waits stays blamed when it also fails a direct probe (no answer within a second). A rank that reported its own
-    /// failure (bad input) stays blamed. When every suspect answers, the blame stands as it was.
+    /// failure (bad input) stays blamed. When every suspect answers, the blame stands as it was. A suspect that no active
+    /// silo serves (its silo was declared dead) is not probed: a probe of it would only wait out the placement's grace.
     /// </summary>
-    private static async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true)
+    private async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true)
     {
         selfReported = [.. selfReported.Intersect(suspects)];
-        int[] probed = [.. suspects.Except(selfReported)];
+        int[] gone = [.. suspects.Except(selfReported).Where(r => !ServedByActiveSilo(r))];
+        int[] probed = [.. suspects.Except(selfReported).Except(gone)];
         Task<RankInfo>[] probes = [.. probed.Select(r => ranks.First(x => x.Rank == r).Grain.DescribeAsync())];
-        await Task.WhenAny(Task.WhenAll(probes), Task.Delay(TimeSpan.FromSeconds(1))).ConfigureAwait(true);
-        int[] confirmed = [.. selfReported.Concat(probed.Where((_, i) => !probes[i].IsCompletedSuccessfully)).Distinct().Order()];
+        if (probes.Length > 0)
+        {
+            await Task.WhenAny(Task.WhenAll(probes), Task.Delay(TimeSpan.FromSeconds(1))).ConfigureAwait(true);
+        }
+
+        int[] confirmed = [.. selfReported.Concat(gone).Concat(probed.Where((_, i) => !probes[i].IsCompletedSuccessfully)).Distinct().Order()];
         return confirmed.Length > 0 || !keepWhenAllAnswer ? confirmed : suspects;
     }
 
+    /// <summary>Whether this silo's view of the cluster has an active silo serving <paramref name="rank"/> (true when it cannot tell).</summary>
+    private bool ServedByActiveSilo(int rank)
+    {
+        IClusterMembershipService? membership = ServiceProvider.GetService<IClusterMembershipService>();
+        ISiloMetadataCache? metadata = ServiceProvider.GetService<ISiloMetadataCache>();
+        if (membership is null || metadata is null)
+        {
+            return true;
+        }
+
+        string rankText = rank.ToString(CultureInfo.InvariantCulture);
+        return membership.CurrentSnapshot.Members.Values.Any(m => m.Status == SiloStatus.Active
+            && metadata.GetSiloMetadata(m.SiloAddress).Metadata is { } md
+            && md.TryGetValue(RankMetadata.Group, out string? g) && g == Key.Group
+            && md.TryGetValue(RankMetadata.Rank, out string? r) && r == rankText);
+    }
+
     /// <summary>Of ranks that did not answer a step: those whose call failed to reach them, and those that also miss a probe.</summary>
-    private static async Task<int[]> ConfirmLostAsync((int Rank, IRankGrain Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered)
+    private async Task<int[]> ConfirmLostAsync((int Rank, IRankGrain Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered)
     {
         int[] unreachable = [.. unanswered.Where(r => calls[Array.FindIndex(ranks, x => x.Rank == r)].IsFaulted)];
         int[] silent = [.. unanswered.Except(unreachable)];
