@@ -165,7 +165,14 @@ __device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
 // thousands of warps polling neighbouring signals (and one failure word) slowed every other kernel on the GPU
 // tenfold. One acquire load of the signal then orders the data it guards. kMaxSleepNs caps the backoff (the
 // low-latency layer, with few waiters, keeps it short).
-template <typename Ctx, unsigned kMaxSleepNs = 2048>
+// A poll that is performed at the L2 (an atomic add of 0): never served from a stale copy.
+__device__ __forceinline__ uint64_t ld_atomic_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("atom.relaxed.sys.global.add.u64 %0, [%1], 0;" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <typename Ctx, unsigned kMaxSleepNs = 2048, bool kAtomicPoll = false>
 __device__ inline bool wait_signal(const Ctx& c, const uint64_t* sig, uint64_t expect, int peer, int phase,
                                    int index) {
   uint64_t v = ld_acquire_sys(sig);
@@ -175,9 +182,12 @@ __device__ inline bool wait_signal(const Ctx& c, const uint64_t* sig, uint64_t e
   for (unsigned spins = 1;; ++spins) {
     __nanosleep(sleep_ns);
     if (sleep_ns < kMaxSleepNs) sleep_ns *= 2;
-    v = ld_relaxed_sys(sig);
+    v = kAtomicPoll ? ld_atomic_sys(sig) : ld_relaxed_sys(sig);
     if (v >= expect) {
-      (void)ld_acquire_sys(sig);
+      if (kAtomicPoll)
+        asm volatile("fence.acq_rel.sys;" ::: "memory");  // the acquire half of the atomic read
+      else
+        (void)ld_acquire_sys(sig);
       return true;
     }
     if ((spins & 7u) == 0) {

@@ -23,8 +23,16 @@ namespace {
 
 constexpr unsigned kLLMaxSleepNs = 256;  // few waiters: poll often
 
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+// Signals are stored by a release atomic max and polled by atomics, both performed at the L2. With plain
+// release stores and relaxed-load polls, a receiver on the H100 under MPS once in about 15,000 replays kept
+// reading a signal's previous epoch for the whole 5 s deadline while the memory already held the new one (a
+// dump taken after the timeout showed it; the sender had long finished). Same latency either way (measured).
+__device__ __forceinline__ void ll_signal(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ bool ll_wait(const LLCtx& c, const uint64_t* sig, uint64_t epoch, int peer, int phase) {
+  return wait_signal<LLCtx, kLLMaxSleepNs, true>(c, sig, epoch, peer, phase, peer);
 }
 
 template <typename T>
@@ -51,7 +59,7 @@ __device__ void finish_and_signal(const LLCtx& c, unsigned* counter, uint64_t* e
   const uint64_t epoch = __ldcg(epoch_slot) + 1;
   __threadfence_system();  // every block's stores before any signal
   for (int r = threadIdx.x; r < c.W; r += blockDim.x)
-    st_release_sys(peer_ptr<uint64_t>(c, kind, r) + c.me, epoch);
+    ll_signal(peer_ptr<uint64_t>(c, kind, r) + c.me, epoch);
   __syncthreads();
   if (threadIdx.x == 0) *epoch_slot = epoch;  // for this rank's receive kernel
 }
@@ -244,7 +252,7 @@ __device__ void dispatch_recv_body(const LLCtx& c, uint64_t epoch) {
     s_pos[r] = peer_ptr<int>(c, kPeerPos, r);
   }
   for (int r = tid; r < W; r += blockDim.x)
-    wait_signal<LLCtx, kLLMaxSleepNs>(c, c.disp_sig + r, epoch, r, EPA2A_PHASE_LL_DISPATCH_RECV, r);
+    ll_wait(c, c.disp_sig + r, epoch, r, EPA2A_PHASE_LL_DISPATCH_RECV);
   __syncthreads();
   if (failed(c)) return;
   // Every (source, local expert) count in parallel (one round trip), then prefixed over sources in shared
@@ -409,7 +417,7 @@ __device__ void combine_recv_body(const LLCtx& c, unsigned short* out, int weigh
   const int tid = threadIdx.x, lane = tid & 31, wpb = blockDim.x >> 5;
   for (int r = tid; r < W; r += blockDim.x) s_comb[r] = peer_ptr<const char>(c, kPeerComb, r);
   for (int r = tid; r < W; r += blockDim.x)
-    wait_signal<LLCtx, kLLMaxSleepNs>(c, c.comb_sig + r, epoch, r, EPA2A_PHASE_LL_COMBINE_RECV, r);
+    ll_wait(c, c.comb_sig + r, epoch, r, EPA2A_PHASE_LL_COMBINE_RECV);
   __syncthreads();
   if (failed(c)) return;
   // Work items: (token, part of its channels). One token spreads over many warps; many tokens give a warp a
@@ -530,9 +538,9 @@ __global__ void ll_barrier_kernel(LLCtx c) {
   const uint64_t epoch = __ldcg(c.dep + 2) + 1;
   __threadfence_system();
   for (int r = threadIdx.x; r < c.W; r += blockDim.x)
-    st_release_sys(peer_ptr<uint64_t>(c, kPeerBarSig, r) + c.me, epoch);
+    ll_signal(peer_ptr<uint64_t>(c, kPeerBarSig, r) + c.me, epoch);
   for (int r = threadIdx.x; r < c.W; r += blockDim.x)
-    wait_signal<LLCtx, kLLMaxSleepNs>(c, c.bar_sig + r, epoch, r, EPA2A_PHASE_LL_BARRIER, r);
+    ll_wait(c, c.bar_sig + r, epoch, r, EPA2A_PHASE_LL_BARRIER);
   __syncthreads();
   if (threadIdx.x == 0) c.dep[2] = epoch;
 }
