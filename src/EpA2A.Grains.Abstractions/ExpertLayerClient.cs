@@ -159,7 +159,7 @@ public sealed class ExpertLayerClient
             // A rank that cannot take its input in time (its silo is gone, or restarted without the layer)
             // fails the step; the coordinator re-forms the group before the next one.
             int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
-            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(staging[r].IsFaulted ? staging[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(staging[r].IsFaulted ? RemoteFailure.Describe(staging[r].Exception!) : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             string message = $"step {ticket.Step} of layer '{Layer}': staging the input failed on {why}";
 
             // Ranks that gave no answer at all (as opposed to refusing the input) are reported as unreachable: a masking
@@ -201,7 +201,7 @@ public sealed class ExpertLayerClient
             // The step ran, but a rank's silo went away before its output was read, or a client took the layer over.
             await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             int[] failed = [.. reads.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
-            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(reads[r].IsFaulted ? reads[r].Exception!.GetBaseException().Message : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(reads[r].IsFaulted ? RemoteFailure.Describe(reads[r].Exception!) : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             throw new GroupStepFailedException($"step {ticket.Step} of layer '{Layer}': reading the combined output failed on {why}", ticket.Step, failed);
         }
     }
@@ -300,7 +300,7 @@ public sealed class ExpertLayerClient
     /// <summary>The failure a coordinator call ends in: it names the silo the coordinator was last seen on and its ranks.</summary>
     private GroupStepFailedException CoordinatorFailed(Exception e, string what, TimeSpan bound, string? why = null)
     {
-        why ??= e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {e.Message}";
+        why ??= e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {RemoteFailure.Describe(e)}";
         return new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
     }
 

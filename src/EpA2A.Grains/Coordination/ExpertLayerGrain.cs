@@ -335,7 +335,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
                 reports.Add(report);
                 if (!report.Succeeded)
                 {
-                    errors.Add(report.Error ?? $"rank {report.Rank} failed");
+                    errors.Add(report.Error is { } error ? RemoteFailure.Clean(error) : $"rank {report.Rank} failed");
                     if (report.BlamedRank is int b)
                     {
                         blamed.Add(b);
@@ -345,7 +345,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             else
             {
                 Exception? cause = call.IsFaulted ? call.Exception!.GetBaseException() : null;
-                errors.Add($"rank {ranks[i].Rank}: {cause?.Message ?? $"no answer within {bound.TotalSeconds:0.#} s"}");
+                errors.Add($"rank {ranks[i].Rank}: {(cause is null ? $"no answer within {bound.TotalSeconds:0.#} s" : RemoteFailure.Describe(cause))}");
                 blamed.Add(ranks[i].Rank);
                 if (cause is null or OrleansException or TimeoutException or NoSiloForRankException)
                 {
@@ -471,7 +471,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             if (!creates[i].IsCompletedSuccessfully)
             {
                 missing.Add(ranks[i].Rank);
-                errors.Add($"rank {ranks[i].Rank}: {(creates[i].IsFaulted ? creates[i].Exception!.GetBaseException().Message : $"did not answer within {s.StepTimeout.TotalSeconds:0.#} s")}");
+                errors.Add($"rank {ranks[i].Rank}: {(creates[i].IsFaulted ? RemoteFailure.Describe(creates[i].Exception!) : $"did not answer within {s.StepTimeout.TotalSeconds:0.#} s")}");
             }
         }
 
@@ -572,7 +572,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         int[] silent = [.. ranks.Where((_, i) => !describe[i].IsCompletedSuccessfully).Select(r => r.Rank)];
         if (silent.Length > 0)
         {
-            string why = string.Join("; ", silent.Select(r => $"rank {r}: {(describe[r].IsFaulted ? describe[r].Exception!.GetBaseException().Message : "no answer")}"));
+            string why = string.Join("; ", silent.Select(r => $"rank {r}: {(describe[r].IsFaulted ? RemoteFailure.Describe(describe[r].Exception!) : "no answer")}"));
             throw new GroupStepFailedException($"group '{Key.Group}' could not form layer '{Key.Layer}': {why}", nextStep + 1, silent);
         }
 
@@ -627,7 +627,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         int[] failed = [.. ranks.Where((_, i) => !joins[i].IsCompletedSuccessfully).Select(r => r.Rank)];
         if (failed.Length > 0)
         {
-            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(joins[r].IsFaulted ? joins[r].Exception!.GetBaseException().Message : "did not join within 90 s")}"));
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(joins[r].IsFaulted ? RemoteFailure.Describe(joins[r].Exception!) : "did not join within 90 s")}"));
             throw new GroupStepFailedException($"group '{Key.Group}' could not bootstrap NVSHMEM: {why}", nextStep + 1, failed);
         }
 

@@ -46,7 +46,7 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
             // this rank's message malformed).
             Exception cause = e.GetBaseException();
             int blamed = cause is InvalidDataException ? rank : destination;
-            throw new EpStepFailedException($"rank {rank} could not deliver {tag} to rank {destination}: {cause.Message}", blamed, e);
+            throw new EpStepFailedException($"rank {rank} could not deliver {tag} to rank {destination}: {RemoteFailure.Describe(cause)}", blamed, e);
         }
     }
 

@@ -82,7 +82,7 @@ internal static class CommandLineExit
     {
         ArgumentNullException.ThrowIfNull(e);
         e = e is AggregateException { InnerExceptions.Count: 1 } a ? a.InnerExceptions[0] : e;
-        string message = e.Message.ReplaceLineEndings(" ");
+        string message = e is TimeoutException or OrleansException ? RemoteFailure.Describe(e, innermost: false) : RemoteFailure.Clean(e.Message);
         return e switch
         {
             UsageException => (ExitCodes.BadInput, message),

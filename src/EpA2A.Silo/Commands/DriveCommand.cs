@@ -111,7 +111,7 @@ internal static class DriveCommand
         }
         catch (Exception e) when (!cancellationToken.IsCancellationRequested && e is OperationCanceledException or TimeoutException or OrleansException)
         {
-            throw new TimeoutException($"no silo could be reached within {bound.TotalSeconds:0.#} s through {reaching} (are the silos running, with this --cluster-id?): {e.Message.ReplaceLineEndings(" ")}", e);
+            throw new TimeoutException($"no silo could be reached within {bound.TotalSeconds:0.#} s through {reaching} (are the silos running, with this --cluster-id?): {RemoteFailure.Describe(e)}", e);
         }
     }
 
@@ -143,7 +143,7 @@ internal static class DriveCommand
                 catch (Exception e) when (e is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
                 {
                     failures++;
-                    string message = e.Message.ReplaceLineEndings(" ");
+                    string message = e is TimeoutException or OrleansException ? RemoteFailure.Describe(e, innermost: false) : RemoteFailure.Clean(e.Message);
                     output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"step {s}: FAILED after {Stopwatch.GetElapsedTime(start).TotalMilliseconds:0} ms: {e.GetType().Name}: {message}"));
 
                     // Another client re-configured the layer: every further step would be refused the same way.
@@ -188,7 +188,7 @@ internal static class DriveCommand
                 }
                 catch (Exception e) when (DateTime.UtcNow < giveUp && e is not (ArgumentException or LayerSpecConflictException or OperationCanceledException))
                 {
-                    output.WriteLine($"drive: group not ready ({e.Message.ReplaceLineEndings(" ")}); retrying");
+                    output.WriteLine($"drive: group not ready ({(e is TimeoutException or OrleansException ? RemoteFailure.Describe(e, innermost: false) : RemoteFailure.Clean(e.Message))}); retrying");
                     output.Flush();
                     await Task.Delay(500, cancellationToken);
                 }

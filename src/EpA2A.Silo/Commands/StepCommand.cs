@@ -4,6 +4,7 @@ using System.Numerics.Tensors;
 using EpA2A.Config;
 using EpA2A.Errors;
 using EpA2A.Experts;
+using EpA2A.Grains;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 using EpA2A.Reference;
@@ -146,7 +147,7 @@ internal static class StepCommand
         }
         catch (EpStepFailedException e)
         {
-            await error.WriteLineAsync($"epa2a step: the step failed: {e.Message}").ConfigureAwait(false);
+            await error.WriteLineAsync($"epa2a step: the step failed: {RemoteFailure.Clean(e.Message)}").ConfigureAwait(false);
             return ExitStepFailed;
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)

@@ -67,6 +67,10 @@ public sealed class MultiProcessClusterTests
             int healed = drive.Lines.Count;
             await drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: healed);
             Assert.DoesNotContain(drive.Lines, l => l.Contains("MISMATCH", StringComparison.Ordinal));
+
+            // Every failed step was one line of meaning on the client's stdout and stderr (issue 18): no stack frame, no
+            // nested exception, no Orleans request dump.
+            Assert.DoesNotContain(drive.Lines, l => l.StartsWith("   at ", StringComparison.Ordinal) || l.Contains("--->", StringComparison.Ordinal) || l.Contains("Request [", StringComparison.Ordinal));
             DrillLog.Outage(LostRankPolicy.FailAndReform, "sigkill-between-steps", outage);
             TestContext.Current.TestOutputHelper?.WriteLine($"failure seen {detected.TotalMilliseconds:0} ms after SIGKILL; client lines:\n{string.Join('\n', drive.Lines.Skip(before - 1))}");
         }
