@@ -359,6 +359,14 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             formed = false;
 
             // A rank whose silo is gone (or silent) explains the others' waits on it and on each other: it is the culprit.
+            // A call that could not reach its rank is certain; a rank that only had not answered within the grace may
+            // just be slow to take the abort (a loaded machine), so it is a suspect only when no call failed outright.
+            int[] failedCalls = [.. unreachable.Where(r => calls[Array.FindIndex(ranks, x => x.Rank == r)].IsFaulted)];
+            if (failedCalls.Length > 0)
+            {
+                unreachable = [.. failedCalls];
+            }
+
             int[] culprits = [.. (unreachable.Count > 0 ? unreachable : blamed).Distinct().Order()];
             if (culprits.Length > 1)
             {
