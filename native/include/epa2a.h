@@ -268,8 +268,9 @@ typedef struct epa2a_ll_config {
   int32_t rank;             /* this rank = the NVSHMEM PE */
   int32_t world_size;       /* ranks = NVSHMEM PEs, at most 32 */
   int32_t local_world_size; /* must equal world_size: the low-latency layer is intra-node */
-  int32_t num_sms;          /* SM budget: blocks of each kernel; <= 0 selects 16. Capped at creation so that the
-                               grids of every rank on this GPU are resident at once (epa2a_ll_buffers.blocks) */
+  int32_t num_sms;          /* SM budget: blocks of each kernel; <= 0 selects 16. Capped at creation so that
+                               the grids of every rank on this GPU are resident at once
+                               (epa2a_ll_buffers.blocks) */
   int32_t flags;            /* 0 */
   int32_t reserved;         /* 0 */
 } epa2a_ll_config;
@@ -283,7 +284,8 @@ typedef struct epa2a_ll_buffers {
   int32_t local_experts;    /* num_experts / world_size */
   int32_t expert_capacity;  /* world_size * max_tokens rows a local expert */
   int32_t hidden;
-  int32_t blocks; /* of every kernel: num_sms, capped so that the grids of all ranks on this GPU fit at once */
+  int32_t blocks; /* of every kernel: num_sms, capped so that the grids of all ranks on this GPU
+                    fit at once */
 } epa2a_ll_buffers;
 
 typedef struct epa2a_ll_layer epa2a_ll_layer;
@@ -320,8 +322,8 @@ EPA2A_API int epa2a_ll_combine_recv(epa2a_ll_layer* layer, void* out, int32_t we
  * epa2a_ll_dispatch = dispatch_send + dispatch_recv, epa2a_ll_combine = combine_send + combine_recv, same arguments.
  * Each needs all its blocks resident at once (epa2a_ll_buffers.blocks blocks of 256 threads a rank: the layer caps
  * num_sms so that they are, for every rank on the GPU). */
-EPA2A_API int epa2a_ll_dispatch(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids, const float* weights,
-                                int32_t num_tokens, int32_t format, void* stream);
+EPA2A_API int epa2a_ll_dispatch(epa2a_ll_layer* layer, const void* x, const int32_t* expert_ids,
+                                const float* weights, int32_t num_tokens, int32_t format, void* stream);
 EPA2A_API int epa2a_ll_combine(epa2a_ll_layer* layer, const void* expert_output, void* out, int32_t weighted,
                                void* stream);
 

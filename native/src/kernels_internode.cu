@@ -176,8 +176,8 @@ __global__ void combine_proxy_kernel(DevCtx c, int weighted) {
     }
     __syncwarp();
     const size_t slot = (size_t)c.node * c.max_tokens + t;
-    nvshmemx_putmem_signal_nbi_warp(c.c_recv + slot * H, stage, sizeof(float) * H, c.c_sig + slot, combine_epoch(c),
-                                    NVSHMEM_SIGNAL_SET, s);
+    nvshmemx_putmem_signal_nbi_warp(c.c_recv + slot * H, stage, sizeof(float) * H, c.c_sig + slot,
+                                    combine_epoch(c), NVSHMEM_SIGNAL_SET, s);
   }
 }
 

@@ -233,7 +233,8 @@ __global__ void combine_kernel(DevCtx c, void* out, int weighted) {
                 const int d2 = __shfl_sync(kFullMask, x.d, kk);
                 sc[j] = __shfl_sync(kFullMask, scale, kk);
                 if (active)
-                  raw[j] = __ldcg(reinterpret_cast<const int4*>(c.peer_out[d2] + (size_t)r2 * c.row_bytes) + g);
+                  raw[j] =
+                      __ldcg(reinterpret_cast<const int4*>(c.peer_out[d2] + (size_t)r2 * c.row_bytes) + g);
               }
             }
 #pragma unroll
@@ -273,7 +274,8 @@ __global__ void copy_rows_kernel(DevCtx c, const int4* src) {
   if (failed(c)) return;
   const size_t units = (size_t)c.dinfo[info_recv(c.W) + c.me] * c.row_bytes / sizeof(int4);
   int4* dst = reinterpret_cast<int4*>(c.out);
-  for (size_t u = blockIdx.x * (size_t)blockDim.x + threadIdx.x; u < units; u += (size_t)gridDim.x * blockDim.x)
+  for (size_t u = blockIdx.x * (size_t)blockDim.x + threadIdx.x; u < units;
+       u += (size_t)gridDim.x * blockDim.x)
     dst[u] = __ldg(src + u);
 }
 

@@ -281,7 +281,8 @@ int validate(const epa2a_layer_config& k, const char* fn) {
   CHECK_CFG(k.capacity >= 1, "config.capacity = %d must be at least 1", k.capacity);
   CHECK_CFG((k.flags & ~EPA2A_LAYER_FIXED_CAPACITY) == 0, "config.flags = %d has unknown bits", k.flags);
   CHECK_CFG(!(k.flags & EPA2A_LAYER_FIXED_CAPACITY) || (k.hidden * k.token_bytes) % 16 == 0,
-            "config: EPA2A_LAYER_FIXED_CAPACITY needs rows of a multiple of 16 bytes (hidden = %d)", k.hidden);
+            "config: EPA2A_LAYER_FIXED_CAPACITY needs rows of a multiple of 16 bytes (hidden = %d)",
+            k.hidden);
   const int64_t worst = (int64_t)k.max_tokens * k.topk * k.world_size +
                         (int64_t)(k.num_experts / k.world_size) * (k.expert_alignment - 1);
   CHECK_CFG(worst <= INT_MAX, "config: max_tokens * topk * world_size (+ padding) = %lld rows exceeds int32",
@@ -795,7 +796,8 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (expert_output && expert_output != c.out) {
     if (c.fixed_capacity && reinterpret_cast<uintptr_t>(expert_output) % 16 != 0)
-      return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "expert_output must be 16-byte aligned in fixed-capacity mode");
+      return fail(EPA2A_ERR_INVALID_ARGUMENT, fn,
+                  "expert_output must be 16-byte aligned in fixed-capacity mode");
     if (c.fixed_capacity) {
       // The receive size is known on the device only (no host wait): a kernel copies that many rows.
       const cudaError_t e = epa2a::launch_copy_rows(c, expert_output, l->num_sms, s);
@@ -814,7 +816,8 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   if (c.local_combine) err = epa2a::launch_presum(c, l->num_sms, tt, c.row_bytes % 16 == 0, weighted, s);
   tr.mark("copy-in+presum");
   if (err == cudaSuccess)
-    err = epa2a::launch_barrier(c, EPA2A_SLOT_COMBINE_READY, epa2a::kEpochCombine, true, c.node * c.L, c.L, s);
+    err =
+        epa2a::launch_barrier(c, EPA2A_SLOT_COMBINE_READY, epa2a::kEpochCombine, true, c.node * c.L, c.L, s);
   tr.mark("barrier");
   if (err == cudaSuccess) {
     if (c.N == 1) {
@@ -839,9 +842,10 @@ EPA2A_API int epa2a_dispatch_enqueue(epa2a_layer* layer, const void* tokens, con
   int rc = check_layer(layer, fn);
   if (rc) return rc;
   if (!layer->ctx.fixed_capacity)
-    return fail(EPA2A_ERR_STATE, fn,
-                "needs a layer created with EPA2A_LAYER_FIXED_CAPACITY (otherwise the host must size the buffers "
-                "between prepare and send)");
+    return fail(
+        EPA2A_ERR_STATE, fn,
+        "needs a layer created with EPA2A_LAYER_FIXED_CAPACITY (otherwise the host must size the buffers "
+        "between prepare and send)");
   if ((rc = epa2a_dispatch_prepare(layer, tokens, expert_ids, weights, scatter_indices, num_tokens, stream)))
     return rc;
   layer->max_recv = 0;  // unknown on the host; the exchange kernel checks the capacity on the device
@@ -878,7 +882,8 @@ EPA2A_API int epa2a_graph_launch(void* graph_exec, void* stream) {
 }
 
 EPA2A_API int epa2a_graph_destroy(void* graph_exec) {
-  if (graph_exec) EPA2A_CUDA("epa2a_graph_destroy", cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec)));
+  if (graph_exec)
+    EPA2A_CUDA("epa2a_graph_destroy", cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph_exec)));
   return EPA2A_OK;
 }
 

@@ -99,8 +99,8 @@ struct epa2a_ll_layer {
   int requested_blocks = 16;  // config.num_sms (or the default)
   int gpu_sharers = 1;        // ranks (this one included) whose processes use this GPU
   int resident_per_sm = 0;    // blocks of the heaviest kernel one SM keeps resident
-  std::vector<void*> sym;  // symmetric allocations
-  std::vector<void*> dev;  // device allocations
+  std::vector<void*> sym;     // symmetric allocations
+  std::vector<void*> dev;     // device allocations
   epa2a_status* h_status = nullptr;
   int* h_abort = nullptr;
   epa2a::LLStep step = epa2a::LLStep::Idle;

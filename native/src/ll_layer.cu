@@ -458,7 +458,8 @@ EPA2A_API int epa2a_ll_debug_epochs(epa2a_ll_layer* layer, uint64_t* out, int32_
   int rc = check(layer, fn);
   if (rc) return rc;
   const epa2a::LLCtx& c = layer->ctx;
-  if (!out || capacity < 5 + 3 * c.W) return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "out needs 5 + 3 * world_size");
+  if (!out || capacity < 5 + 3 * c.W)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "out needs 5 + 3 * world_size");
   unsigned done[2] = {};
   EPA2A_CUDA(fn, cudaMemcpy(out, c.dep, 3 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   EPA2A_CUDA(fn, cudaMemcpy(done, c.done, sizeof done, cudaMemcpyDeviceToHost));

@@ -637,8 +637,8 @@ void run_timed(const Case& c, int rank, void* stream, int iters, Result& res) {
                      (unsigned long long)st[i]);
             line += b;
           }
-          fprintf(stderr, "[rank %d] it %d phase %d: dep d/c/b done d/c | disp_sig | comb_sig | bar_sig:%s\n", rank,
-                  it, q, line.c_str());
+          fprintf(stderr, "[rank %d] it %d phase %d: dep d/c/b done d/c | disp_sig | comb_sig | bar_sig:%s\n",
+                  rank, it, q, line.c_str());
         }
         throw std::runtime_error("epa2a_ll_layer_sync: " + why);
       }

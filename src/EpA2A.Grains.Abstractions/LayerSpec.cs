@@ -134,7 +134,8 @@ public sealed record LayerSpec
 
         if (Mode == LayerMode.LowLatency)
         {
-            EpLowLatencyLayer.ThrowIfUnsupported(config, LowLatencyDispatch);
+            LowLatencyConfigRules.Check(config);
+            LowLatencyConfigRules.CheckFormat(config, LowLatencyDispatch);
         }
 
         if (StepTimeout <= TimeSpan.Zero || StepTimeout > TimeSpan.FromHours(1))
@@ -149,9 +150,9 @@ public sealed record LayerSpec
 /// <summary>Which layer a <see cref="LayerSpec"/> asks the ranks to run.</summary>
 public enum LayerMode
 {
-    /// <summary><see cref="Layer.EpAll2AllLayer"/>: any token type, inter-node, growable buffers.</summary>
+    /// <summary>The normal layer (<c>EpAll2AllLayer</c>): any token type, inter-node, growable buffers.</summary>
     Normal = 0,
 
-    /// <summary><see cref="EpLowLatencyLayer"/>: decode-sized steps, fixed capacity, expert-major layout, bf16 or FP8 dispatch.</summary>
+    /// <summary>The low-latency layer (<c>EpLowLatencyLayer</c>): decode-sized steps, fixed capacity, expert-major layout, bf16 or FP8 dispatch.</summary>
     LowLatency = 1,
 }

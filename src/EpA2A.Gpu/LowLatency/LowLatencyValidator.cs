@@ -13,29 +13,7 @@ internal static class LowLatencyValidator
 {
     public static void Create(EpConfig config, EpLowLatencyOptions options)
     {
-        if (config.TokenType != TokenType.BFloat16)
-        {
-            throw new ArgumentException($"EpConfig.TokenType = {config.TokenType}: the low-latency layer moves bf16 tokens (bf16 or FP8 on the wire)", nameof(config));
-        }
-
-        if (!config.IsIntraNode)
-        {
-            throw new ArgumentException(
-                $"EpConfig.LocalWorldSize = {config.LocalWorldSize} is below WorldSize = {config.WorldSize}: the low-latency layer is intra-node only (every rank a direct peer); use the normal EpAll2AllLayer, whose inter-node algorithm covers several nodes",
-                nameof(config));
-        }
-
-        if (config.ExpertAlignment != 1 || config.EnableLocalCombine)
-        {
-            throw new ArgumentException("EpConfig.ExpertAlignment and EnableLocalCombine are normal-mode options: the low-latency layout is fixed ([ExpertsPerRank, WorldSize*MaxTokens, Hidden], compact from row 0)", nameof(config));
-        }
-
-        long rows = (long)config.ExpertsPerRank * config.WorldSize * config.MaxTokens;
-        if (rows * config.Hidden > Array.MaxLength)
-        {
-            throw new ArgumentException($"the receive buffer [ExpertsPerRank={config.ExpertsPerRank}, WorldSize*MaxTokens={config.WorldSize * config.MaxTokens}, Hidden={config.Hidden}] exceeds the largest array", nameof(config));
-        }
-
+        LowLatencyConfigRules.Check(config);
         if (options.StepTimeout <= TimeSpan.Zero || options.StepTimeout > TimeSpan.FromHours(1))
         {
             throw new ArgumentException($"EpLowLatencyOptions.StepTimeout = {options.StepTimeout} must be in (0, 1 h]", nameof(options));
@@ -47,18 +25,7 @@ internal static class LowLatencyValidator
         }
     }
 
-    public static void Format(EpConfig config, LowLatencyDispatchOptions options)
-    {
-        if (!Enum.IsDefined(options.Format))
-        {
-            throw new ArgumentException($"LowLatencyDispatchOptions.Format = {options.Format} is not Bf16 or Fp8", nameof(options));
-        }
-
-        if (options.Format == LowLatencyFormat.Fp8 && config.Hidden % LowLatencyDispatchOptions.ScaleGroup != 0)
-        {
-            throw new ArgumentException($"FP8 dispatch needs EpConfig.Hidden to be a multiple of {LowLatencyDispatchOptions.ScaleGroup} (one scale per {LowLatencyDispatchOptions.ScaleGroup} channels); it is {config.Hidden}", nameof(options));
-        }
-    }
+    public static void Format(EpConfig config, LowLatencyDispatchOptions options) => LowLatencyConfigRules.CheckFormat(config, options);
 
     /// <summary>Checks the host inputs and returns them flat (a copy the backend may keep).</summary>
     public static HostDispatchInput Dispatch(EpConfig c, Tensor<BFloat16> x, Tensor<int> expertIds, Tensor<float>? weights, LowLatencyDispatchOptions options)

@@ -6,7 +6,7 @@ namespace EpA2A.Grains.Ranks;
 
 /// <summary>
 /// The CPU backend's transport across silos: a message to another rank is one or more grain calls to its
-/// <see cref="IRankGrain.DeliverAsync"/>, each chunk an <see cref="Immutable{T}"/> below the chunk size;
+/// <see cref="IRankPeer.DeliverAsync"/>, each chunk an <see cref="Immutable{T}"/> below the chunk size;
 /// a message to itself goes straight into its own mailbox. Ranks are the layer's: in a masked group (survivors
 /// renumbered, see <see cref="MaskedWorld"/>) destination d is the rank grain of group rank members[d].
 /// </summary>
@@ -20,7 +20,7 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
             return;
         }
 
-        IRankGrain peer = grains.GetGrain<IRankGrain>(GrainKeys.Rank(group, members?[destination] ?? destination));
+        IRankPeer peer = grains.GetGrain<IRankPeer>(GrainKeys.Rank(group, members?[destination] ?? destination));
         int count = Math.Max(1, (payload.Length + chunkBytes - 1) / chunkBytes);
         Task[] sends = new Task[count];
         for (int i = 0; i < count; i++)

@@ -65,6 +65,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         fixedCapacity = options.FixedCapacity;
         callerThread = options.DeviceCallsOnCallerThread;
         device = runtime.Device;
+        NativeLibraryVersion.EnsureCompatible();
         long rowBytes = (long)config.Hidden * config.TokenBytes;
         long slots = (long)config.MaxTokens * config.TopK;
 

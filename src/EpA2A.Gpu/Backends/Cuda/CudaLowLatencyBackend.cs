@@ -468,17 +468,13 @@ internal sealed class CudaLowLatencyBackend : ILowLatencyBackend, ILowLatencyGra
         stream.Dispose();
     }
 
-    /// <summary>A libepa2a built before the low-latency layer fails here with a clear message, not at the first step.</summary>
+    /// <summary>A libepa2a of another version, or built before the low-latency layer, fails here with a clear message, not at the first step.</summary>
     private static void CheckLibrary()
     {
         try
         {
-            Check(epa2a_version(out int major, out int minor), "epa2a_version");
+            NativeLibraryVersion.EnsureCompatible();
             _ = epa2a_ll_layer_status(0, out _); // NULL layer: only proves the entry point exists
-            if (major != 0 || minor < 1)
-            {
-                throw new NotSupportedException($"libepa2a {major}.{minor} is not the 0.x ABI these bindings were written for");
-            }
         }
         catch (EntryPointNotFoundException e)
         {
