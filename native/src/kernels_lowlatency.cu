@@ -31,7 +31,8 @@ __device__ __forceinline__ void ll_signal(uint64_t* p, uint64_t v) {
   asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ bool ll_wait(const LLCtx& c, const uint64_t* sig, uint64_t epoch, int peer, int phase) {
+__device__ __forceinline__ bool ll_wait(const LLCtx& c, const uint64_t* sig, uint64_t epoch, int peer,
+                                        int phase) {
   return wait_signal<LLCtx, kLLMaxSleepNs, true>(c, sig, epoch, peer, phase, peer);
 }
 
@@ -58,8 +59,7 @@ __device__ void finish_and_signal(const LLCtx& c, unsigned* counter, uint64_t* e
   if (!last) return;
   const uint64_t epoch = __ldcg(epoch_slot) + 1;
   __threadfence_system();  // every block's stores before any signal
-  for (int r = threadIdx.x; r < c.W; r += blockDim.x)
-    ll_signal(peer_ptr<uint64_t>(c, kind, r) + c.me, epoch);
+  for (int r = threadIdx.x; r < c.W; r += blockDim.x) ll_signal(peer_ptr<uint64_t>(c, kind, r) + c.me, epoch);
   __syncthreads();
   if (threadIdx.x == 0) *epoch_slot = epoch;  // for this rank's receive kernel
 }
@@ -416,8 +416,7 @@ __device__ void combine_recv_body(const LLCtx& c, unsigned short* out, int weigh
   const int W = c.W, K = c.K, H = c.H;
   const int tid = threadIdx.x, lane = tid & 31, wpb = blockDim.x >> 5;
   for (int r = tid; r < W; r += blockDim.x) s_comb[r] = peer_ptr<const char>(c, kPeerComb, r);
-  for (int r = tid; r < W; r += blockDim.x)
-    ll_wait(c, c.comb_sig + r, epoch, r, EPA2A_PHASE_LL_COMBINE_RECV);
+  for (int r = tid; r < W; r += blockDim.x) ll_wait(c, c.comb_sig + r, epoch, r, EPA2A_PHASE_LL_COMBINE_RECV);
   __syncthreads();
   if (failed(c)) return;
   // Work items: (token, part of its channels). One token spreads over many warps; many tokens give a warp a
