@@ -25,6 +25,7 @@
 
 #include "epa2a.h"
 #include "ll_reference.h"
+#include "rank_process.h"
 
 namespace {
 
@@ -776,6 +777,9 @@ double copy_bandwidth() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 7 && std::strcmp(argv[1], rank_process::kChildFlag) == 0)  // W rank dir seed iterations
+    return child_main(std::stoi(argv[2]), std::stoi(argv[3]), argv[4], std::stoull(argv[5]),
+                      std::atoi(argv[6]));
   std::vector<int> groups = {2, 4, 8};
   if (argc > 1) {
     groups.clear();
@@ -801,9 +805,9 @@ int main(int argc, char** argv) {
     const std::string dir = mkdtemp(tmpl);
     std::vector<pid_t> pids;
     for (int r = 0; r < W; ++r) {
-      const pid_t pid = fork();
-      if (pid == 0) _exit(child_main(W, r, dir, seed, iters));
-      pids.push_back(pid);
+      pids.push_back(rank_process::start(
+          {std::to_string(W), std::to_string(r), dir, std::to_string(seed), std::to_string(iters)},
+          [&] { return child_main(W, r, dir, seed, iters); }));
     }
     const auto t0 = Clock::now();
     std::vector<int> status(W, -1);
@@ -817,7 +821,7 @@ int main(int argc, char** argv) {
           --left;
         }
       }
-      if (left > 0 && Clock::now() - t0 > std::chrono::seconds(240)) {
+      if (left > 0 && Clock::now() - t0 > std::chrono::seconds(rank_process::group_limit_s(240))) {
         fprintf(stderr, "W=%d: ranks still running past the group's limit: killing them\n", W);
         for (int r = 0; r < W; ++r)
           if (status[r] == -1) kill(pids[r], SIGKILL);

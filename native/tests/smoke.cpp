@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "epa2a.h"
+#include "rank_process.h"
 #include "reference.h"
 
 namespace {
@@ -631,6 +632,9 @@ double copy_bandwidth() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 7 && std::strcmp(argv[1], rank_process::kChildFlag) == 0)  // W big rank dir seed
+    return child_main(std::stoi(argv[2]), std::strcmp(argv[3], "1") == 0, std::stoi(argv[4]), argv[5],
+                      std::stoull(argv[6]));
   std::vector<std::string> groups = {"2", "4", "8"};
   if (argc > 1) {
     groups.clear();
@@ -649,9 +653,9 @@ int main(int argc, char** argv) {
     const std::string dir = mkdtemp(tmpl);
     std::vector<pid_t> pids;
     for (int r = 0; r < W; ++r) {
-      const pid_t pid = fork();
-      if (pid == 0) _exit(child_main(W, big, r, dir, seed));
-      pids.push_back(pid);
+      pids.push_back(rank_process::start(
+          {std::to_string(W), big ? "1" : "0", std::to_string(r), dir, std::to_string(seed)},
+          [&] { return child_main(W, big, r, dir, seed); }));
     }
     const auto t0 = Clock::now();
     std::vector<int> status(W, -1);
@@ -665,7 +669,8 @@ int main(int argc, char** argv) {
           --left;
         }
       }
-      if (left > 0 && Clock::now() - t0 > std::chrono::seconds(big ? 240 : 120)) {
+      if (left > 0 &&
+          Clock::now() - t0 > std::chrono::seconds(rank_process::group_limit_s(big ? 240 : 120))) {
         fprintf(stderr, "W=%d: ranks still running past the group's limit: killing them\n", W);
         for (int r = 0; r < W; ++r)
           if (status[r] == -1) kill(pids[r], SIGKILL);

@@ -6,6 +6,10 @@
 #
 #   scripts/gpu/sanitize.sh [tools=memcheck,racecheck,synccheck,initcheck] [native groups=2,4,8] [gpu-check groups=w2]
 #
+# Every rank process, of the smokes and of gpu-check, runs under a sanitizer of its own with its own log, so each
+# summary counted is one rank's kernels. SANITIZE_BUDGET_S (default 540) bounds the call: runs that would start
+# after it are listed as not run.
+#
 # The cases are the small ones (sanitized kernels run 10-100x slower): the native smoke's "intra bf16" family (plain,
 # local combine, scatter indices, odd hidden), its inter-node cases, the LL smoke's fp8/bf16/graph cases, and the
 # gpu-check group given (host API, device API, graph mode). Needs native/build (it builds it when missing) and, for
@@ -30,15 +34,6 @@ export EPA2A_NATIVE_DIR=$PWD/native/build NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMME
 # H200 2026-12-03), so the ranks time-slice the GPU here: slow, but every wait still completes.
 stop_mps >/dev/null 2>&1
 rows=()
-run() { # tool name timeout command...
-  local tool=$1 name=$2 limit=$3
-  shift 3
-  local log="$LOG/$tool-$name.log" t0 rc
-  t0=$(date +%s)
-  timeout "$limit" compute-sanitizer --tool "$tool" --target-processes all --print-limit 20 "$@" >"$log" 2>&1
-  rc=$?
-  row "$tool" "$name" "$rc" "$limit" "$t0" "processes" "$log"
-}
 # One table row from the sanitizer logs given: errors summed over every ERROR SUMMARY in them.
 row() { # tool name rc limit t0 what logs...
   local tool=$1 name=$2 rc=$3 limit=$4 t0=$5 what=$6
@@ -72,22 +67,50 @@ run_ranks() { # tool name timeout command...
   row "$tool" "$name (each rank under its own sanitizer)" "$rc" "$limit" "$t0" "of ${#logs[@]} rank processes" "${logs[@]}"
 }
 IFS=, read -ra tools <<<"$TOOLS"
+IFS=, read -ra checks <<<"$GROUPS_CHECK"
+# The whole call's budget (the device tool stops a call at 10 minutes): a run that would start past it is listed
+# as not run, so that the table always comes back.
+BUDGET=${SANITIZE_BUDGET_S:-540}
+T_START=$(date +%s)
+budget_left() { echo $((BUDGET - ($(date +%s) - T_START))); }
+skip() { rows+=("| $1 | $2 | not run: the call's budget (${BUDGET} s) was spent | - | - |"); echo "${rows[-1]}"; }
 for tool in "${tools[@]}"; do
-  run "$tool" native-smoke-intra 150 native/build/epa2a_smoke "$GROUPS_NATIVE" 42 "intra bf16"
-  run "$tool" native-smoke-inter 150 native/build/epa2a_smoke "$GROUPS_NATIVE" 42 "inter"
+  # The smokes' rank processes run this program again under their own sanitizer (EPA2A_RANK_WRAPPER, read by
+  # native/tests/rank_process.h); EPA2A_SMOKE_LIMIT_S gives their group the sanitized time.
+  for fam in "intra bf16" inter; do
+    name="native-smoke-${fam// /-}-$GROUPS_NATIVE"
+    if [ "$(budget_left)" -lt 60 ]; then skip "$tool" "$name"; continue; fi
+    lim=$(($(budget_left) < 240 ? $(budget_left) : 240))
+    EPA2A_SMOKE_LIMIT_S=$((lim - 10)) run_ranks "$tool" "$name" "$lim" native/build/epa2a_smoke "$GROUPS_NATIVE" 42 "$fam"
+  done
   if [ -x native/build/epa2a_ll_smoke ]; then
-    run "$tool" ll-smoke 150 native/build/epa2a_ll_smoke "$GROUPS_NATIVE" 42 "fp8" 10
+    name="ll-smoke-fp8-$GROUPS_NATIVE"
+    if [ "$(budget_left)" -lt 60 ]; then skip "$tool" "$name"; else
+      lim=$(($(budget_left) < 240 ? $(budget_left) : 240))
+      EPA2A_SMOKE_LIMIT_S=$((lim - 10)) run_ranks "$tool" "$name" "$lim" native/build/epa2a_ll_smoke "$GROUPS_NATIVE" 42 "fp8" 10
+    fi
   fi
-  if [ -n "$APP" ] && [ "$tool" = memcheck ]; then
-    run_ranks "$tool" gpu-check-"$GROUPS_CHECK" 300 dotnet $APP/epa2a-tools.dll gpu-check --groups "$GROUPS_CHECK" --out "$LOG/gpu-check-$tool"
+  if [ -n "$APP" ]; then
+    for g in "${checks[@]}"; do
+      name="gpu-check-$g"
+      if [ "$(budget_left)" -lt 60 ]; then skip "$tool" "$name"; continue; fi
+      lim=$(($(budget_left) < 300 ? $(budget_left) : 300))
+      run_ranks "$tool" "$name" "$lim" dotnet $APP/epa2a-tools.dll gpu-check --groups "$g" \
+        --group-timeout-seconds $((lim - 15)) --out "$LOG/gpu-check-$tool-$g"
+    done
   fi
 done
 {
   echo "# compute-sanitizer on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), $(date -u +%F)"
   echo
-  echo "compute-sanitizer $(compute-sanitizer --version | grep -o 'Version [0-9.]*' | head -1); every rank process followed (--target-processes all); scripts/gpu/sanitize.sh $TOOLS $GROUPS_NATIVE $GROUPS_CHECK."
+  echo "compute-sanitizer $(compute-sanitizer --version | grep -o 'Version [0-9.]*' | head -1); each rank process under a sanitizer of its own (EPA2A_RANK_WRAPPER), one summary per rank process; scripts/gpu/sanitize.sh $TOOLS $GROUPS_NATIVE $GROUPS_CHECK."
   echo
   echo "| tool | program (cases) | result | exit | wall |"
   echo "| --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
 } | tee "$LOG/sanitize.md"
+# The device tool brings back only a few files a call: the logs travel as one archive beside the table.
+if [ -n "${OUT:-}" ]; then
+  (cd "$LOG" && find . -name '*.log' -o -name '*.json' -o -name 'gpu-check-*.md' | sort | tar czf logs.tar.gz -T - --remove-files 2>/dev/null)
+  find "$LOG" -mindepth 1 -type d -empty -delete 2>/dev/null
+fi
