@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 #define EPA2A_VERSION_MAJOR 0
-#define EPA2A_VERSION_MINOR 1
+#define EPA2A_VERSION_MINOR 2
 
 /* Status codes. */
 #define EPA2A_OK 0
@@ -74,8 +74,15 @@ extern "C" {
 #define EPA2A_TOKEN_FP16 1
 #define EPA2A_TOKEN_FP32 2
 
-/* One layer configuration; the same on every rank except rank. 64 bytes, no implicit padding. */
+/* epa2a_layer_config.version: changes whenever the struct does (1: size and version first, 0.2). */
+#define EPA2A_LAYER_CONFIG_VERSION 1
+
+/* One layer configuration; the same on every rank except rank. 72 bytes, no implicit padding. size and version
+ * come first and are checked before any other field is read: a caller built against another header fails with
+ * an error naming both versions instead of being read with the wrong layout. */
 typedef struct epa2a_layer_config {
+  int32_t size;                 /* sizeof(epa2a_layer_config) */
+  int32_t version;              /* EPA2A_LAYER_CONFIG_VERSION */
   int64_t timeout_ns;           /* deadline of every device wait on a peer; <= 0 selects 10 s */
   int32_t max_tokens;           /* tokens one rank dispatches per step, at most */
   int32_t hidden;               /* elements per token row */

@@ -302,6 +302,13 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
   if (!epa2a::runtime_ready()) return fail(EPA2A_ERR_NOT_INITIALIZED, fn, "epa2a_init has not succeeded");
   if (!config || !layer) return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "config and layer must not be NULL");
   *layer = nullptr;
+  // The caller's struct may be another header's: read its first two fields only until they match this one.
+  if (config->size != (int32_t)sizeof(epa2a_layer_config) || config->version != EPA2A_LAYER_CONFIG_VERSION)
+    return fail(EPA2A_ERR_INVALID_ARGUMENT, fn,
+                "config.size = %d / version = %d: this library (%d.%d) expects %d / %d (the caller was built "
+                "against another epa2a.h)",
+                config->size, config->version, EPA2A_VERSION_MAJOR, EPA2A_VERSION_MINOR,
+                (int)sizeof(epa2a_layer_config), EPA2A_LAYER_CONFIG_VERSION);
   int rc = validate(*config, fn);
   if (rc) return rc;
   auto* l = new epa2a_layer();

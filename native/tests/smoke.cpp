@@ -409,6 +409,8 @@ struct LayerGuard {
 
 epa2a_layer_config config_for(const ref::Case& c, int rank) {
   epa2a_layer_config cfg{};
+  cfg.size = sizeof(cfg);
+  cfg.version = EPA2A_LAYER_CONFIG_VERSION;
   cfg.timeout_ns = c.timeout_ns;
   cfg.max_tokens = c.max_tokens;
   cfg.hidden = c.H;

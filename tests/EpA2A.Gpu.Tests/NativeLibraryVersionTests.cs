@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using EpA2A.Backends.Cuda;
 
 namespace EpA2A.Tests;
@@ -35,6 +36,24 @@ public sealed class NativeLibraryVersionTests
 
         Assert.Contains($"#define EPA2A_VERSION_MAJOR {NativeLibraryVersion.ExpectedMajor}\n", header, StringComparison.Ordinal);
         Assert.Contains($"#define EPA2A_VERSION_MINOR {NativeLibraryVersion.ExpectedMinor}\n", header, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Both_config_structs_lead_with_size_and_version_and_match_the_headers_sizes_and_versions()
+    {
+        string header = File.ReadAllText(FindHeader());
+
+        // The library reads size and version before any other field: they must be first, in this order.
+        Assert.Equal(0, (int)Marshal.OffsetOf<NativeLayerConfig>(nameof(NativeLayerConfig.Size)));
+        Assert.Equal(4, (int)Marshal.OffsetOf<NativeLayerConfig>(nameof(NativeLayerConfig.Version)));
+        Assert.Equal(0, (int)Marshal.OffsetOf<NativeLowLatencyConfig>(nameof(NativeLowLatencyConfig.Size)));
+        Assert.Equal(4, (int)Marshal.OffsetOf<NativeLowLatencyConfig>(nameof(NativeLowLatencyConfig.Version)));
+        Assert.Equal(72, Marshal.SizeOf<NativeLayerConfig>());
+        Assert.Equal(56, Marshal.SizeOf<NativeLowLatencyConfig>());
+        Assert.Contains("72 bytes, no implicit padding", header, StringComparison.Ordinal);
+        Assert.Contains("56 bytes, no implicit padding", header, StringComparison.Ordinal);
+        Assert.Contains($"#define EPA2A_LAYER_CONFIG_VERSION {NativeLayerConfig.CurrentVersion}\n", header, StringComparison.Ordinal);
+        Assert.Contains($"#define EPA2A_LL_CONFIG_VERSION {NativeLowLatencyConfig.CurrentVersion}\n", header, StringComparison.Ordinal);
     }
 
     private static string FindHeader()

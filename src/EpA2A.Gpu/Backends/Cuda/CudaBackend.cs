@@ -82,6 +82,8 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
             combined = Keep(made, DeviceMemoryHandle.Allocate(worker, config.MaxTokens * rowBytes));
             NativeLayerConfig native = new()
             {
+                Size = Marshal.SizeOf<NativeLayerConfig>(),
+                Version = NativeLayerConfig.CurrentVersion,
                 TimeoutNs = options.StepTimeout.Ticks * 100,
                 MaxTokens = config.MaxTokens,
                 Hidden = config.Hidden,

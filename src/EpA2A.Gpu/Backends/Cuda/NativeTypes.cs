@@ -2,10 +2,15 @@ using System.Runtime.InteropServices;
 
 namespace EpA2A.Backends.Cuda;
 
-/// <summary>epa2a_layer_config: the same on every rank except the rank. 64 bytes.</summary>
+/// <summary>epa2a_layer_config: the same on every rank except the rank. 72 bytes; size and version first.</summary>
 [StructLayout(LayoutKind.Sequential)]
 internal struct NativeLayerConfig
 {
+    /// <summary>EPA2A_LAYER_CONFIG_VERSION of the epa2a.h these bindings mirror.</summary>
+    public const int CurrentVersion = 1;
+
+    public int Size;
+    public int Version;
     public long TimeoutNs;
     public int MaxTokens;
     public int Hidden;
