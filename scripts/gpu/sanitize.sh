@@ -40,8 +40,11 @@ row() { # tool name rc limit t0 what logs...
   shift 6
   local summaries=0 errors=0 verdict
   if [ $# -gt 0 ]; then # (cat with no file would read stdin)
-    summaries=$(cat "$@" 2>/dev/null | grep -c "ERROR SUMMARY")
-    errors=$(cat "$@" 2>/dev/null | grep -o "ERROR SUMMARY: [0-9]* error" | awk '{s += $3} END {print s + 0}')
+    # memcheck, synccheck and initcheck end with "ERROR SUMMARY: N errors"; racecheck with
+    # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
+    summaries=$(cat "$@" 2>/dev/null | grep -cE "(ERROR|RACECHECK) SUMMARY")
+    errors=$(cat "$@" 2>/dev/null | grep -oE "ERROR SUMMARY: [0-9]+ error|RACECHECK SUMMARY: [0-9]+ hazards displayed \([0-9]+ error" |
+      awk '{n = $NF == "error" ? $(NF - 1) : $3; sub(/\(/, "", n); s += n} END {print s + 0}')
   fi
   verdict="$errors errors in $summaries $what"
   [ "$rc" = 124 ] && verdict="$verdict; TIMED OUT after ${limit}s"
