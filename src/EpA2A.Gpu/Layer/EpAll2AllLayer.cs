@@ -103,32 +103,23 @@ public sealed class EpAll2AllLayer : IDisposable
         CancellationToken cancellationToken = default)
         where T : unmanaged
     {
-        ObjectDisposedException.ThrowIf(disposed, this);
-        try
-        {
-            InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Dispatch, e).ConfigureAwait(false);
-            throw;
-        }
+        await CheckOrRejectAsync(
+            LayerOperation.Dispatch,
+            (input, expertIds, weights, scatterIndices),
+            static (layer, a) => InputValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices)).ConfigureAwait(false);
 
-        using Guard guard = Enter();
         int n = (int)input.Lengths[0];
-        using OperationScope scope = NewOperation(cancellationToken);
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Dispatch, n, cancellationToken, out PhaseClock clock);
 
         // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
         // in, so only its own layout is valid for combine, even if it fails.
-        lastDispatchSequence = scope.Operation.Sequence;
+        lastDispatchSequence = op.Operation.Sequence;
 
         byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Context = Context,
             TokenCount = n,
             Tokens = tokens,
@@ -145,13 +136,13 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DispatchResult<T>(output, outWeights, layout);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -171,36 +162,30 @@ public sealed class EpAll2AllLayer : IDisposable
         where T : unmanaged
     {
         options ??= CombineOptions.Unweighted;
-        ObjectDisposedException.ThrowIf(disposed, this);
-        try
-        {
-            InputValidator.Combine(Config, expertOutput, layout, options);
-            if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
+        await CheckOrRejectAsync(
+            LayerOperation.Combine,
+            (expertOutput, layout, options),
+            static (layer, a) =>
             {
-                throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
-            }
+                InputValidator.Combine(layer.Config, a.expertOutput, a.layout, a.options);
+                if (!ReferenceEquals(a.layout.Owner, layer.identity) || a.layout.Epoch != layer.options.Epoch)
+                {
+                    throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
+                }
 
-            if (layout.DispatchSequence != lastDispatchSequence)
-            {
-                throw new ArgumentException($"layout is from operation {layout.DispatchSequence}, but this layer's latest dispatch is operation {lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
-            }
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Combine, e).ConfigureAwait(false);
-            throw;
-        }
+                if (a.layout.DispatchSequence != layer.lastDispatchSequence)
+                {
+                    throw new ArgumentException($"layout is from operation {a.layout.DispatchSequence}, but this layer's latest dispatch is operation {layer.lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
+                }
+            }).ConfigureAwait(false);
 
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Layout = layout,
             ExpertOutput = rows,
             SourceWeights = layout.SourceWeights,
@@ -228,35 +213,32 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
             return Tensor.Create(result, [n, Config.Hidden]);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(this.options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
     /// <summary>Every rank of the group (or of this node) arrives before any returns; bounded by the step deadline.</summary>
     public async ValueTask BarrierAllAsync(bool intraNodeOnly = false, CancellationToken cancellationToken = default)
     {
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(cancellationToken);
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Barrier, scope.Operation.Sequence, 0);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Barrier, 0, cancellationToken, out PhaseClock clock);
         try
         {
-            await backend.BarrierAsync(scope.Operation, intraNodeOnly).ConfigureAwait(false);
+            await backend.BarrierAsync(op.Operation, intraNodeOnly).ConfigureAwait(false);
             clock.Lap(Phase.Barrier, 0, 0);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -274,27 +256,22 @@ public sealed class EpAll2AllLayer : IDisposable
         CancellationToken cancellationToken = default)
         where T : unmanaged
     {
-        ObjectDisposedException.ThrowIf(disposed, this);
-        IDeviceDispatchCombineBackend device = DeviceBackend();
-        try
-        {
-            DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Dispatch, e).ConfigureAwait(false);
-            throw;
-        }
+        await CheckOrRejectAsync(
+            LayerOperation.Dispatch,
+            (input, expertIds, weights, scatterIndices),
+            static (layer, a) =>
+            {
+                layer.DeviceBackend();
+                DeviceTensorValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices);
+            }).ConfigureAwait(false);
 
-        using Guard guard = Enter();
+        IDeviceDispatchCombineBackend device = DeviceBackend();
         int n = input.Lengths[0];
-        using OperationScope scope = NewOperation(cancellationToken);
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
-        lastDispatchSequence = scope.Operation.Sequence;
+        using ActiveOperation op = BeginTraced(LayerOperation.Dispatch, n, cancellationToken, out PhaseClock clock);
+        lastDispatchSequence = op.Operation.Sequence;
         DispatchStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Context = Context,
             TokenCount = n,
             Tokens = [],
@@ -312,13 +289,13 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DeviceDispatchResult<T>(output, outWeights, layout);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -335,30 +312,24 @@ public sealed class EpAll2AllLayer : IDisposable
         where T : unmanaged
     {
         options ??= CombineOptions.Unweighted;
-        ObjectDisposedException.ThrowIf(disposed, this);
-        DeviceBackend();
-        try
-        {
-            DeviceTensorValidator.Combine(Config, expertOutput, layout, options);
-            if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch || layout.DispatchSequence != lastDispatchSequence)
+        await CheckOrRejectAsync(
+            LayerOperation.Combine,
+            (expertOutput, layout, options),
+            static (layer, a) =>
             {
-                throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
-            }
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Combine, e).ConfigureAwait(false);
-            throw;
-        }
+                layer.DeviceBackend();
+                DeviceTensorValidator.Combine(layer.Config, a.expertOutput, a.layout, a.options);
+                if (!ReferenceEquals(a.layout.Owner, layer.identity) || a.layout.Epoch != layer.options.Epoch || a.layout.DispatchSequence != layer.lastDispatchSequence)
+                {
+                    throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {layer.lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
+                }
+            }).ConfigureAwait(false);
 
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
         CombineStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Layout = layout,
             ExpertOutput = [],
             SourceWeights = layout.SourceWeights,
@@ -377,13 +348,13 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
             return new DeviceTensor<T>(step.DeviceResult, [n, Config.Hidden], this);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(this.options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -427,20 +398,18 @@ public sealed class EpAll2AllLayer : IDisposable
             throw new ArgumentException($"expertOutput must be a 16-byte aligned [rows, {Config.Hidden}] device tensor; got {expertOutput}", nameof(expertOutput));
         }
 
-        using Guard guard = Enter();
         int n = input.Lengths[0];
         DeviceStepInputs inputs = new(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
-        using OperationScope scope = NewOperation(CancellationToken.None);
-        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted, scope.Operation).ConfigureAwait(false);
+        using ActiveOperation op = BeginUntraced();
+        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted, op.Operation).ConfigureAwait(false);
         return new EpStepGraph<T>(this, graphs, captured, n);
     }
 
     /// <summary>Runs one replay of <paramref name="graph"/> under the layer's guard (no other operation may overlap).</summary>
     internal async ValueTask<GraphReplay> ReplayAsync(IGraphCaptureBackend graphs, CapturedStep captured, bool dispatch, bool combine)
     {
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(CancellationToken.None);
-        return await graphs.ReplayAsync(captured, dispatch, combine, scope.Operation).ConfigureAwait(false);
+        using ActiveOperation op = BeginUntraced();
+        return await graphs.ReplayAsync(captured, dispatch, combine, op.Operation).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -622,6 +591,64 @@ public sealed class EpAll2AllLayer : IDisposable
             step.Weights);
     }
 
+    /// <summary>
+    /// The argument checks of a collective operation: the layer is not disposed, then <paramref name="check"/> runs; an
+    /// <see cref="ArgumentException"/> from it is rethrown after the call took its turn (see <see cref="RejectAsync"/>).
+    /// The check is a static lambda over <paramref name="arguments"/>, so a call allocates no closure.
+    /// </summary>
+    private async ValueTask CheckOrRejectAsync<TArguments>(LayerOperation kind, TArguments arguments, Action<EpAll2AllLayer, TArguments> check)
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        try
+        {
+            check(this, arguments);
+        }
+        catch (ArgumentException e)
+        {
+            await RejectAsync(kind, e).ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Opens a traced operation: takes the layer (no overlap), the next operation number with its deadline, the
+    /// operation's span (step <paramref name="stepNumber"/>, by default the operation's own number), and then the clock,
+    /// so every phase span lies inside the operation's span.
+    /// </summary>
+    private ActiveOperation BeginTraced(LayerOperation kind, long tokens, CancellationToken cancellationToken, out PhaseClock clock, long? stepNumber = null)
+    {
+        Guard guard = Enter();
+        OperationScope? scope = null;
+        try
+        {
+            scope = NewOperation(cancellationToken);
+            OperationTrace trace = telemetry.Begin(kind, stepNumber ?? scope.Operation.Sequence, tokens);
+            clock = NewClock();
+            return new ActiveOperation(guard, scope, trace);
+        }
+        catch
+        {
+            scope?.Dispose();
+            guard.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Opens an operation without a span or clock (graph capture and replay): the layer, a number, a deadline, no caller token.</summary>
+    private ActiveOperation BeginUntraced()
+    {
+        Guard guard = Enter();
+        try
+        {
+            return new ActiveOperation(guard, NewOperation(CancellationToken.None), trace: null);
+        }
+        catch
+        {
+            guard.Dispose();
+            throw;
+        }
+    }
+
     private Guard Enter()
     {
         ObjectDisposedException.ThrowIf(disposed, this);
@@ -645,5 +672,24 @@ public sealed class EpAll2AllLayer : IDisposable
     private readonly struct Guard(EpAll2AllLayer layer) : IDisposable
     {
         public void Dispose() => Volatile.Write(ref layer.busy, 0);
+    }
+
+    /// <summary>
+    /// An operation in progress: the layer's guard, the operation's number and deadline, and its span when traced.
+    /// Disposing ends them in reverse order: the span, the deadline, then the guard.
+    /// </summary>
+    private readonly struct ActiveOperation(Guard guard, OperationScope scope, OperationTrace? trace) : IDisposable
+    {
+        public OperationContext Operation => scope.Operation;
+
+        /// <summary>Records the failure on the operation's span and counter. Returns false, so it can be an exception filter.</summary>
+        public bool Failed(Exception error) => trace is { } t && t.Failed(error);
+
+        public void Dispose()
+        {
+            trace?.Dispose();
+            scope.Dispose();
+            guard.Dispose();
+        }
     }
 }
