@@ -2,8 +2,6 @@ using System.Diagnostics;
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
 using EpA2A.Backends;
-using EpA2A.Backends.Cpu;
-using EpA2A.Backends.Cuda;
 using EpA2A.Config;
 using EpA2A.Errors;
 using EpA2A.Numerics;
@@ -18,7 +16,7 @@ namespace EpA2A.Layer;
 /// Every rank of the group calls the same operations in the same order. Inputs are validated before
 /// anything is sent; every wait has the step deadline; a failed operation leaves the layer usable.
 /// </summary>
-public sealed class EpAll2AllLayer : IDisposable
+public sealed partial class EpAll2AllLayer : IDisposable
 {
     private readonly IDispatchCombineBackend backend;
     private readonly EpLayerOptions options;
@@ -52,38 +50,16 @@ public sealed class EpAll2AllLayer : IDisposable
     /// <summary>The deadline of each collective operation (from the options).</summary>
     internal TimeSpan StepTimeout => options.StepTimeout;
 
-    /// <summary>A layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
-    public static EpAll2AllLayer CreateCpu(EpConfig config, IRankTransport transport, EpLayerOptions? options = null)
-    {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(transport);
-        options ??= EpLayerOptions.Default;
-        ValidateOptions(options);
-        if (options.FixedCapacity)
-        {
-            throw new ArgumentException("EpLayerOptions.FixedCapacity is a CUDA-backend option (it exists for CUDA graph capture); the CPU backend grows its buffers", nameof(options));
-        }
-
-        return new EpAll2AllLayer(config, new CpuBackend(config, transport), options);
-    }
-
     /// <summary>
-    /// A layer on the CUDA + NVSHMEM backend (libepa2a). Collective: every rank of the group calls it at the same time
-    /// (it creates the symmetric buffers), and blocks until all have. Dispose is collective too.
+    /// A layer on the backend <paramref name="backends"/> makes (the public entry points, CreateCpu and CreateCuda,
+    /// live beside their backends): the options are checked here, the backend's own rules by the factory.
     /// </summary>
-    /// <exception cref="ArgumentException">The config's rank or world size differs from the runtime's.</exception>
-    public static EpAll2AllLayer CreateCuda(EpConfig config, NvshmemRuntime runtime, EpLayerOptions? options = null)
+    internal static EpAll2AllLayer Create(EpConfig config, IEpBackendFactory backends, EpLayerOptions? options)
     {
         ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(runtime);
         options ??= EpLayerOptions.Default;
         ValidateOptions(options);
-        if (config.Rank != runtime.Rank || config.WorldSize != runtime.WorldSize)
-        {
-            throw new ArgumentException($"EpConfig is rank {config.Rank} of {config.WorldSize}, but the NVSHMEM runtime is rank {runtime.Rank} of {runtime.WorldSize}", nameof(config));
-        }
-
-        return new EpAll2AllLayer(config, CudaBackend.Create(config, runtime, options), options);
+        return new EpAll2AllLayer(config, backends.CreateDispatchCombine(config, options), options);
     }
 
     /// <summary>
@@ -121,11 +97,12 @@ public sealed class EpAll2AllLayer : IDisposable
         {
             Operation = op.Operation,
             Context = Context,
-            TokenCount = n,
-            Tokens = tokens,
-            ExpertIds = Flatten(expertIds),
-            Weights = weights is null ? null : Flatten(weights),
-            ScatterIndices = scatterIndices is null ? null : Flatten(scatterIndices),
+            Inputs = new DispatchInputs.Host(
+                n,
+                tokens,
+                Flatten(expertIds),
+                weights is null ? null : Flatten(weights),
+                scatterIndices is null ? null : Flatten(scatterIndices)),
         };
 
         try
@@ -187,27 +164,27 @@ public sealed class EpAll2AllLayer : IDisposable
         {
             Operation = op.Operation,
             Layout = layout,
-            ExpertOutput = rows,
-            SourceWeights = layout.SourceWeights,
-            RowWeights = Context.WeightBuffer,
+            Inputs = new CombineInputs.Host(rows, Context.WeightBuffer),
             Weighted = options.Weighted,
-            AccumulatorLength = n * Config.Hidden,
         };
         try
         {
             await backend.CopyInAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineCopyIn, n, rows.Length);
-            await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
+            CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, rows.Length);
-            await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
+            CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
             T[] result = new T[n * Config.Hidden];
-            if (step.Rounded is { } rounded)
+            switch (combined)
             {
-                MemoryMarshal.Cast<byte, T>(rounded).CopyTo(result);
-            }
-            else
-            {
-                TokenRows.Narrow<T>(step.Accumulator, result);
+                case CombinedRows.HostSums sums:
+                    TokenRows.Narrow<T>(sums.Sums, result);
+                    break;
+                case CombinedRows.HostRounded rounded:
+                    MemoryMarshal.Cast<byte, T>(rounded.Rows).CopyTo(result);
+                    break;
+                default:
+                    throw new InvalidOperationException($"the {backend.Name} backend returned {combined} for a host combine");
             }
 
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
@@ -273,12 +250,7 @@ public sealed class EpAll2AllLayer : IDisposable
         {
             Operation = op.Operation,
             Context = Context,
-            TokenCount = n,
-            Tokens = [],
-            ExpertIds = [],
-            Weights = weights is null ? null : [],
-            ScatterIndices = scatterIndices is null ? null : [],
-            DeviceInputs = new DeviceStepInputs(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, scatterIndices?.Pointer ?? 0),
+            Inputs = new DispatchInputs.Device(n, input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, scatterIndices?.Pointer ?? 0),
         };
 
         try
@@ -331,22 +303,21 @@ public sealed class EpAll2AllLayer : IDisposable
         {
             Operation = op.Operation,
             Layout = layout,
-            ExpertOutput = [],
-            SourceWeights = layout.SourceWeights,
-            RowWeights = null,
+            Inputs = new CombineInputs.Device(expertOutput.Pointer),
             Weighted = options.Weighted,
-            AccumulatorLength = 0,
-            DeviceExpertOutput = expertOutput.Pointer,
         };
         try
         {
             await backend.CopyInAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineCopyIn, n, 0);
-            await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
+            CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, expertOutput.ByteLength);
-            await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
+            CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
-            return new DeviceTensor<T>(step.DeviceResult, [n, Config.Hidden], this);
+            nint rows = combined is CombinedRows.Device device
+                ? device.Rows
+                : throw new InvalidOperationException($"the {backend.Name} backend returned {combined} for a device combine");
+            return new DeviceTensor<T>(rows, [n, Config.Hidden], this);
         }
         catch (Exception e) when (op.Failed(e))
         {
@@ -399,9 +370,9 @@ public sealed class EpAll2AllLayer : IDisposable
         }
 
         int n = input.Lengths[0];
-        DeviceStepInputs inputs = new(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
+        DispatchInputs.Device inputs = new(n, input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
         using ActiveOperation op = BeginUntraced();
-        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted, op.Operation).ConfigureAwait(false);
+        CapturedStep captured = await graphs.CaptureAsync(inputs, expertOutput?.Pointer ?? 0, options.Weighted, op.Operation).ConfigureAwait(false);
         return new EpStepGraph<T>(this, graphs, captured, n);
     }
 
@@ -535,35 +506,52 @@ public sealed class EpAll2AllLayer : IDisposable
         int n = step.TokenCount;
         await backend.CopyInAsync(step).ConfigureAwait(false);
         clock.Lap(Phase.DispatchCopyIn, n, copyInBytes);
-        step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+        ExchangedCounts counts = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+        IRoutingPlan plan = counts.Plan;
         clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
 
-        // Every rank derives the same maximum from the same table, so growth is collective. The same table is not
-        // enough, though: a rank that arrives after its peers gave up the step still completes the counts exchange
-        // (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
-        // buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
-        // with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
-        ThrowIfOutputTooLarge(step.Plan);
-        if (backend.NeedsGrowth(step, step.Plan.MaxRecvRows))
-        {
-            await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);
-        }
-
-        await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
+        ThrowIfOutputTooLarge(plan);
+        await EnsureOutputRowsAsync(step, plan.MaxRecvRows, counts.SmallestOutputRows).ConfigureAwait(false);
         clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
 
-        await backend.DispatchTokensAsync(step).ConfigureAwait(false);
-        int recv = step.Plan.RecvRows(Config.Rank);
+        DispatchedRows dispatched = await backend.DispatchTokensAsync(step, plan).ConfigureAwait(false);
+        int recv = plan.RecvRows(Config.Rank);
         clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
 
-        EpAllToAllLayout layout = BuildLayout(step, recv);
+        EpAllToAllLayout layout = BuildLayout(step, plan, dispatched, recv);
         telemetry.Received(layout);
         return (layout, recv, clock);
     }
 
-    private EpAllToAllLayout BuildLayout(DispatchStep step, int recv)
+    /// <summary>
+    /// Sizes the outputs for <paramref name="neededRows"/> (the largest receive of any rank), by the one growth policy.
+    /// Every rank derives the same maximum from the same table, so growth is collective. The same table is not
+    /// enough, though: a rank that arrives after its peers gave up the step still completes the counts exchange
+    /// (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
+    /// buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
+    /// with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
+    /// </summary>
+    private async ValueTask EnsureOutputRowsAsync(DispatchStep step, int neededRows, int groupRows)
     {
-        IRoutingPlan plan = step.Plan!;
+        bool groupGrows = OutputGrowthPolicy.MustGrow(groupRows, neededRows);
+        if (groupGrows)
+        {
+            await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);
+        }
+
+        if (step.Inputs is DispatchInputs.Host)
+        {
+            Context.ReallocateDispatchOutput(neededRows); // the host copies the Tensor API returns
+        }
+
+        if (groupGrows)
+        {
+            await backend.GrowOutputAsync(step, Context.Growth.RowsFor(neededRows)).ConfigureAwait(false);
+        }
+    }
+
+    private EpAllToAllLayout BuildLayout(DispatchStep step, IRoutingPlan plan, DispatchedRows dispatched, int recv)
+    {
         int epr = Config.ExpertsPerRank;
         int[] rowsPerExpert = new int[epr];
         int[] starts = new int[epr];
@@ -575,20 +563,26 @@ public sealed class EpAll2AllLayer : IDisposable
             padded[j] = (j + 1 < epr ? plan.ExpertStart(Config.Rank, j + 1) : recv) - starts[j];
         }
 
+        // On the device path the per-slot arrays stay on the device: the layout's are empty (weights: empty but
+        // present, so the layout still tells a weighted combine that dispatch had them).
+        DispatchInputs.Host? host = step.Inputs as DispatchInputs.Host;
+        int[] ids = host?.ExpertIds ?? [];
+        float[]? weights = host is not null ? host.Weights : step.Inputs.HasWeights ? [] : null;
+
         return new EpAllToAllLayout(
             identity,
             options.Epoch,
             step.Operation.Sequence,
             step.TokenCount,
             [.. plan.TokensPerRank],
-            step.ExpertIds,
-            step.GlobalScatter!,
+            ids,
+            dispatched.GlobalScatter,
             recv,
             rowsPerExpert,
             starts,
             padded,
-            step.Origins!,
-            step.Weights);
+            dispatched.Origins,
+            weights);
     }
 
     /// <summary>

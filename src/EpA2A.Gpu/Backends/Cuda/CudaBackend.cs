@@ -31,7 +31,6 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
     private readonly GpuWorker worker;
     private readonly IGpuPhaseObserver? gpuObserver;
     private readonly string? layerName;
-    private readonly int capacityFactor;
     private readonly bool fixedCapacity;
     private readonly bool callerThread;
     private readonly int device;
@@ -61,7 +60,6 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         worker = runtime.Worker;
         gpuObserver = options.Observer as IGpuPhaseObserver;
         layerName = options.LayerName;
-        capacityFactor = options.Capacity;
         fixedCapacity = options.FixedCapacity;
         callerThread = options.DeviceCallsOnCallerThread;
         device = runtime.Device;
@@ -131,23 +129,23 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
     public async ValueTask CopyInAsync(DispatchStep step)
     {
         ThrowIfUnusable();
-        if (step.DeviceInputs is not null)
+        if (step.Inputs is not DispatchInputs.Host host)
         {
             return; // the kernels read the caller's device buffers directly
         }
 
-        int n = step.TokenCount;
+        int n = host.TokenCount;
         int slots = n * config.TopK;
         await OnWorkerAsync(step.Operation, () =>
         {
-            Upload(stagedTokens.Pointer, step.Tokens.AsSpan(0, n * RowBytes));
-            Upload(stagedIds.Pointer, MemoryMarshal.AsBytes(step.ExpertIds.AsSpan(0, slots)));
-            if (step.Weights is { } w)
+            Upload(stagedTokens.Pointer, host.Tokens.AsSpan(0, n * RowBytes));
+            Upload(stagedIds.Pointer, MemoryMarshal.AsBytes(host.ExpertIds.AsSpan(0, slots)));
+            if (host.Weights is { } w)
             {
                 Upload(stagedWeights.Pointer, MemoryMarshal.AsBytes(w.AsSpan(0, slots)));
             }
 
-            if (step.ScatterIndices is { } s)
+            if (host.ScatterIndices is { } s)
             {
                 Upload(stagedScatter.Pointer, MemoryMarshal.AsBytes(s.AsSpan(0, slots)));
             }
@@ -157,20 +155,21 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         }).ConfigureAwait(false);
     }
 
-    public async ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step)
+    public async ValueTask<ExchangedCounts> ExchangeCountsAsync(DispatchStep step)
     {
         ThrowIfUnusable();
         OperationContext op = step.Operation;
         ThrowIfCancelledBeforeStart(op);
         combineReady = false;
         pendingInputError = null;
-        DeviceStepInputs inputs = step.DeviceInputs ?? new DeviceStepInputs(
+        DispatchInputs.Device inputs = step.Inputs as DispatchInputs.Device ?? new DispatchInputs.Device(
+            step.TokenCount,
             stagedTokens.Pointer,
             stagedIds.Pointer,
-            step.Weights is null ? 0 : stagedWeights.Pointer,
-            step.ScatterIndices is null ? 0 : stagedScatter.Pointer);
+            step.Inputs.HasWeights ? stagedWeights.Pointer : 0,
+            step.Inputs.HasScatterIndices ? stagedScatter.Pointer : 0);
         int n = step.TokenCount;
-        return await OnWorkerAsync(op, () =>
+        IRoutingPlan plan = await OnWorkerAsync(op, () =>
         {
             stepTimed = TimeOnGpu;
             RecordIfTimed(EvPrepareStart);
@@ -206,41 +205,33 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
 
             return (IRoutingPlan)new DeviceRoutingPlan(config, recv, tokens, rows, starts);
         }).ConfigureAwait(false);
+
+        // The symmetric buffers have one size on every rank.
+        return new ExchangedCounts(plan, buffers.OutputRows);
     }
 
-    /// <summary>The symmetric buffers have one size on every rank.</summary>
-    public bool NeedsGrowth(DispatchStep step, int maxRecvRows) => maxRecvRows > buffers.OutputRows;
-
-    public async ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
+    /// <summary>libepa2a's collective grow to the rows the layer's growth policy chose (the same on every rank).</summary>
+    public async ValueTask GrowOutputAsync(DispatchStep step, int rows)
     {
-        if (step.DeviceInputs is null)
-        {
-            step.Context.ReallocateDispatchOutput(maxRecvRows);
-        }
-
-        if (maxRecvRows <= buffers.OutputRows)
+        if (rows <= buffers.OutputRows)
         {
             return;
         }
 
-        // The same rounding as the host context, from the same maximum: every rank grows to the same rows.
-        long target = (long)(maxRecvRows + DispatchCombineContext.GrowthGranularity - 1) / DispatchCombineContext.GrowthGranularity
-            * DispatchCombineContext.GrowthGranularity * capacityFactor;
-        int rows = (int)Math.Clamp(target, maxRecvRows, int.MaxValue / Math.Max(1, RowBytes));
         await OnWorkerAsync(step.Operation, () =>
         {
-            Check(epa2a_layer_grow_output(layer.Pointer, Math.Max(rows, maxRecvRows)), "epa2a_layer_grow_output");
+            Check(epa2a_layer_grow_output(layer.Pointer, rows), "epa2a_layer_grow_output");
             Check(epa2a_layer_get_buffers(layer.Pointer, out buffers), "epa2a_layer_get_buffers");
             return true;
         }, callerThreadAllowed: false).ConfigureAwait(false); // NVSHMEM host collectives stay on the thread that initialized it
     }
 
-    public async ValueTask DispatchTokensAsync(DispatchStep step)
+    public async ValueTask<DispatchedRows> DispatchTokensAsync(DispatchStep step, IRoutingPlan plan)
     {
-        int recv = step.Plan!.RecvRows(config.Rank);
+        int recv = plan.RecvRows(config.Rank);
         int slots = step.TokenCount * config.TopK;
-        bool host = step.DeviceInputs is null;
-        (int[]? scatter, RowOrigins origins) = await OnWorkerAsync(step.Operation, () =>
+        bool host = step.Inputs is DispatchInputs.Host;
+        DispatchedRows dispatched = await OnWorkerAsync(step.Operation, () =>
         {
             RecordIfTimed(EvSendStart);
             Check(epa2a_dispatch_send(layer.Pointer, stream.Pointer), "epa2a_dispatch_send");
@@ -250,11 +241,11 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
             ReportDispatchGpuTimes(step.TokenCount);
             if (!host)
             {
-                return ((int[]?)null, new RowOrigins(0));
+                return new DispatchedRows([], new RowOrigins(0));
             }
 
             Download(MemoryMarshal.CreateSpan(ref MemoryMarshal.GetArrayDataReference(step.Context.OutputBuffer), recv * RowBytes), buffers.Output);
-            if (step.Weights is not null)
+            if (step.Inputs.HasWeights)
             {
                 Download(MemoryMarshal.AsBytes(step.Context.WeightBuffer.AsSpan(0, recv)), buffers.Weights);
             }
@@ -271,17 +262,17 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
                 o.K[r] = origin[(4 * r) + 2];
             }
 
-            return (global, o);
+            return new DispatchedRows(global, o);
         }).ConfigureAwait(false);
 
-        step.GlobalScatter = scatter ?? [];
-        step.Origins = origins;
         combineReady = true;
         if (pendingInputError is { } bad)
         {
             pendingInputError = null;
             throw bad;
         }
+
+        return dispatched;
     }
 
     public async ValueTask CopyInAsync(CombineStep step)
@@ -294,7 +285,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
                 $"rank {config.Rank}: the CUDA backend runs one combine per dispatch (libepa2a keeps the dispatch's routing on the device until its combine); dispatch again before the next combine");
         }
 
-        if (step.DeviceExpertOutput != 0)
+        if (step.Inputs is not CombineInputs.Host host)
         {
             return; // epa2a_combine copies the caller's rows in on the stream
         }
@@ -302,45 +293,38 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         int bytes = step.Layout.RecvRows * RowBytes;
         await OnWorkerAsync(step.Operation, () =>
         {
-            Upload(buffers.Output, step.ExpertOutput.AsSpan(0, bytes));
+            Upload(buffers.Output, host.ExpertOutput.AsSpan(0, bytes));
             Check(epa2a_stream_sync(stream.Pointer), "epa2a_stream_sync");
             return true;
         }).ConfigureAwait(false);
     }
 
-    public async ValueTask CombineWithinNodeAsync(CombineStep step)
+    public async ValueTask<CombinedRows> CombineWithinNodeAsync(CombineStep step)
     {
         int n = step.Layout.NumDispatchTokens;
+        nint deviceRows = step.Inputs is CombineInputs.Device device ? device.ExpertOutput : 0; // 0: the rows copy-in uploaded
         combineReady = false; // consumed even if it fails: libepa2a leaves the dispatch state behind
-        byte[]? rounded = await OnWorkerAsync(step.Operation, () =>
+        return await OnWorkerAsync(step.Operation, () =>
         {
             stepTimed = TimeOnGpu;
             RecordIfTimed(EvCombineStart);
-            Check(epa2a_combine(layer.Pointer, step.DeviceExpertOutput, combined.Pointer, step.Weighted ? 1 : 0, stream.Pointer), "epa2a_combine");
+            Check(epa2a_combine(layer.Pointer, deviceRows, combined.Pointer, step.Weighted ? 1 : 0, stream.Pointer), "epa2a_combine");
             RecordIfTimed(EvCombineEnd);
             Check(epa2a_layer_sync(layer.Pointer, stream.Pointer), "epa2a_layer_sync");
             ReportGpuTime(Phase.CombineKernel, EvCombineStart, EvCombineEnd, n);
-            if (step.DeviceExpertOutput != 0)
+            if (deviceRows != 0)
             {
-                return null;
+                return (CombinedRows)new CombinedRows.Device(combined.Pointer);
             }
 
             byte[] result = new byte[n * RowBytes];
             Download(result, combined.Pointer);
-            return result;
+            return new CombinedRows.HostRounded(result);
         }).ConfigureAwait(false);
-        if (rounded is null)
-        {
-            step.DeviceResult = combined.Pointer;
-        }
-        else
-        {
-            step.Rounded = rounded;
-        }
     }
 
     /// <summary>libepa2a's combine already summed across nodes (proxy partials) and rounded once.</summary>
-    public ValueTask CombineAcrossNodesAsync(CombineStep step) => ValueTask.CompletedTask;
+    public ValueTask<CombinedRows> CombineAcrossNodesAsync(CombineStep step, CombinedRows withinNode) => ValueTask.FromResult(withinNode);
 
     public async ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly)
     {
@@ -387,7 +371,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
         }).ConfigureAwait(false);
     }
 
-    public async ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted, OperationContext operation)
+    public async ValueTask<CapturedStep> CaptureAsync(DispatchInputs.Device inputs, nint expertOutput, bool weighted, OperationContext operation)
     {
         ThrowIfUnusable();
         combineReady = false;
@@ -397,7 +381,7 @@ internal sealed partial class CudaBackend : IDispatchCombineBackend, IDeviceDisp
             nint combineGraph = 0;
             try
             {
-                dispatchGraph = Capture(() => epa2a_dispatch_enqueue(layer.Pointer, inputs.Tokens, inputs.ExpertIds, inputs.Weights, inputs.ScatterIndices, tokens, stream.Pointer), "epa2a_dispatch_enqueue");
+                dispatchGraph = Capture(() => epa2a_dispatch_enqueue(layer.Pointer, inputs.Tokens, inputs.ExpertIds, inputs.Weights, inputs.ScatterIndices, inputs.TokenCount, stream.Pointer), "epa2a_dispatch_enqueue");
                 combineGraph = Capture(() => epa2a_combine(layer.Pointer, expertOutput, combined.Pointer, weighted ? 1 : 0, stream.Pointer), "epa2a_combine");
                 return new CapturedStep(dispatchGraph, combineGraph, combined.Pointer);
             }
