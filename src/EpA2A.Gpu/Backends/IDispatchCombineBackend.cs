@@ -4,8 +4,8 @@ namespace EpA2A.Backends;
 
 /// <summary>
 /// The seams of the flow that differ between backends. <see cref="EpAll2AllLayer"/> validates, sequences,
-/// times and shapes the results; a backend moves and sums the data. Every method honours the operation's
-/// deadline and names the rank it waited for when it passes.
+/// times, sizes the buffers and shapes the results; a backend moves and sums the data and returns what it
+/// produced. Every method honours the operation's deadline and names the rank it waited for when it passes.
 /// </summary>
 internal interface IDispatchCombineBackend : IDisposable
 {
@@ -15,29 +15,28 @@ internal interface IDispatchCombineBackend : IDisposable
     /// <summary>Copy-in: the step's inputs into the backend's send buffers (the CPU backend keeps the host copies).</summary>
     ValueTask CopyInAsync(DispatchStep step);
 
-    /// <summary>Preprocess: bincount this rank's ids, all-gather the counts, and return the plan every rank agrees on.</summary>
-    ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step);
+    /// <summary>Preprocess: bincount this rank's ids, all-gather the counts; returns the plan every rank agrees on and the group's smallest output.</summary>
+    ValueTask<ExchangedCounts> ExchangeCountsAsync(DispatchStep step);
 
     /// <summary>
-    /// Whether some rank's output buffers cannot hold <paramref name="maxRecvRows"/> (the same answer on every rank of the
-    /// step): then the layer has every rank confirm it is in the step before <see cref="EnsureOutputCapacityAsync"/> grows.
+    /// Output-size wait: grows the output buffers the backend owns (CUDA: the symmetric device buffers) to
+    /// <paramref name="rows"/>, which the layer's growth policy chose (collective: the same value on every rank, after
+    /// every rank confirmed it is in the step). The host buffers are the layer's, grown by the layer; a backend
+    /// without buffers of its own (CPU) does nothing.
     /// </summary>
-    bool NeedsGrowth(DispatchStep step, int maxRecvRows);
+    ValueTask GrowOutputAsync(DispatchStep step, int rows);
 
-    /// <summary>Output-size wait: grow the output buffers to hold <paramref name="maxRecvRows"/> (collective: the same value on every rank).</summary>
-    ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows);
-
-    /// <summary>The dispatch kernel: move the tokens (and weights) into every destination's output rows.</summary>
-    ValueTask DispatchTokensAsync(DispatchStep step);
+    /// <summary>The dispatch kernel: move the tokens (and weights) into every destination's output rows, and say where they went.</summary>
+    ValueTask<DispatchedRows> DispatchTokensAsync(DispatchStep step, IRoutingPlan plan);
 
     /// <summary>Combine copy-in: the expert outputs into the backend's combine buffer.</summary>
     ValueTask CopyInAsync(CombineStep step);
 
-    /// <summary>The combine kernel: bring rows back and sum them (inside the node for the inter-node algorithm).</summary>
-    ValueTask CombineWithinNodeAsync(CombineStep step);
+    /// <summary>The combine kernel: bring rows back and sum them (inside the node for the inter-node algorithm); returns what it has so far.</summary>
+    ValueTask<CombinedRows> CombineWithinNodeAsync(CombineStep step);
 
-    /// <summary>Inter-node only: sum the per-node fp32 partials (a no-op for the intra-node algorithm).</summary>
-    ValueTask CombineAcrossNodesAsync(CombineStep step);
+    /// <summary>Inter-node only: sum the per-node fp32 partials into <paramref name="withinNode"/>; the intra-node algorithm returns it as it is.</summary>
+    ValueTask<CombinedRows> CombineAcrossNodesAsync(CombineStep step, CombinedRows withinNode);
 
     /// <summary>Every rank (or every rank of this node) arrives before any leaves.</summary>
     ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly);

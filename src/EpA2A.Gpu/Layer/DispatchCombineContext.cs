@@ -11,12 +11,12 @@ namespace EpA2A.Layer;
 public sealed class DispatchCombineContext
 {
     /// <summary>Growth rounds the row count up to a multiple of this before applying the capacity factor.</summary>
-    public const int GrowthGranularity = 1024;
+    public const int GrowthGranularity = OutputGrowthPolicy.Granularity;
 
     private DispatchCombineContext(EpConfig config, int capacity)
     {
         Config = config;
-        CapacityFactor = capacity;
+        Growth = new OutputGrowthPolicy(capacity, config.MaxOutputRows);
         Allocate(config.MaxTokens * capacity);
     }
 
@@ -24,7 +24,10 @@ public sealed class DispatchCombineContext
     public EpConfig Config { get; }
 
     /// <summary>Multiplier applied when growing (the original's `capacity`).</summary>
-    public int CapacityFactor { get; }
+    public int CapacityFactor => Growth.CapacityFactor;
+
+    /// <summary>The growth rule of this layer's outputs, host and device alike.</summary>
+    internal OutputGrowthPolicy Growth { get; }
 
     /// <summary>Rows the dispatch output can hold.</summary>
     public int OutputRows { get; private set; }
@@ -47,19 +50,18 @@ public sealed class DispatchCombineContext
     }
 
     /// <summary>
-    /// Grows the output buffers to hold <paramref name="rows"/> rows (rounded up to 1024, times the capacity
-    /// factor). Call it with the same value on every rank. Returns true when it grew.
+    /// Grows the output buffers to hold <paramref name="rows"/> rows (as <see cref="OutputGrowthPolicy"/> sizes them:
+    /// rounded up to 1024, times the capacity factor). Call it with the same value on every rank. Returns true when it grew.
     /// </summary>
     public bool ReallocateDispatchOutput(int rows)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        if (rows <= OutputRows)
+        if (!OutputGrowthPolicy.MustGrow(OutputRows, rows))
         {
             return false;
         }
 
-        long target = (long)((rows + GrowthGranularity - 1) / GrowthGranularity) * GrowthGranularity * CapacityFactor;
-        Allocate((int)Math.Max(rows, Math.Min(target, Config.MaxOutputRows)));
+        Allocate(Growth.RowsFor(rows));
         Reallocations++;
         return true;
     }

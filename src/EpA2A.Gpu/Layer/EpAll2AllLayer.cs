@@ -2,8 +2,6 @@ using System.Diagnostics;
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
 using EpA2A.Backends;
-using EpA2A.Backends.Cpu;
-using EpA2A.Backends.Cuda;
 using EpA2A.Config;
 using EpA2A.Errors;
 using EpA2A.Numerics;
@@ -18,7 +16,7 @@ namespace EpA2A.Layer;
 /// Every rank of the group calls the same operations in the same order. Inputs are validated before
 /// anything is sent; every wait has the step deadline; a failed operation leaves the layer usable.
 /// </summary>
-public sealed class EpAll2AllLayer : IDisposable
+public sealed partial class EpAll2AllLayer : IDisposable
 {
     private readonly IDispatchCombineBackend backend;
     private readonly EpLayerOptions options;
@@ -52,38 +50,16 @@ public sealed class EpAll2AllLayer : IDisposable
     /// <summary>The deadline of each collective operation (from the options).</summary>
     internal TimeSpan StepTimeout => options.StepTimeout;
 
-    /// <summary>A layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
-    public static EpAll2AllLayer CreateCpu(EpConfig config, IRankTransport transport, EpLayerOptions? options = null)
-    {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(transport);
-        options ??= EpLayerOptions.Default;
-        ValidateOptions(options);
-        if (options.FixedCapacity)
-        {
-            throw new ArgumentException("EpLayerOptions.FixedCapacity is a CUDA-backend option (it exists for CUDA graph capture); the CPU backend grows its buffers", nameof(options));
-        }
-
-        return new EpAll2AllLayer(config, new CpuBackend(config, transport), options);
-    }
-
     /// <summary>
-    /// A layer on the CUDA + NVSHMEM backend (libepa2a). Collective: every rank of the group calls it at the same time
-    /// (it creates the symmetric buffers), and blocks until all have. Dispose is collective too.
+    /// A layer on the backend <paramref name="backends"/> makes (the public entry points, CreateCpu and CreateCuda,
+    /// live beside their backends): the options are checked here, the backend's own rules by the factory.
     /// </summary>
-    /// <exception cref="ArgumentException">The config's rank or world size differs from the runtime's.</exception>
-    public static EpAll2AllLayer CreateCuda(EpConfig config, NvshmemRuntime runtime, EpLayerOptions? options = null)
+    internal static EpAll2AllLayer Create(EpConfig config, IEpBackendFactory backends, EpLayerOptions? options)
     {
         ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(runtime);
         options ??= EpLayerOptions.Default;
         ValidateOptions(options);
-        if (config.Rank != runtime.Rank || config.WorldSize != runtime.WorldSize)
-        {
-            throw new ArgumentException($"EpConfig is rank {config.Rank} of {config.WorldSize}, but the NVSHMEM runtime is rank {runtime.Rank} of {runtime.WorldSize}", nameof(config));
-        }
-
-        return new EpAll2AllLayer(config, CudaBackend.Create(config, runtime, options), options);
+        return new EpAll2AllLayer(config, backends.CreateDispatchCombine(config, options), options);
     }
 
     /// <summary>
@@ -103,38 +79,30 @@ public sealed class EpAll2AllLayer : IDisposable
         CancellationToken cancellationToken = default)
         where T : unmanaged
     {
-        ObjectDisposedException.ThrowIf(disposed, this);
-        try
-        {
-            InputValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Dispatch, e).ConfigureAwait(false);
-            throw;
-        }
+        await CheckOrRejectAsync(
+            LayerOperation.Dispatch,
+            (input, expertIds, weights, scatterIndices),
+            static (layer, a) => InputValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices)).ConfigureAwait(false);
 
-        using Guard guard = Enter();
         int n = (int)input.Lengths[0];
-        using OperationScope scope = NewOperation(cancellationToken);
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Dispatch, n, cancellationToken, out PhaseClock clock);
 
         // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
         // in, so only its own layout is valid for combine, even if it fails.
-        lastDispatchSequence = scope.Operation.Sequence;
+        lastDispatchSequence = op.Operation.Sequence;
 
         byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Context = Context,
-            TokenCount = n,
-            Tokens = tokens,
-            ExpertIds = Flatten(expertIds),
-            Weights = weights is null ? null : Flatten(weights),
-            ScatterIndices = scatterIndices is null ? null : Flatten(scatterIndices),
+            Inputs = new DispatchInputs.Host(
+                n,
+                tokens,
+                Flatten(expertIds),
+                weights is null ? null : Flatten(weights),
+                scatterIndices is null ? null : Flatten(scatterIndices)),
         };
 
         try
@@ -145,13 +113,13 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DispatchResult<T>(output, outWeights, layout);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -171,92 +139,83 @@ public sealed class EpAll2AllLayer : IDisposable
         where T : unmanaged
     {
         options ??= CombineOptions.Unweighted;
-        ObjectDisposedException.ThrowIf(disposed, this);
-        try
-        {
-            InputValidator.Combine(Config, expertOutput, layout, options);
-            if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch)
+        await CheckOrRejectAsync(
+            LayerOperation.Combine,
+            (expertOutput, layout, options),
+            static (layer, a) =>
             {
-                throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
-            }
+                InputValidator.Combine(layer.Config, a.expertOutput, a.layout, a.options);
+                if (!ReferenceEquals(a.layout.Owner, layer.identity) || a.layout.Epoch != layer.options.Epoch)
+                {
+                    throw new ArgumentException("layout was produced by another layer (or an earlier incarnation of this one)", nameof(layout));
+                }
 
-            if (layout.DispatchSequence != lastDispatchSequence)
-            {
-                throw new ArgumentException($"layout is from operation {layout.DispatchSequence}, but this layer's latest dispatch is operation {lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
-            }
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Combine, e).ConfigureAwait(false);
-            throw;
-        }
+                if (a.layout.DispatchSequence != layer.lastDispatchSequence)
+                {
+                    throw new ArgumentException($"layout is from operation {a.layout.DispatchSequence}, but this layer's latest dispatch is operation {layer.lastDispatchSequence}: combine needs the layout of the latest dispatch", nameof(layout));
+                }
+            }).ConfigureAwait(false);
 
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
         byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
         DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Layout = layout,
-            ExpertOutput = rows,
-            SourceWeights = layout.SourceWeights,
-            RowWeights = Context.WeightBuffer,
+            Inputs = new CombineInputs.Host(rows, Context.WeightBuffer),
             Weighted = options.Weighted,
-            AccumulatorLength = n * Config.Hidden,
         };
         try
         {
             await backend.CopyInAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineCopyIn, n, rows.Length);
-            await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
+            CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, rows.Length);
-            await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
+            CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
             T[] result = new T[n * Config.Hidden];
-            if (step.Rounded is { } rounded)
+            switch (combined)
             {
-                MemoryMarshal.Cast<byte, T>(rounded).CopyTo(result);
-            }
-            else
-            {
-                TokenRows.Narrow<T>(step.Accumulator, result);
+                case CombinedRows.HostSums sums:
+                    TokenRows.Narrow<T>(sums.Sums, result);
+                    break;
+                case CombinedRows.HostRounded rounded:
+                    MemoryMarshal.Cast<byte, T>(rounded.Rows).CopyTo(result);
+                    break;
+                default:
+                    throw new InvalidOperationException($"the {backend.Name} backend returned {combined} for a host combine");
             }
 
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
             return Tensor.Create(result, [n, Config.Hidden]);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(this.options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
     /// <summary>Every rank of the group (or of this node) arrives before any returns; bounded by the step deadline.</summary>
     public async ValueTask BarrierAllAsync(bool intraNodeOnly = false, CancellationToken cancellationToken = default)
     {
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(cancellationToken);
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Barrier, scope.Operation.Sequence, 0);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Barrier, 0, cancellationToken, out PhaseClock clock);
         try
         {
-            await backend.BarrierAsync(scope.Operation, intraNodeOnly).ConfigureAwait(false);
+            await backend.BarrierAsync(op.Operation, intraNodeOnly).ConfigureAwait(false);
             clock.Lap(Phase.Barrier, 0, 0);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -274,34 +233,24 @@ public sealed class EpAll2AllLayer : IDisposable
         CancellationToken cancellationToken = default)
         where T : unmanaged
     {
-        ObjectDisposedException.ThrowIf(disposed, this);
-        IDeviceDispatchCombineBackend device = DeviceBackend();
-        try
-        {
-            DeviceTensorValidator.Dispatch(Config, input, expertIds, weights, scatterIndices);
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Dispatch, e).ConfigureAwait(false);
-            throw;
-        }
+        await CheckOrRejectAsync(
+            LayerOperation.Dispatch,
+            (input, expertIds, weights, scatterIndices),
+            static (layer, a) =>
+            {
+                layer.DeviceBackend();
+                DeviceTensorValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices);
+            }).ConfigureAwait(false);
 
-        using Guard guard = Enter();
+        IDeviceDispatchCombineBackend device = DeviceBackend();
         int n = input.Lengths[0];
-        using OperationScope scope = NewOperation(cancellationToken);
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Dispatch, scope.Operation.Sequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
-        lastDispatchSequence = scope.Operation.Sequence;
+        using ActiveOperation op = BeginTraced(LayerOperation.Dispatch, n, cancellationToken, out PhaseClock clock);
+        lastDispatchSequence = op.Operation.Sequence;
         DispatchStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Context = Context,
-            TokenCount = n,
-            Tokens = [],
-            ExpertIds = [],
-            Weights = weights is null ? null : [],
-            ScatterIndices = scatterIndices is null ? null : [],
-            DeviceInputs = new DeviceStepInputs(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, scatterIndices?.Pointer ?? 0),
+            Inputs = new DispatchInputs.Device(n, input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, scatterIndices?.Pointer ?? 0),
         };
 
         try
@@ -312,13 +261,13 @@ public sealed class EpAll2AllLayer : IDisposable
             clock.Lap(Phase.DispatchPostprocess, n, 0);
             return new DeviceDispatchResult<T>(output, outWeights, layout);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -335,55 +284,48 @@ public sealed class EpAll2AllLayer : IDisposable
         where T : unmanaged
     {
         options ??= CombineOptions.Unweighted;
-        ObjectDisposedException.ThrowIf(disposed, this);
-        DeviceBackend();
-        try
-        {
-            DeviceTensorValidator.Combine(Config, expertOutput, layout, options);
-            if (!ReferenceEquals(layout.Owner, identity) || layout.Epoch != this.options.Epoch || layout.DispatchSequence != lastDispatchSequence)
+        await CheckOrRejectAsync(
+            LayerOperation.Combine,
+            (expertOutput, layout, options),
+            static (layer, a) =>
             {
-                throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
-            }
-        }
-        catch (ArgumentException e)
-        {
-            await RejectAsync(LayerOperation.Combine, e).ConfigureAwait(false);
-            throw;
-        }
+                layer.DeviceBackend();
+                DeviceTensorValidator.Combine(layer.Config, a.expertOutput, a.layout, a.options);
+                if (!ReferenceEquals(a.layout.Owner, layer.identity) || a.layout.Epoch != layer.options.Epoch || a.layout.DispatchSequence != layer.lastDispatchSequence)
+                {
+                    throw new ArgumentException($"layout is not the one of this layer's latest dispatch (operation {layer.lastDispatchSequence}): combine needs the layout of the latest dispatch", nameof(layout));
+                }
+            }).ConfigureAwait(false);
 
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(cancellationToken);
         int n = layout.NumDispatchTokens;
-        using OperationTrace trace = telemetry.Begin(LayerOperation.Combine, layout.DispatchSequence, n);
-        PhaseClock clock = NewClock(); // after the operation span opens, so every phase span lies inside it
+        using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
         CombineStep step = new()
         {
-            Operation = scope.Operation,
+            Operation = op.Operation,
             Layout = layout,
-            ExpertOutput = [],
-            SourceWeights = layout.SourceWeights,
-            RowWeights = null,
+            Inputs = new CombineInputs.Device(expertOutput.Pointer),
             Weighted = options.Weighted,
-            AccumulatorLength = 0,
-            DeviceExpertOutput = expertOutput.Pointer,
         };
         try
         {
             await backend.CopyInAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineCopyIn, n, 0);
-            await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
+            CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, expertOutput.ByteLength);
-            await backend.CombineAcrossNodesAsync(step).ConfigureAwait(false);
+            CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
             clock.Lap(Phase.CombineCrossNodeReduce, n, (long)n * Config.Hidden * Config.TokenBytes);
-            return new DeviceTensor<T>(step.DeviceResult, [n, Config.Hidden], this);
+            nint rows = combined is CombinedRows.Device device
+                ? device.Rows
+                : throw new InvalidOperationException($"the {backend.Name} backend returned {combined} for a device combine");
+            return new DeviceTensor<T>(rows, [n, Config.Hidden], this);
         }
-        catch (Exception e) when (trace.Failed(e))
+        catch (Exception e) when (op.Failed(e))
         {
             throw; // never reached: the filter counts the failure, marks the span and declines
         }
         finally
         {
-            backend.Reset(this.options.Epoch, scope.Operation.Sequence + 1);
+            backend.Reset(this.options.Epoch, op.Operation.Sequence + 1);
         }
     }
 
@@ -427,20 +369,18 @@ public sealed class EpAll2AllLayer : IDisposable
             throw new ArgumentException($"expertOutput must be a 16-byte aligned [rows, {Config.Hidden}] device tensor; got {expertOutput}", nameof(expertOutput));
         }
 
-        using Guard guard = Enter();
         int n = input.Lengths[0];
-        DeviceStepInputs inputs = new(input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
-        using OperationScope scope = NewOperation(CancellationToken.None);
-        CapturedStep captured = await graphs.CaptureAsync(inputs, n, expertOutput?.Pointer ?? 0, options.Weighted, scope.Operation).ConfigureAwait(false);
+        DispatchInputs.Device inputs = new(n, input.Pointer, expertIds.Pointer, weights?.Pointer ?? 0, 0);
+        using ActiveOperation op = BeginUntraced();
+        CapturedStep captured = await graphs.CaptureAsync(inputs, expertOutput?.Pointer ?? 0, options.Weighted, op.Operation).ConfigureAwait(false);
         return new EpStepGraph<T>(this, graphs, captured, n);
     }
 
     /// <summary>Runs one replay of <paramref name="graph"/> under the layer's guard (no other operation may overlap).</summary>
     internal async ValueTask<GraphReplay> ReplayAsync(IGraphCaptureBackend graphs, CapturedStep captured, bool dispatch, bool combine)
     {
-        using Guard guard = Enter();
-        using OperationScope scope = NewOperation(CancellationToken.None);
-        return await graphs.ReplayAsync(captured, dispatch, combine, scope.Operation).ConfigureAwait(false);
+        using ActiveOperation op = BeginUntraced();
+        return await graphs.ReplayAsync(captured, dispatch, combine, op.Operation).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -566,35 +506,52 @@ public sealed class EpAll2AllLayer : IDisposable
         int n = step.TokenCount;
         await backend.CopyInAsync(step).ConfigureAwait(false);
         clock.Lap(Phase.DispatchCopyIn, n, copyInBytes);
-        step.Plan = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+        ExchangedCounts counts = await backend.ExchangeCountsAsync(step).ConfigureAwait(false);
+        IRoutingPlan plan = counts.Plan;
         clock.Lap(Phase.DispatchPreprocess, n, 4L * Config.NumExperts * Config.WorldSize);
 
-        // Every rank derives the same maximum from the same table, so growth is collective. The same table is not
-        // enough, though: a rank that arrives after its peers gave up the step still completes the counts exchange
-        // (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
-        // buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
-        // with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
-        ThrowIfOutputTooLarge(step.Plan);
-        if (backend.NeedsGrowth(step, step.Plan.MaxRecvRows))
-        {
-            await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);
-        }
-
-        await backend.EnsureOutputCapacityAsync(step, step.Plan.MaxRecvRows).ConfigureAwait(false);
+        ThrowIfOutputTooLarge(plan);
+        await EnsureOutputRowsAsync(step, plan.MaxRecvRows, counts.SmallestOutputRows).ConfigureAwait(false);
         clock.Lap(Phase.DispatchOutputSizeWait, n, 0);
 
-        await backend.DispatchTokensAsync(step).ConfigureAwait(false);
-        int recv = step.Plan.RecvRows(Config.Rank);
+        DispatchedRows dispatched = await backend.DispatchTokensAsync(step, plan).ConfigureAwait(false);
+        int recv = plan.RecvRows(Config.Rank);
         clock.Lap(Phase.DispatchKernel, n, (long)recv * Config.Hidden * Config.TokenBytes);
 
-        EpAllToAllLayout layout = BuildLayout(step, recv);
+        EpAllToAllLayout layout = BuildLayout(step, plan, dispatched, recv);
         telemetry.Received(layout);
         return (layout, recv, clock);
     }
 
-    private EpAllToAllLayout BuildLayout(DispatchStep step, int recv)
+    /// <summary>
+    /// Sizes the outputs for <paramref name="neededRows"/> (the largest receive of any rank), by the one growth policy.
+    /// Every rank derives the same maximum from the same table, so growth is collective. The same table is not
+    /// enough, though: a rank that arrives after its peers gave up the step still completes the counts exchange
+    /// (what they sent before giving up reached it) and would grow alone, which on the CUDA backend's symmetric
+    /// buffers waits forever in NVSHMEM. So before growing every rank confirms it is in this step, at a barrier
+    /// with the step's deadline: a late rank times out there, naming the ranks that left. Steps that fit skip it.
+    /// </summary>
+    private async ValueTask EnsureOutputRowsAsync(DispatchStep step, int neededRows, int groupRows)
     {
-        IRoutingPlan plan = step.Plan!;
+        bool groupGrows = OutputGrowthPolicy.MustGrow(groupRows, neededRows);
+        if (groupGrows)
+        {
+            await backend.BarrierAsync(step.Operation, intraNodeOnly: false).ConfigureAwait(false);
+        }
+
+        if (step.Inputs is DispatchInputs.Host)
+        {
+            Context.ReallocateDispatchOutput(neededRows); // the host copies the Tensor API returns
+        }
+
+        if (groupGrows)
+        {
+            await backend.GrowOutputAsync(step, Context.Growth.RowsFor(neededRows)).ConfigureAwait(false);
+        }
+    }
+
+    private EpAllToAllLayout BuildLayout(DispatchStep step, IRoutingPlan plan, DispatchedRows dispatched, int recv)
+    {
         int epr = Config.ExpertsPerRank;
         int[] rowsPerExpert = new int[epr];
         int[] starts = new int[epr];
@@ -606,20 +563,84 @@ public sealed class EpAll2AllLayer : IDisposable
             padded[j] = (j + 1 < epr ? plan.ExpertStart(Config.Rank, j + 1) : recv) - starts[j];
         }
 
+        // On the device path the per-slot arrays stay on the device: the layout's are empty (weights: empty but
+        // present, so the layout still tells a weighted combine that dispatch had them).
+        DispatchInputs.Host? host = step.Inputs as DispatchInputs.Host;
+        int[] ids = host?.ExpertIds ?? [];
+        float[]? weights = host is not null ? host.Weights : step.Inputs.HasWeights ? [] : null;
+
         return new EpAllToAllLayout(
             identity,
             options.Epoch,
             step.Operation.Sequence,
             step.TokenCount,
             [.. plan.TokensPerRank],
-            step.ExpertIds,
-            step.GlobalScatter!,
+            ids,
+            dispatched.GlobalScatter,
             recv,
             rowsPerExpert,
             starts,
             padded,
-            step.Origins!,
-            step.Weights);
+            dispatched.Origins,
+            weights);
+    }
+
+    /// <summary>
+    /// The argument checks of a collective operation: the layer is not disposed, then <paramref name="check"/> runs; an
+    /// <see cref="ArgumentException"/> from it is rethrown after the call took its turn (see <see cref="RejectAsync"/>).
+    /// The check is a static lambda over <paramref name="arguments"/>, so a call allocates no closure.
+    /// </summary>
+    private async ValueTask CheckOrRejectAsync<TArguments>(LayerOperation kind, TArguments arguments, Action<EpAll2AllLayer, TArguments> check)
+    {
+        ObjectDisposedException.ThrowIf(disposed, this);
+        try
+        {
+            check(this, arguments);
+        }
+        catch (ArgumentException e)
+        {
+            await RejectAsync(kind, e).ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Opens a traced operation: takes the layer (no overlap), the next operation number with its deadline, the
+    /// operation's span (step <paramref name="stepNumber"/>, by default the operation's own number), and then the clock,
+    /// so every phase span lies inside the operation's span.
+    /// </summary>
+    private ActiveOperation BeginTraced(LayerOperation kind, long tokens, CancellationToken cancellationToken, out PhaseClock clock, long? stepNumber = null)
+    {
+        Guard guard = Enter();
+        OperationScope? scope = null;
+        try
+        {
+            scope = NewOperation(cancellationToken);
+            OperationTrace trace = telemetry.Begin(kind, stepNumber ?? scope.Operation.Sequence, tokens);
+            clock = NewClock();
+            return new ActiveOperation(guard, scope, trace);
+        }
+        catch
+        {
+            scope?.Dispose();
+            guard.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Opens an operation without a span or clock (graph capture and replay): the layer, a number, a deadline, no caller token.</summary>
+    private ActiveOperation BeginUntraced()
+    {
+        Guard guard = Enter();
+        try
+        {
+            return new ActiveOperation(guard, NewOperation(CancellationToken.None), trace: null);
+        }
+        catch
+        {
+            guard.Dispose();
+            throw;
+        }
     }
 
     private Guard Enter()
@@ -645,5 +666,24 @@ public sealed class EpAll2AllLayer : IDisposable
     private readonly struct Guard(EpAll2AllLayer layer) : IDisposable
     {
         public void Dispose() => Volatile.Write(ref layer.busy, 0);
+    }
+
+    /// <summary>
+    /// An operation in progress: the layer's guard, the operation's number and deadline, and its span when traced.
+    /// Disposing ends them in reverse order: the span, the deadline, then the guard.
+    /// </summary>
+    private readonly struct ActiveOperation(Guard guard, OperationScope scope, OperationTrace? trace) : IDisposable
+    {
+        public OperationContext Operation => scope.Operation;
+
+        /// <summary>Records the failure on the operation's span and counter. Returns false, so it can be an exception filter.</summary>
+        public bool Failed(Exception error) => trace is { } t && t.Failed(error);
+
+        public void Dispose()
+        {
+            trace?.Dispose();
+            scope.Dispose();
+            guard.Dispose();
+        }
     }
 }

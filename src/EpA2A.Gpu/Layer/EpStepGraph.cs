@@ -1,4 +1,4 @@
-using EpA2A.Backends.Cuda;
+using EpA2A.Backends;
 
 namespace EpA2A.Layer;
 

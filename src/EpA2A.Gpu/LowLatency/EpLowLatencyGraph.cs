@@ -1,4 +1,3 @@
-using EpA2A.Backends.Cuda;
 using EpA2A.Layer;
 
 namespace EpA2A.LowLatency;

@@ -1,6 +1,5 @@
 using System.Numerics.Tensors;
-using EpA2A.Backends.Cpu;
-using EpA2A.Backends.Cuda;
+using EpA2A.Backends;
 using EpA2A.Config;
 using EpA2A.Layer;
 using EpA2A.Numerics;
@@ -19,7 +18,7 @@ namespace EpA2A.LowLatency;
 /// <see cref="EpLowLatencyOptions.StepTimeout"/>; a failed call ends the step on this rank and leaves the layer usable
 /// for the next DispatchSend. Intra-node only: the inter-node algorithm is the normal layer's.
 /// </summary>
-public sealed class EpLowLatencyLayer : IDisposable
+public sealed partial class EpLowLatencyLayer : IDisposable
 {
     private readonly ILowLatencyBackend backend;
     private readonly EpLowLatencyOptions options;
@@ -94,34 +93,16 @@ public sealed class EpLowLatencyLayer : IDisposable
         }
     }
 
-    /// <summary>A low-latency layer on the managed CPU backend whose ranks exchange messages over <paramref name="transport"/>.</summary>
-    /// <exception cref="ArgumentException">The config is not bf16 or not intra-node, or an option is out of range.</exception>
-    public static EpLowLatencyLayer CreateCpu(EpConfig config, IRankTransport transport, EpLowLatencyOptions? options = null)
-    {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(transport);
-        options ??= EpLowLatencyOptions.Default;
-        LowLatencyValidator.Create(config, options);
-        return new EpLowLatencyLayer(config, new CpuLowLatencyBackend(config, transport), options);
-    }
-
     /// <summary>
-    /// A low-latency layer on the CUDA + NVSHMEM backend. Collective: every rank of the group calls it at the same time
-    /// (it allocates the symmetric buffers once). Dispose is collective too.
+    /// A low-latency layer on the backend <paramref name="backends"/> makes (the public entry points, CreateCpu and
+    /// CreateCuda, live beside their backends): the config and options are checked here, the backend's own rules by the factory.
     /// </summary>
-    /// <exception cref="ArgumentException">The config is not bf16 or not intra-node, or differs from the runtime's rank and world.</exception>
-    public static EpLowLatencyLayer CreateCuda(EpConfig config, NvshmemRuntime runtime, EpLowLatencyOptions? options = null)
+    internal static EpLowLatencyLayer Create(EpConfig config, IEpBackendFactory backends, EpLowLatencyOptions? options)
     {
         ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(runtime);
         options ??= EpLowLatencyOptions.Default;
         LowLatencyValidator.Create(config, options);
-        if (config.Rank != runtime.Rank || config.WorldSize != runtime.WorldSize)
-        {
-            throw new ArgumentException($"EpConfig is rank {config.Rank} of {config.WorldSize}, but the NVSHMEM runtime is rank {runtime.Rank} of {runtime.WorldSize}", nameof(config));
-        }
-
-        return new EpLowLatencyLayer(config, CudaLowLatencyBackendFactory.Create(config, runtime, options), options);
+        return new EpLowLatencyLayer(config, backends.CreateLowLatency(config, options), options);
     }
 
     /// <summary>Dispatch send and receive in one call (host API).</summary>

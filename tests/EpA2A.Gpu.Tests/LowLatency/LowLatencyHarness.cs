@@ -113,13 +113,7 @@ public static class LowLatencyHarness
 
     public static void PoisonReceiveBuffers(EpLowLatencyLayer layer)
     {
-        CpuLowLatencyBackend cpu = (CpuLowLatencyBackend)layer.Backend;
-        Array.Fill(cpu.ReceivedBf16, Poison);
-        if (cpu.ReceivedFp8 is { } codes)
-        {
-            Array.Fill(codes, (byte)0x7F);
-            Array.Fill(cpu.ReceivedScales!, float.NaN);
-        }
+        ((CpuLowLatencyBackend)layer.Backend).PoisonReceiveBuffers();
     }
 
     /// <summary>Dispatch bit for bit against the reference, on the rows below rowsPerExpert.</summary>

@@ -32,7 +32,7 @@ internal sealed partial class CpuBackend
         w.WriteInt(count);
         foreach (int row in rows)
         {
-            w.WriteBytes(step.ExpertOutput.AsSpan(row * RowBytes, RowBytes));
+            w.WriteBytes(step.Host.ExpertOutput.AsSpan(row * RowBytes, RowBytes));
         }
 
         return packet;
@@ -119,8 +119,8 @@ internal sealed partial class CpuBackend
             for (; i < rows.Count && rows[i].Source == s && rows[i].Token == t; i++)
             {
                 int row = rows[i].Row;
-                float scale = step.Weighted ? step.RowWeights![row] : 1f;
-                AccumulateRow(step.ExpertOutput.AsSpan(row * RowBytes, RowBytes), partial, scale);
+                float scale = step.Weighted ? step.Host.RowWeights[row] : 1f;
+                AccumulateRow(step.Host.ExpertOutput.AsSpan(row * RowBytes, RowBytes), partial, scale);
             }
 
             w.WriteInt(s);

@@ -19,9 +19,6 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     private const int FlagWeights = 1;
     private const int FlagScatter = 2;
 
-    /// <summary>The operation of the latest counts exchange and the smallest dispatch output of any rank it reported.</summary>
-    private (long Sequence, int Rows) groupOutputRows = (-1, 0);
-
     public string Name => "cpu";
 
     private int Rank => config.Rank;
@@ -32,33 +29,20 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
     public ValueTask CopyInAsync(CombineStep step) => ValueTask.CompletedTask;
 
+    /// <summary>The CPU backend receives into the layer's host buffers, which the layer grows: it has none of its own.</summary>
+    public ValueTask GrowOutputAsync(DispatchStep step, int rows) => ValueTask.CompletedTask;
+
     /// <summary>
-    /// Some rank's output is smaller than <paramref name="maxRecvRows"/>: every rank reports its size with its counts,
-    /// so every rank answers alike even when their sizes differ (a deadline that passed after an earlier confirmation
-    /// can leave some ranks grown and others not; the next step that needs rows brings them all to one size).
+    /// Every rank reports its output size with its counts, so every rank learns the group's smallest alike even when
+    /// their sizes differ (a deadline that passed after an earlier confirmation can leave some ranks grown and others
+    /// not; the next step that needs rows brings them all to one size).
     /// </summary>
-    public bool NeedsGrowth(DispatchStep step, int maxRecvRows)
-    {
-        if (groupOutputRows.Sequence != step.Operation.Sequence)
-        {
-            throw new InvalidOperationException($"rank {Rank}: output capacity of operation {step.Operation.Sequence} before its counts exchange");
-        }
-
-        return maxRecvRows > groupOutputRows.Rows;
-    }
-
-    public ValueTask EnsureOutputCapacityAsync(DispatchStep step, int maxRecvRows)
-    {
-        step.Context.ReallocateDispatchOutput(maxRecvRows);
-        return ValueTask.CompletedTask;
-    }
-
-    public async ValueTask<IRoutingPlan> ExchangeCountsAsync(DispatchStep step)
+    public async ValueTask<ExchangedCounts> ExchangeCountsAsync(DispatchStep step)
     {
         OperationContext op = step.Operation;
         int e = config.NumExperts;
         int[] counts = new int[e];
-        foreach (int id in step.ExpertIds)
+        foreach (int id in step.Host.ExpertIds)
         {
             if (id != e)
             {
@@ -66,7 +50,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             }
         }
 
-        int flags = (step.Weights is null ? 0 : FlagWeights) | (step.ScatterIndices is null ? 0 : FlagScatter);
+        int flags = (step.Inputs.HasWeights ? FlagWeights : 0) | (step.Inputs.HasScatterIndices ? FlagScatter : 0);
         byte[] message = new byte[4 * (4 + ConfigWords + e)];
         MessageWriter w = new(message);
         w.WriteInt(MessageStatus.Ok);
@@ -149,23 +133,20 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             throw new EpConfigMismatchException($"ranks disagree: {string.Join("; ", problems.Distinct())}");
         }
 
-        groupOutputRows = (op.Sequence, smallestOutput);
-
-        return RoutingPlan.FromCounts(config, table, tokensPerRank, packed: step.ScatterIndices is not null);
+        return new ExchangedCounts(RoutingPlan.FromCounts(config, table, tokensPerRank, packed: step.Inputs.HasScatterIndices), smallestOutput);
     }
 
-    public async ValueTask DispatchTokensAsync(DispatchStep step)
+    public async ValueTask<DispatchedRows> DispatchTokensAsync(DispatchStep step, IRoutingPlan routing)
     {
         OperationContext op = step.Operation;
-        RoutingPlan plan = step.Plan as RoutingPlan ?? throw new InvalidOperationException("dispatch before preprocess");
+        RoutingPlan plan = routing as RoutingPlan ?? throw new InvalidOperationException($"rank {Rank}: the CPU backend dispatches by its own plan, not {routing.GetType().Name}");
         int n = step.TokenCount;
         int k = config.TopK;
         (int[] rows, int[] global, string? abort) = AssignRows(step, plan);
-        step.GlobalScatter = global;
 
         // First hop: straight to each rank (one node), or to this rank's peer on each node (several).
         int[] firstHop = config.IsIntraNode ? AllRanks() : Gateways();
-        int[] hops = abort is null ? FirstHops(step.ExpertIds) : [];
+        int[] hops = abort is null ? FirstHops(step.Host.ExpertIds) : [];
         MessageTag tokensTag = op.Tag(ExchangePhase.DispatchTokens);
         List<Task> sends = [];
         for (int i = 0; i < firstHop.Length; i++)
@@ -200,10 +181,10 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             throw new ArgumentException(abort);
         }
 
-        step.Origins = ReceiveRows(step, plan, incomingSources, incoming);
+        return new DispatchedRows(global, ReceiveRows(step, plan, incomingSources, incoming));
     }
 
-    public async ValueTask CombineWithinNodeAsync(CombineStep step)
+    public async ValueTask<CombinedRows> CombineWithinNodeAsync(CombineStep step)
     {
         OperationContext op = step.Operation;
         if (config.IsIntraNode)
@@ -228,7 +209,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                 SumRowsIntra(step, back);
             }
 
-            return;
+            return new CombinedRows.HostSums(step.Accumulator);
         }
 
         // Inter-node: partials of each source's tokens go to the rank of this node that shares the source's
@@ -246,13 +227,14 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
         byte[][] partials = await op.ReceiveAllAsync(transport, node, ExchangePhase.CombineRows).ConfigureAwait(false);
         await ReduceNodeAndSendAsync(op, step, node, partials).ConfigureAwait(false);
+        return new CombinedRows.HostSums(step.Accumulator); // this rank's own sums arrive across nodes
     }
 
-    public async ValueTask CombineAcrossNodesAsync(CombineStep step)
+    public async ValueTask<CombinedRows> CombineAcrossNodesAsync(CombineStep step, CombinedRows withinNode)
     {
         if (config.IsIntraNode)
         {
-            return;
+            return withinNode;
         }
 
         OperationContext op = step.Operation;
@@ -270,6 +252,8 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                 TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4)), step.Accumulator.AsSpan(t * h, h));
             }
         }
+
+        return withinNode;
     }
 
     public ValueTask BarrierAsync(OperationContext operation, bool intraNodeOnly) =>
@@ -381,7 +365,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     private (int[] Rows, int[] Global, string? Abort) AssignRows(DispatchStep step, RoutingPlan plan)
     {
         int k = config.TopK;
-        int[] ids = step.ExpertIds;
+        int[] ids = step.Host.ExpertIds;
         int[] rows = new int[ids.Length];
         int[] global = new int[ids.Length];
         int[] next = new int[config.NumExperts];
@@ -397,7 +381,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             }
 
             int d = config.RankOfExpert(e);
-            if (step.ScatterIndices is { } scatter)
+            if (step.Host.ScatterIndices is { } scatter)
             {
                 int row = scatter[i] - bases[d];
                 if (row < 0 || row >= plan.RecvRows(d))
@@ -456,13 +440,13 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                 {
                     int i = (t * k) + j;
                     w.WriteInt(j);
-                    w.WriteInt(step.ExpertIds[i]);
+                    w.WriteInt(step.Host.ExpertIds[i]);
                     w.WriteInt(rows[i]);
-                    w.WriteFloat(step.Weights?[i] ?? 0f);
+                    w.WriteFloat(step.Host.Weights?[i] ?? 0f);
                 }
             }
 
-            w.WriteBytes(step.Tokens.AsSpan(t * RowBytes, RowBytes));
+            w.WriteBytes(step.Host.Tokens.AsSpan(t * RowBytes, RowBytes));
         }
 
         return packet;

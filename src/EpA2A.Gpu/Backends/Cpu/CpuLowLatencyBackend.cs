@@ -88,12 +88,19 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
 
     public nint DeviceCombineBuffer => 0;
 
-    /// <summary>The receive buffers, for tests that poison them before a step.</summary>
-    internal BFloat16[] ReceivedBf16 => receivedBf16;
-
-    internal byte[]? ReceivedFp8 => receivedFp8;
-
-    internal float[]? ReceivedScales => receivedScales;
+    /// <summary>
+    /// Diagnostics, as the CUDA backend's PoisonReceiveBuffersAsync: fills the receive buffers with NaN (fp8: 0x7F, a
+    /// NaN code) so that a check can tell what a step wrote from what it left. Between steps only.
+    /// </summary>
+    internal void PoisonReceiveBuffers()
+    {
+        Array.Fill(receivedBf16, BFloat16.FromSingle(float.NaN));
+        if (receivedFp8 is not null)
+        {
+            Array.Fill(receivedFp8, (byte)0x7F);
+            Array.Fill(receivedScales!, float.NaN);
+        }
+    }
 
     private bool Fp8 => format.Format == LowLatencyFormat.Fp8;
 

@@ -1,7 +1,6 @@
 using EpA2A.Layer;
-using EpA2A.LowLatency;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.LowLatency;
 
 /// <summary>A low-latency backend whose four split phases can be captured as CUDA graphs and replayed.</summary>
 internal interface ILowLatencyGraphBackend

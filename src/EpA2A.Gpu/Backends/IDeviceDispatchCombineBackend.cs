@@ -1,4 +1,4 @@
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Backends;
 
 /// <summary>A backend whose buffers live on the device, for the layer's in-process device-buffer API.</summary>
 internal interface IDeviceDispatchCombineBackend

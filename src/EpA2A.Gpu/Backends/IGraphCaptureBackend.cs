@@ -1,6 +1,6 @@
 using EpA2A.Layer;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Backends;
 
 /// <summary>A backend whose fixed-capacity steps can be captured in CUDA graphs and replayed.</summary>
 internal interface IGraphCaptureBackend
@@ -12,7 +12,7 @@ internal interface IGraphCaptureBackend
     int OutputRows { get; }
 
     /// <summary>Captures one dispatch (enqueue, no host wait) and one combine into the layer's result buffer; native failures become the layer's exceptions.</summary>
-    ValueTask<CapturedStep> CaptureAsync(DeviceStepInputs inputs, int tokens, nint expertOutput, bool weighted, OperationContext operation);
+    ValueTask<CapturedStep> CaptureAsync(DispatchInputs.Device inputs, nint expertOutput, bool weighted, OperationContext operation);
 
     /// <summary>Replays the dispatch graph, the combine graph or both back to back, then waits (bounded) for the stream.</summary>
     ValueTask<GraphReplay> ReplayAsync(CapturedStep step, bool dispatch, bool combine, OperationContext operation);
