@@ -24,6 +24,7 @@ public sealed class RankFailureTests(RankCluster cluster) : IClassFixture<RankCl
         int seed = Environment.TickCount;
         await GrainStepRunner.RunCheckedAsync(client, spec, seed);
 
+        Stopwatch sinceKill = Stopwatch.StartNew();
         await cluster.KillRankAsync(2);
         Stopwatch clock = Stopwatch.StartNew();
         Exception failure = await Assert.ThrowsAnyAsync<Exception>(() => GrainStepRunner.RunCheckedAsync(client, spec, seed + 1));
@@ -33,6 +34,7 @@ public sealed class RankFailureTests(RankCluster cluster) : IClassFixture<RankCl
 
         await cluster.StartRankAsync(2);
         await GrainStepRunner.RunCheckedAsync(client, spec, seed + 2);
+        MultiProcess.DrillLog.Outage(LostRankPolicy.FailAndReform, "kill-in-process", sinceKill.Elapsed); // every step fails until the rank is back: the outage includes the restart
         await GrainStepRunner.RunCheckedAsync(client, spec, seed + 3);
     }
 }
@@ -94,8 +96,8 @@ public sealed class MaskingTests(RankCluster cluster) : IClassFixture<RankCluste
         StepReport whole = await GrainStepRunner.RunCheckedAsync(client, spec, seed);
         Assert.Null(whole.MaskedRanks);
 
-        await cluster.KillRankAsync(2);
         Stopwatch clock = Stopwatch.StartNew();
+        await cluster.KillRankAsync(2);
         List<string> failures = [];
         StepReport? served = null;
         for (int i = 1; served is null && clock.Elapsed < TimeSpan.FromSeconds(30); i++)
@@ -117,7 +119,10 @@ public sealed class MaskingTests(RankCluster cluster) : IClassFixture<RankCluste
         Assert.True(served.MaskedSlots > 0, $"seed {seed}: no slot picked rank 2's experts");
         Assert.DoesNotContain(served.Ranks, r => r.Rank == 2);
         Assert.True(failures.Count <= 2, $"seed {seed}: {failures.Count} failed steps before the survivors served: {string.Join(" | ", failures)}");
-        Assert.True(outage < (deadline * 2) + TimeSpan.FromSeconds(3), $"seed {seed}: the survivors served {outage.TotalSeconds:0.0} s after the kill");
+        // Issue 18's bound, re-formed on the survivors within 2T of the loss, holds with room: the first good masked step,
+        // which comes after the re-form, is within it.
+        Assert.True(outage < deadline * 2, $"seed {seed}: the survivors served {outage.TotalSeconds:0.0} s after the kill (bound 2T = {(deadline * 2).TotalSeconds:0} s): {string.Join(" | ", failures)}");
+        MultiProcess.DrillLog.Outage(LostRankPolicy.Mask, "kill-in-process", outage);
         for (int i = 0; i < 3; i++)
         {
             Assert.Equal([2], (await GrainStepRunner.RunCheckedAsync(client, spec, seed + 100 + i)).MaskedRanks);

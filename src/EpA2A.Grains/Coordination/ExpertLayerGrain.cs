@@ -40,6 +40,11 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// <summary>Calls that ask the masked ranks whether they are back; looked at when a step begins, never waited for.</summary>
     private (Task<RankInfo>[] Calls, int[] Ranks, long Started)? probe;
 
+    /// <summary>A masking layer's liveness watch over the serving ranks while a client steps it (see <see cref="WatchAsync"/>).</summary>
+    private IGrainTimer? watchTimer;
+    private (Task<RankInfo>[] Calls, int[] Ranks, long Epoch)? watch;
+    private readonly Dictionary<int, int> missedProbes = [];
+
     private (string Group, string Layer) Key => GrainKeys.ParseLayer(this.GetPrimaryKeyString());
 
     /// <summary>
@@ -300,6 +305,8 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         List<int> blamed = [];
         List<int> unreachable = [];
         List<string> errors = [];
+        Dictionary<int, Task<RankInfo>> early = [];
+        long? failureSeen = null;
         Task all = Task.WhenAll(calls);
         Task first = await Task.WhenAny(all, WhenFirstFailure(calls), Task.Delay(bound)).ConfigureAwait(true);
         if (first != all)
@@ -309,6 +316,18 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             // An aborted rank runs no further step on this incarnation, so the next step re-forms the group even
             // if every report comes back a success after all.
             formed = false;
+            failureSeen = Stopwatch.GetTimestamp();
+
+            // Every rank still inside the step is probed together with the abort, so telling a lost rank (no answer)
+            // from a busy one (a straggler in its experts answers: DescribeAsync interleaves with its step) costs no
+            // second after the grace: the grace and the probe run at once.
+            for (int i = 0; i < calls.Length; i++)
+            {
+                if (!calls[i].IsCompleted)
+                {
+                    early[ranks[i].Rank] = Probe(ranks[i].Grain);
+                }
+            }
 
             // A masking layer does not wait up to 2 s for an abort that a lost rank cannot take: the grace below covers it.
             Task aborts = AbortAllAsync(ranks, $"step {ticket.Step} failed");
@@ -371,7 +390,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             if (culprits.Length > 1)
             {
                 int[] selfReported = [.. reports.Where(r => !r.Succeeded && r.BlamedRank == r.Rank).Select(r => r.Rank)];
-                culprits = await ConfirmByProbeAsync(ranks, culprits, selfReported).ConfigureAwait(true);
+                culprits = await ConfirmByProbeAsync(ranks, culprits, selfReported, early: early).ConfigureAwait(true);
             }
 
             string who = culprits.Length == 0 ? "unknown rank" : culprits.Length == 1 ? $"rank {culprits[0]}" : $"ranks {string.Join(", ", culprits)}";
@@ -380,10 +399,12 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             {
                 // A rank that only had not answered within the grace may be slow, not lost (still in its experts): it
                 // answers a probe (DescribeAsync interleaves with its step), so only ranks that answer neither are masked.
-                int[] lost = await ConfirmLostAsync(ranks, calls, [.. unreachable.Distinct()]).ConfigureAwait(true);
+                int[] lost = await ConfirmLostAsync(ranks, calls, [.. unreachable.Distinct()], early).ConfigureAwait(true);
                 if (lost.Length > 0)
                 {
+                    long confirmed = Stopwatch.GetTimestamp();
                     message += await MaskAsync(s, lost).ConfigureAwait(true);
+                    LogMaskTiming(logger, Key.Layer, ticket.Step, Ms(start, failureSeen ?? confirmed), Ms(start, confirmed), Ms(start, Stopwatch.GetTimestamp()));
                 }
             }
 
@@ -400,15 +421,17 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// failure (bad input) stays blamed. When every suspect answers, the blame stands as it was. A suspect that no active
     /// silo serves (its silo was declared dead) is not probed: a probe of it would only wait out the placement's grace.
     /// </summary>
-    private async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true)
+    private async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true, Dictionary<int, Task<RankInfo>>? early = null)
     {
         selfReported = [.. selfReported.Intersect(suspects)];
         int[] gone = [.. suspects.Except(selfReported).Where(r => !ServedByActiveSilo(r))];
         int[] probed = [.. suspects.Except(selfReported).Except(gone)];
-        Task<RankInfo>[] probes = [.. probed.Select(r => ranks.First(x => x.Rank == r).Grain.DescribeAsync())];
+
+        // A probe sent when the step failed is reused (it has had its second, or has what is left of it); the others start now.
+        Task<RankInfo>[] probes = [.. probed.Select(r => early is not null && early.TryGetValue(r, out Task<RankInfo>? sent) ? sent : Probe(ranks.First(x => x.Rank == r).Grain))];
         if (probes.Length > 0)
         {
-            await Task.WhenAny(Task.WhenAll(probes), Task.Delay(TimeSpan.FromSeconds(1))).ConfigureAwait(true);
+            await ((Task)Task.WhenAll(probes)).ConfigureAwait(ConfigureAwaitOptions.ContinueOnCapturedContext | ConfigureAwaitOptions.SuppressThrowing);
         }
 
         int[] confirmed = [.. selfReported.Concat(gone).Concat(probed.Where((_, i) => !probes[i].IsCompletedSuccessfully)).Distinct().Order()];
@@ -433,13 +456,18 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     }
 
     /// <summary>Of ranks that did not answer a step: those whose call failed to reach them, and those that also miss a probe.</summary>
-    private async Task<int[]> ConfirmLostAsync((int Rank, IRankGrain Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered)
+    private async Task<int[]> ConfirmLostAsync((int Rank, IRankGrain Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered, Dictionary<int, Task<RankInfo>> early)
     {
         int[] unreachable = [.. unanswered.Where(r => calls[Array.FindIndex(ranks, x => x.Rank == r)].IsFaulted)];
         int[] silent = [.. unanswered.Except(unreachable)];
-        int[] stillSilent = silent.Length > 0 ? await ConfirmByProbeAsync(ranks, silent, [], keepWhenAllAnswer: false).ConfigureAwait(true) : [];
+        int[] stillSilent = silent.Length > 0 ? await ConfirmByProbeAsync(ranks, silent, [], keepWhenAllAnswer: false, early).ConfigureAwait(true) : [];
         return [.. unreachable.Concat(stillSilent).Order()];
     }
+
+    /// <summary>A liveness probe: the rank's description within a second (it interleaves with a step in progress), else a timeout.</summary>
+    private static Task<RankInfo> Probe(IRankGrain rank) => rank.DescribeAsync().WaitAsync(TimeSpan.FromSeconds(1));
+
+    private static long Ms(long from, long to) => (long)Stopwatch.GetElapsedTime(from, to).TotalMilliseconds;
 
     private static async Task WhenFirstFailure(Task<RankStepReport>[] calls)
     {
@@ -492,6 +520,79 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
         formed = true;
         LogFormed(logger, Key.Layer, Key.Group, ranks.Length, epoch);
+        if (s.OnLostRank == LostRankPolicy.Mask)
+        {
+            watchTimer ??= this.RegisterGrainTimer(WatchAsync, new GrainTimerCreationOptions(WatchPeriod, WatchPeriod) { Interleave = false, KeepAlive = false });
+        }
+    }
+
+    private static readonly TimeSpan WatchPeriod = TimeSpan.FromMilliseconds(250);
+
+    /// <summary>
+    /// A masking layer does not wait for a step to find a lost rank: while a client steps it (a step begun within the
+    /// step bound), every serving rank is probed back to back (1 s a probe; DescribeAsync interleaves with a step, so a
+    /// busy rank answers). A rank that could not be reached, or that missed two probes in a row, is lost: the layer
+    /// re-forms on the survivors at once (a new epoch), whether or not a step is begun. A rank cut off or stalled between
+    /// steps is so masked within about 3 s of the loss, while the client's staging to it is still waiting (before, it was
+    /// masked only once that staging gave up, T + 1 s, and a probe confirmed it, 1 s more); a client whose messages to the
+    /// coordinator went through the lost rank's silo (its gateway) finds the layer re-formed once it gets through. The
+    /// timer does not interleave: it never runs inside a step, whose own failure path masks a rank lost mid-step.
+    /// </summary>
+    private async Task WatchAsync(CancellationToken cancellationToken)
+    {
+        if (spec is not { OnLostRank: LostRankPolicy.Mask } s || !formed || !ActiveClients(s).Any())
+        {
+            watch = null;
+            missedProbes.Clear();
+            return;
+        }
+
+        if (watch is { } w)
+        {
+            if (!w.Calls.All(c => c.IsCompleted))
+            {
+                return;
+            }
+
+            watch = null;
+            if (w.Epoch != epoch)
+            {
+                missedProbes.Clear();
+            }
+            else
+            {
+                List<int> lost = [];
+                for (int i = 0; i < w.Ranks.Length; i++)
+                {
+                    int rank = w.Ranks[i];
+                    if (w.Calls[i].IsCompletedSuccessfully)
+                    {
+                        missedProbes.Remove(rank);
+                        continue;
+                    }
+
+                    bool silent = w.Calls[i].Exception?.GetBaseException() is TimeoutException;
+                    missedProbes[rank] = missedProbes.GetValueOrDefault(rank) + 1;
+                    if (!silent || missedProbes[rank] >= 2)
+                    {
+                        lost.Add(rank);
+                    }
+                }
+
+                (int Rank, IRankGrain Grain)[] serving = Serving(s);
+                int[] confirmed = [.. lost.Where(r => serving.Any(x => x.Rank == r)).Order()];
+                if (confirmed.Length > 0 && confirmed.Length < serving.Length)
+                {
+                    // A step begun on the old group is refused by its epoch when it is run; abandoning it changes nothing.
+                    missedProbes.Clear();
+                    LogStepFailed(logger, $"layer '{Key.Layer}': ranks {string.Join(", ", confirmed)} could not be reached or missed two liveness probes (1 s each){await MaskAsync(s, confirmed).ConfigureAwait(true)}");
+                    return;
+                }
+            }
+        }
+
+        (int Rank, IRankGrain Grain)[] watched = Serving(s);
+        watch = ([.. watched.Select(r => Probe(r.Grain))], [.. watched.Select(r => r.Rank)], epoch);
     }
 
     /// <summary>
@@ -713,6 +814,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
     [LoggerMessage(Level = LogLevel.Information, Message = "layer {Layer}: ranks {Ranks} are back and re-admitted (epoch {Epoch})")]
     private static partial void LogReadmitted(ILogger logger, string layer, string ranks, long epoch);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "layer {Layer}: step {Step} masked its lost ranks: first failure {Failed} ms into the step, lost ranks confirmed at {Confirmed} ms, re-formed on the survivors at {Reformed} ms")]
+    private static partial void LogMaskTiming(ILogger logger, string layer, long step, long failed, long confirmed, long reformed);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "{Message}")]
     private static partial void LogStepFailed(ILogger logger, string message);

@@ -16,6 +16,24 @@ internal static class DrillLog
     public static void Outage(LostRankPolicy policy, string kind, TimeSpan outage) =>
         Write(string.Create(CultureInfo.InvariantCulture, $"outage: {(policy == LostRankPolicy.Mask ? "mask" : "fail-and-re-form")} {kind} {outage.TotalMilliseconds:0}"));
 
+    /// <summary>
+    /// A masking drill's re-form time, fault to the coordinator's re-form on the survivors ("re-form: mask &lt;kind&gt; &lt;ms&gt;"):
+    /// the bound of issue 18 (within 2T of the loss), where the outage also holds the client's next step.
+    /// </summary>
+    public static void Reform(string kind, TimeSpan reform) =>
+        Write(string.Create(CultureInfo.InvariantCulture, $"re-form: mask {kind} {reform.TotalMilliseconds:0}"));
+
+    /// <summary>
+    /// When a coordinator in one of <paramref name="silos"/> first re-formed a layer without lost ranks after
+    /// <paramref name="since"/> (its "masking lost ranks" line, logged once the survivors hold the re-formed layer), as
+    /// time after it; null when none did.
+    /// </summary>
+    public static TimeSpan? ReformedAfter(IEnumerable<ChildProcess> silos, long since) =>
+        silos.SelectMany(p => p.StampedLines)
+            .Where(l => l.At >= since && l.Line.Contains("masking lost ranks", StringComparison.Ordinal))
+            .Select(l => (TimeSpan?)System.Diagnostics.Stopwatch.GetElapsedTime(since, l.At))
+            .Min();
+
     public static void Write(string summary, IEnumerable<string>? detail = null)
     {
         TestContext.Current.TestOutputHelper?.WriteLine(summary);

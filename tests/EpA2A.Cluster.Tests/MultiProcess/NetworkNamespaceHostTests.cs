@@ -37,7 +37,7 @@ public sealed partial class NetworkNamespaceHostTests
         TimeSpan outage = await cluster.FirstOkAfterAsync(cut, TimeSpan.FromSeconds(90));
         await cluster.StepsPassAsync(2);
         DrillLog.Outage(EpA2A.Grains.LostRankPolicy.FailAndReform, "cut-host", outage);
-        cluster.Report($"fail-and-re-form: rank {victim}'s link cut; first failed step {detected.TotalMilliseconds:0} ms after the cut; outage (cut to first good step, link back after the failure) {outage.TotalSeconds:0.0} s; cluster start {cluster.StartTime.TotalSeconds:0.0} s; silo restarts {cluster.Restarts}");
+        cluster.Report(cut, $"fail-and-re-form: rank {victim}'s link cut; first failed step {detected.TotalMilliseconds:0} ms after the cut; outage (cut to first good step, link back after the failure) {outage.TotalSeconds:0.0} s; cluster start {cluster.StartTime.TotalSeconds:0.0} s; silo restarts {cluster.Restarts}");
     }
 
     [Fact]
@@ -57,6 +57,7 @@ public sealed partial class NetworkNamespaceHostTests
         TimeSpan outage = Stopwatch.GetElapsedTime(cut);
         int failedSteps = cluster.Drive.Lines.Skip(before).Count(l => l.Contains("FAILED", StringComparison.Ordinal));
         Assert.True(outage < (Deadline * 2) + TimeSpan.FromSeconds(3), $"cut to the first masked good step took {outage.TotalSeconds:0.0} s (bound {((Deadline * 2) + TimeSpan.FromSeconds(3)).TotalSeconds:0} s), {failedSteps} failed steps; timeline:\n{cluster.Timeline(cut)}");
+        TimeSpan reform = cluster.AssertReformedWithinTwiceTheDeadline(cut, "cut");
         int served = cluster.Drive.Lines.Count;
         await cluster.StepsPassAsync(3);
         Assert.All(cluster.Drive.Lines.Skip(served).Where(l => l.StartsWith("step ", StringComparison.Ordinal)), l => Assert.Contains(": ok", l, StringComparison.Ordinal));
@@ -68,7 +69,8 @@ public sealed partial class NetworkNamespaceHostTests
         TimeSpan readmitted = Stopwatch.GetElapsedTime(healed);
         await cluster.StepsPassAsync(2);
         DrillLog.Outage(EpA2A.Grains.LostRankPolicy.Mask, "cut-host", outage);
-        cluster.Report($"mask: rank {victim}'s link cut; outage (cut to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; link back to the first step with every rank {readmitted.TotalMilliseconds:0} ms ({whole}); silo restarts {cluster.Restarts}");
+        DrillLog.Reform("cut-host", reform);
+        cluster.Report(cut, $"mask: rank {victim}'s link cut; re-formed on the survivors {reform.TotalMilliseconds:0} ms after the cut; outage (cut to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; link back to the first step with every rank {readmitted.TotalMilliseconds:0} ms ({whole}); silo restarts {cluster.Restarts}");
     }
 
     [Fact]
@@ -83,12 +85,14 @@ public sealed partial class NetworkNamespaceHostTests
         int before = cluster.Drive.Lines.Count;
         Signal(pid, "STOP");
         TimeSpan outage;
+        TimeSpan reform;
         int failedSteps;
         try
         {
             await cluster.Drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && l.Contains($"masked ranks [{victim}]", StringComparison.Ordinal), TimeSpan.FromSeconds(30), skip: before);
             outage = Stopwatch.GetElapsedTime(stop);
             failedSteps = cluster.Drive.Lines.Skip(before).Count(l => l.Contains("FAILED", StringComparison.Ordinal));
+            reform = cluster.AssertReformedWithinTwiceTheDeadline(stop, "stop");
             await cluster.StepsPassAsync(3);
         }
         finally
@@ -104,7 +108,8 @@ public sealed partial class NetworkNamespaceHostTests
         await cluster.StepsPassAsync(2);
         bool restartedInProcess = cluster.Silos[victim].Lines.Any(l => l.Contains("restarted in process", StringComparison.Ordinal));
         DrillLog.Outage(EpA2A.Grains.LostRankPolicy.Mask, "sigstop", outage);
-        cluster.Report($"mask: rank {victim}'s silo SIGSTOPped; outage (stop to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; SIGCONT to the first step with every rank {readmitted.TotalMilliseconds:0} ms; declared dead and restarted in process: {restartedInProcess}; supervisor restarts {cluster.Restarts}");
+        DrillLog.Reform("sigstop", reform);
+        cluster.Report(stop, $"mask: rank {victim}'s silo SIGSTOPped; re-formed on the survivors {reform.TotalMilliseconds:0} ms after the stop; outage (stop to first good masked step) {outage.TotalMilliseconds:0} ms, {failedSteps} failed steps; SIGCONT to the first step with every rank {readmitted.TotalMilliseconds:0} ms; declared dead and restarted in process: {restartedInProcess}; supervisor restarts {cluster.Restarts}");
     }
 
     private static void Signal(int pid, string signal)
@@ -253,10 +258,22 @@ internal sealed partial class NetnsCluster : IDisposable
         }
     }
 
-    public void Report(string summary)
+    /// <summary>
+    /// The coordinator re-formed the layer on the survivors within 2T of the fault at <paramref name="fault"/> (issue 18's
+    /// bound; the first good step comes after the client's next step): how long after the fault it did.
+    /// </summary>
+    public TimeSpan AssertReformedWithinTwiceTheDeadline(long fault, string what)
+    {
+        TimeSpan? reform = DrillLog.ReformedAfter(Silos, fault);
+        Assert.True(reform is { } r && r < Deadline * 2, $"the coordinator re-formed on the survivors {(reform is { } t ? $"{t.TotalMilliseconds:0} ms" : "never")} after the {what} (bound 2T = {(Deadline * 2).TotalSeconds:0} s); timeline:\n{Timeline(fault)}");
+        return reform!.Value;
+    }
+
+    /// <summary>The client's last lines to the test output; the summary, those lines and the timeline since the fault to the drill log.</summary>
+    public void Report(long fault, string summary)
     {
         TestContext.Current.TestOutputHelper?.WriteLine(string.Join('\n', Drive.Lines.TakeLast(40)));
-        DrillLog.Write(summary, Drive.Lines.TakeLast(40));
+        DrillLog.Write(summary, [.. Drive.Lines.TakeLast(40), "timeline since the fault:", .. Timeline(fault, 80).Split('\n')]);
     }
 
     /// <summary>How often a supervisor loop started a silo again (a silo declared dead while cut off ends itself).</summary>
