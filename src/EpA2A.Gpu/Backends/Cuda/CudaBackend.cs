@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using EpA2A.Config;
 using EpA2A.Layer;
 using static EpA2A.Backends.Cuda.NativeMethods;
