@@ -5,6 +5,7 @@ using EpA2A.Grains;
 using EpA2A.Numerics;
 using EpA2A.Silo.Commands;
 using EpA2A.Silo.Hosting;
+using EpA2A.Telemetry;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 
@@ -188,7 +189,7 @@ internal sealed class ProcessSoak(int steps, int killEvery, int seed, int portBa
         double[] outages = [.. kills.Select(k => k.FirstGood!.Value.TotalMilliseconds)];
         double[] readmits = [.. kills.Select(k => k.Readmitted!.Value.TotalMilliseconds)];
         output.WriteLine(string.Create(CultureInfo.InvariantCulture,
-            $"  {steps} steps in {clock.Elapsed.TotalSeconds:0.0} s: {ok} ok ({masked} served masked), {failed} failed, {wrong} wrong; {kills.Count} kills, outage (kill to first good step) {(outages.Length > 0 ? $"{outages.Min():0}-{outages.Max():0} ms, median {Median(outages):0} ms" : "n/a")}, re-admission {(readmits.Length > 0 ? $"{readmits.Min():0}-{readmits.Max():0} ms" : "n/a")}; client RSS {(clientFlat ? "flat" : "GROWING")}, silo RSS {(silosFlat ? "flat" : "GROWING")} (tolerance max({RssTolerance:P0}, {RssSlackBytes >> 20} MiB))"));
+            $"  {steps} steps in {clock.Elapsed.TotalSeconds:0.0} s: {ok} ok ({masked} served masked), {failed} failed, {wrong} wrong; {kills.Count} kills, outage (kill to first good step) {(outages.Length > 0 ? $"{outages.Min():0}-{outages.Max():0} ms, median {SampleStats.Median(outages):0} ms" : "n/a")}, re-admission {(readmits.Length > 0 ? $"{readmits.Min():0}-{readmits.Max():0} ms" : "n/a")}; client RSS {(clientFlat ? "flat" : "GROWING")}, silo RSS {(silosFlat ? "flat" : "GROWING")} (tolerance max({RssTolerance:P0}, {RssSlackBytes >> 20} MiB))"));
         if (jsonPath is not null)
         {
             var result = new
@@ -215,8 +216,6 @@ internal sealed class ProcessSoak(int steps, int killEvery, int seed, int portBa
 
         return wrong == 0 && open is null && clientFlat && silosFlat;
     }
-
-    private static double Median(double[] xs) => xs.Order().ElementAt(xs.Length / 2);
 
     private static double Mib(long bytes) => bytes / 1048576.0;
 
