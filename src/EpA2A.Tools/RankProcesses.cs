@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using System.Reflection;
-using EpA2A.Backends.Cuda;
+using EpA2A.Cuda;
 using EpA2A.Layer;
 
 namespace EpA2A.Tools;

@@ -1,4 +1,5 @@
 using EpA2A.Backends.Cuda;
+using EpA2A.Cuda;
 
 namespace EpA2A.Tests;
 

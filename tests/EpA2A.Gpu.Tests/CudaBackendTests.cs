@@ -1,8 +1,8 @@
 using System.Diagnostics;
 using System.Numerics.Tensors;
 using System.Text.Json;
-using EpA2A.Backends.Cuda;
 using EpA2A.Config;
+using EpA2A.Cuda;
 using EpA2A.Layer;
 using EpA2A.Numerics;
 

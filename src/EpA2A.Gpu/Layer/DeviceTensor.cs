@@ -4,7 +4,7 @@ namespace EpA2A.Layer;
 
 /// <summary>
 /// A typed view of device memory: a pointer, a dense row-major shape, and the object that owns the memory (a
-/// <see cref="Backends.Cuda.DeviceBuffer{T}"/>, a layer, or whatever the caller allocated with). The view owns
+/// <see cref="Cuda.DeviceBuffer{T}"/>, a layer, or whatever the caller allocated with). The view owns
 /// nothing: the memory must outlive its use. The layer checks shapes and element types only; the kernels
 /// bounds-check ids and rows.
 /// </summary>

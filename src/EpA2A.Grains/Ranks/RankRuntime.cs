@@ -1,5 +1,5 @@
 using System.Collections.Concurrent;
-using EpA2A.Backends.Cuda;
+using EpA2A.Cuda;
 using EpA2A.Experts;
 using EpA2A.Grains.Hosting;
 using EpA2A.Layer;

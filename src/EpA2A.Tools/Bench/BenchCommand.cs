@@ -3,7 +3,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text;
 using System.Text.Json;
-using EpA2A.Backends.Cuda;
+using EpA2A.Cuda;
 
 namespace EpA2A.Tools.Bench;
 

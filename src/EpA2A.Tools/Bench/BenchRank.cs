@@ -1,11 +1,10 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
-using EpA2A.Backends.Cuda;
 using EpA2A.Config;
+using EpA2A.Cuda;
 using EpA2A.Layer;
 using EpA2A.Numerics;
-
 using EpA2A.Telemetry;
 
 namespace EpA2A.Tools.Bench;

@@ -1,3 +1,4 @@
+using EpA2A.Cuda;
 using EpA2A.Layer;
 using static EpA2A.Backends.Cuda.NativeMethods;
 

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using EpA2A.Cuda;
 using EpA2A.Layer;
 using EpA2A.Telemetry;
 using static EpA2A.Backends.Cuda.NativeMethods;

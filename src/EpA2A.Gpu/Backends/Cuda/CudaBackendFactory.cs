@@ -1,4 +1,5 @@
 using EpA2A.Config;
+using EpA2A.Cuda;
 using EpA2A.Layer;
 using EpA2A.LowLatency;
 

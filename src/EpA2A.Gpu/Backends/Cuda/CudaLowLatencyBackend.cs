@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using EpA2A.Config;
+using EpA2A.Cuda;
 using EpA2A.Errors;
 using EpA2A.Layer;
 using EpA2A.LowLatency;

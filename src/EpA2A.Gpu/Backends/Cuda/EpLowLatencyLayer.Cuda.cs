@@ -1,5 +1,6 @@
 using EpA2A.Backends.Cuda;
 using EpA2A.Config;
+using EpA2A.Cuda;
 
 namespace EpA2A.LowLatency;
 

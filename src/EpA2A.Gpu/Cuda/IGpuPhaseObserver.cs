@@ -1,6 +1,6 @@
 using EpA2A.Layer;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Cuda;
 
 /// <summary>
 /// A phase observer that also wants GPU time (CUDA events around the kernels). Give it as

@@ -1,6 +1,7 @@
+using EpA2A.Backends.Cuda;
 using EpA2A.Layer;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Cuda;
 
 /// <summary>Test hooks for CUDA layers (the GPU suite poisons outputs before each checked step).</summary>
 public static class CudaLayerDiagnostics

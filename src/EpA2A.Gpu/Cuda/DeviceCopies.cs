@@ -1,8 +1,9 @@
 using System.Runtime.InteropServices;
+using EpA2A.Backends.Cuda;
 using EpA2A.Layer;
 using static EpA2A.Backends.Cuda.NativeMethods;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Cuda;
 
 /// <summary>
 /// Copies and fills between device views, and the device-to-device copy bandwidth: the ceiling of a step when

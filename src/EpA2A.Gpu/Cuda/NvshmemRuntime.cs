@@ -1,4 +1,6 @@
-namespace EpA2A.Backends.Cuda;
+using EpA2A.Backends.Cuda;
+
+namespace EpA2A.Cuda;
 
 /// <summary>
 /// This process's NVSHMEM job membership (one per process and GPU): the unique-id bootstrap, the CUDA device,

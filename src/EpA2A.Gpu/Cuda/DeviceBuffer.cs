@@ -1,9 +1,10 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using EpA2A.Backends.Cuda;
 using EpA2A.Layer;
 using static EpA2A.Backends.Cuda.NativeMethods;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Cuda;
 
 /// <summary>
 /// Device memory of a <typeparamref name="T"/>-typed shape, owned by the caller (inputs and expert outputs for the

@@ -1,8 +1,9 @@
+using EpA2A.Backends.Cuda;
 using EpA2A.Layer;
 using EpA2A.LowLatency;
 using EpA2A.Numerics;
 
-namespace EpA2A.Backends.Cuda;
+namespace EpA2A.Cuda;
 
 /// <summary>Synchronisation and test hooks for CUDA low-latency layers (the device API itself never waits on the host).</summary>
 public static class CudaLowLatencyDiagnostics
