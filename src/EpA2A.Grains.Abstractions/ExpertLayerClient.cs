@@ -437,7 +437,7 @@ public sealed class ExpertLayerClient
     private async Task StageAsync<T>(int rank, StepTicket ticket, RankStepInput<T> input)
         where T : unmanaged
     {
-        IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
+        IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
         long step = ticket.Step;
         await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch)).ConfigureAwait(false);
         // Each chunk is copied once, straight from the caller's array into the message (Immutable: Orleans copies no more).
@@ -457,7 +457,7 @@ public sealed class ExpertLayerClient
         await Task.WhenAll(sends).ConfigureAwait(false);
     }
 
-    private void Chunks(List<Task> sends, IRankGrain grain, long step, InputPart part, ReadOnlySpan<byte> bytes)
+    private void Chunks(List<Task> sends, IRankStaging grain, long step, InputPart part, ReadOnlySpan<byte> bytes)
     {
         for (int offset = 0; offset < bytes.Length; offset += chunkBytes)
         {
@@ -469,7 +469,7 @@ public sealed class ExpertLayerClient
     private async Task<T[]> ReadAsync<T>(int rank, long step, int totalBytes)
         where T : unmanaged
     {
-        IRankGrain grain = grains.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
+        IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
         // The chunks land straight in the result's bytes.
         T[] result = new T[totalBytes / Unsafe.SizeOf<T>()];
         List<Task> reads = [];

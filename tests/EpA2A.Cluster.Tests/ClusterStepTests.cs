@@ -22,7 +22,7 @@ public sealed class ClusterStepTests(RankCluster cluster) : IClassFixture<RankCl
     public async Task Every_rank_grain_lands_on_the_silo_that_serves_its_rank()
     {
         RankInfo[] infos = await Task.WhenAll(Enumerable.Range(0, RankCluster.Silos).Select(r =>
-            cluster.Grains.GetGrain<IRankGrain>(GrainKeys.Rank(RankCluster.Group, r)).DescribeAsync()));
+            cluster.Grains.GetGrain<IRankControl>(GrainKeys.Rank(RankCluster.Group, r)).DescribeAsync()));
         for (int r = 0; r < infos.Length; r++)
         {
             Assert.Equal(r, infos[r].Rank);
@@ -36,7 +36,7 @@ public sealed class ClusterStepTests(RankCluster cluster) : IClassFixture<RankCl
     public async Task A_rank_with_no_silo_fails_placement_with_an_error_naming_it()
     {
         NoSiloForRankException e = await Assert.ThrowsAsync<NoSiloForRankException>(() =>
-            cluster.Grains.GetGrain<IRankGrain>(GrainKeys.Rank(RankCluster.Group, 9)).DescribeAsync());
+            cluster.Grains.GetGrain<IRankControl>(GrainKeys.Rank(RankCluster.Group, 9)).DescribeAsync());
         Assert.Contains("rank 9", e.Message, StringComparison.Ordinal);
     }
 

@@ -214,7 +214,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         // the cut host's gateway, so only a rank that also misses this coordinator's own probe (1 s) is masked.
         if (spec is { OnLostRank: LostRankPolicy.Mask } s && unreachable is { Count: > 0 })
         {
-            (int Rank, IRankGrain Grain)[] serving = Serving(s);
+            (int Rank, IRankControl Grain)[] serving = Serving(s);
             int[] suspects = [.. unreachable.Where(r => serving.Any(x => x.Rank == r)).Distinct().Order()];
             int[] lost = suspects.Length > 0 ? await ConfirmByProbeAsync([.. serving.Where(x => suspects.Contains(x.Rank))], suspects, [], keepWhenAllAnswer: false).ConfigureAwait(true) : [];
             if (lost.Length > 0 && lost.Length < serving.Length)
@@ -299,7 +299,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         }
 
         long start = Stopwatch.GetTimestamp();
-        (int Rank, IRankGrain Grain)[] ranks = Serving(s);
+        (int Rank, IRankControl Grain)[] ranks = Serving(s);
         Task<RankStepReport>[] calls = [.. ranks.Select(r => r.Grain.RunStepAsync(Key.Layer, ticket, weighted))];
         TimeSpan bound = (s.StepTimeout * 2) + TimeSpan.FromSeconds(1);
         List<int> blamed = [];
@@ -421,7 +421,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// failure (bad input) stays blamed. When every suspect answers, the blame stands as it was. A suspect that no active
     /// silo serves (its silo was declared dead) is not probed: a probe of it would only wait out the placement's grace.
     /// </summary>
-    private async Task<int[]> ConfirmByProbeAsync((int Rank, IRankGrain Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true, Dictionary<int, Task<RankInfo>>? early = null)
+    private async Task<int[]> ConfirmByProbeAsync((int Rank, IRankControl Grain)[] ranks, int[] suspects, int[] selfReported, bool keepWhenAllAnswer = true, Dictionary<int, Task<RankInfo>>? early = null)
     {
         selfReported = [.. selfReported.Intersect(suspects)];
         int[] gone = [.. suspects.Except(selfReported).Where(r => !ServedByActiveSilo(r))];
@@ -456,7 +456,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     }
 
     /// <summary>Of ranks that did not answer a step: those whose call failed to reach them, and those that also miss a probe.</summary>
-    private async Task<int[]> ConfirmLostAsync((int Rank, IRankGrain Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered, Dictionary<int, Task<RankInfo>> early)
+    private async Task<int[]> ConfirmLostAsync((int Rank, IRankControl Grain)[] ranks, Task<RankStepReport>[] calls, int[] unanswered, Dictionary<int, Task<RankInfo>> early)
     {
         int[] unreachable = [.. unanswered.Where(r => calls[Array.FindIndex(ranks, x => x.Rank == r)].IsFaulted)];
         int[] silent = [.. unanswered.Except(unreachable)];
@@ -465,7 +465,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     }
 
     /// <summary>A liveness probe: the rank's description within a second (it interleaves with a step in progress), else a timeout.</summary>
-    private static Task<RankInfo> Probe(IRankGrain rank) => rank.DescribeAsync().WaitAsync(TimeSpan.FromSeconds(1));
+    private static Task<RankInfo> Probe(IRankControl rank) => rank.DescribeAsync().WaitAsync(TimeSpan.FromSeconds(1));
 
     private static long Ms(long from, long to) => (long)Stopwatch.GetElapsedTime(from, to).TotalMilliseconds;
 
@@ -490,7 +490,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     {
         LayerSpec s = RequireSpec();
         long newEpoch = epoch + 1;
-        (int Rank, IRankGrain Grain)[] ranks = Serving(s);
+        (int Rank, IRankControl Grain)[] ranks = Serving(s);
         int[] mask = masked;
         if (mask.Length == 0)
         {
@@ -579,7 +579,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
                     }
                 }
 
-                (int Rank, IRankGrain Grain)[] serving = Serving(s);
+                (int Rank, IRankControl Grain)[] serving = Serving(s);
                 int[] confirmed = [.. lost.Where(r => serving.Any(x => x.Rank == r)).Order()];
                 if (confirmed.Length > 0 && confirmed.Length < serving.Length)
                 {
@@ -591,7 +591,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
             }
         }
 
-        (int Rank, IRankGrain Grain)[] watched = Serving(s);
+        (int Rank, IRankControl Grain)[] watched = Serving(s);
         watch = ([.. watched.Select(r => Probe(r.Grain))], [.. watched.Select(r => r.Rank)], epoch);
     }
 
@@ -665,7 +665,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         if (probe is null || Stopwatch.GetElapsedTime(probe.Value.Started) > TimeSpan.FromSeconds(2))
         {
             int[] which = masked;
-            Task<RankInfo>[] calls = [.. which.Select(r => GrainFactory.GetGrain<IRankGrain>(GrainKeys.Rank(Key.Group, r)).DescribeAsync().WaitAsync(TimeSpan.FromSeconds(1)))];
+            Task<RankInfo>[] calls = [.. which.Select(r => GrainFactory.GetGrain<IRankControl>(GrainKeys.Rank(Key.Group, r)).DescribeAsync().WaitAsync(TimeSpan.FromSeconds(1)))];
             probe = (calls, which, Stopwatch.GetTimestamp());
         }
     }
@@ -674,7 +674,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
     /// On the CUDA backend every rank must join one NVSHMEM job before layers (symmetric buffers) exist:
     /// rank 0 makes the unique id, this grain hands it to every rank, and all initialize together.
     /// </summary>
-    private async Task BootstrapGpusAsync(LayerSpec s, (int Rank, IRankGrain Grain)[] ranks)
+    private async Task BootstrapGpusAsync(LayerSpec s, (int Rank, IRankControl Grain)[] ranks)
     {
         Task<RankInfo>[] describe = [.. ranks.Select(r => r.Grain.DescribeAsync())];
         await Task.WhenAny(Task.WhenAll(describe), Task.Delay(s.StepTimeout)).ConfigureAwait(true);
@@ -771,7 +771,7 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         return (stale, reason);
     }
 
-    private async Task AbortAllAsync((int Rank, IRankGrain Grain)[] ranks, string reason)
+    private async Task AbortAllAsync((int Rank, IRankControl Grain)[] ranks, string reason)
     {
         Task[] aborts = [.. ranks.Select(r => r.Grain.AbortAsync(Key.Layer, epoch, reason))];
         try
@@ -798,10 +798,10 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         $"NumExperts {s.NumExperts}, Hidden {s.Hidden}, TopK {s.TopK}, MaxTokens {s.MaxTokens}, WorldSize {s.WorldSize}, {s.TokenType}";
 
     /// <summary>The ranks that run steps now: every rank, or the survivors while ranks are masked.</summary>
-    private (int Rank, IRankGrain Grain)[] Serving(LayerSpec s) => [.. Ranks(s).Where(r => !masked.Contains(r.Rank))];
+    private (int Rank, IRankControl Grain)[] Serving(LayerSpec s) => [.. Ranks(s).Where(r => !masked.Contains(r.Rank))];
 
-    private (int Rank, IRankGrain Grain)[] Ranks(LayerSpec s) =>
-        [.. Enumerable.Range(0, s.WorldSize).Select(r => (r, GrainFactory.GetGrain<IRankGrain>(GrainKeys.Rank(Key.Group, r))))];
+    private (int Rank, IRankControl Grain)[] Ranks(LayerSpec s) =>
+        [.. Enumerable.Range(0, s.WorldSize).Select(r => (r, GrainFactory.GetGrain<IRankControl>(GrainKeys.Rank(Key.Group, r))))];
 
     private LayerSpec RequireSpec() =>
         spec ?? throw new InvalidOperationException($"layer '{this.GetPrimaryKeyString()}' is not configured: call ConfigureAsync first");

@@ -62,7 +62,7 @@ public sealed class StepTelemetryTests(RankCluster cluster) : IClassFixture<Rank
         Assert.Equal(Enumerable.Range(0, RankCluster.Silos), rankSteps.Select(s => (int)s.GetTagItem(EpTelemetry.Tags.SpanRank)!));
         foreach (Activity rankStep in rankSteps)
         {
-            // Across a grain call: the rank's span hangs off Orleans' server span of IRankGrain.RunStep, which hangs
+            // Across a grain call: the rank's span hangs off Orleans' server span of IRankControl.RunStep, which hangs
             // (through the coordinator silo's client span) off the coordinator's span.
             Activity server = byId[rankStep.ParentSpanId];
             Assert.Equal(ActivityKind.Server, server.Kind);
