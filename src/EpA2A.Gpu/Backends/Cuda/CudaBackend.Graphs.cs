@@ -78,20 +78,6 @@ internal sealed partial class CudaBackend
         });
     }
 
-    /// <summary>On the worker: captures what <paramref name="enqueue"/> puts on the stream; ends the capture on failure too.</summary>
-    private nint Capture(Func<int> enqueue, string call)
-    {
-        Check(epa2a_graph_begin(stream.Pointer), "epa2a_graph_begin");
-        int status = enqueue();
-        string error = status == 0 ? string.Empty : LastError();
-        int ended = epa2a_graph_end(stream.Pointer, out nint graph);
-        if (status != 0)
-        {
-            _ = epa2a_graph_destroy(graph);
-            throw new NativeCallException(call, (NativeCode)status, error);
-        }
-
-        Check(ended, "epa2a_graph_end");
-        return graph;
-    }
+    /// <summary>On the worker: captures what <paramref name="enqueue"/> puts on this backend's stream.</summary>
+    private nint Capture(Func<int> enqueue, string call) => StreamCapture.Capture(stream.Pointer, enqueue, call);
 }
