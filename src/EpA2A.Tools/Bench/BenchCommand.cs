@@ -37,6 +37,7 @@ internal static class BenchCommand
         Option<string> calls = new("--calls") { Description = "CUDA normal mode: libepa2a calls on the caller's thread (caller) or handed to the GPU worker thread (worker)", DefaultValueFactory = _ => "caller" };
         Option<string> pinCores = new("--pin-cores") { Description = "CUDA rank processes: give each rank's GPU thread a core of its own (on) or leave placement to the scheduler (off)", DefaultValueFactory = _ => "on" };
         Option<int> numSms = new("--num-sms") { Description = "CUDA: blocks of each token kernel per rank (EpConfig.NumSms) of the swept layers", DefaultValueFactory = _ => 32 };
+        Option<int> passes = new("--passes") { Description = "CUDA: run the whole sweep this many times in the same rank processes and print each point's spread (and free device memory after each pass)", DefaultValueFactory = _ => 1 };
         Option<int> soak = new("--soak-steps") { Description = "CUDA: after the sweep, this many steps with random token counts on one layer, device memory sampled (0: none)", DefaultValueFactory = _ => 0 };
         Option<string?> fromJson = new("--from-json") { HelpName = "FILE", Description = "Only write the markdown and the plot again from a saved bench JSON (next to it)" };
         Option<string?> output = new("--out") { HelpName = "DIR", Description = "Where the results go (default: bench/results)" };
@@ -54,7 +55,7 @@ internal static class BenchCommand
 
         Command command = new("bench", "Benchmark dispatch and combine: CUDA (rank processes under MPS) and CPU backends, a PyTorch peer on the same routing, the grain path; JSON, table and plot to bench/results.")
         {
-            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, soak, fromJson, cpuBudget, output, limit, decode, decodeTokens, decodeHidden, decodeFormats, decodeKernels, decodeIterations, decodeSms, rank, dir, world,
+            backend, tokens, hidden, layouts, routing, ranks, local, topK, experts, sets, iterations, warmup, seed, gpus, peer, noGrains, calls, pinCores, numSms, passes, soak, fromJson, cpuBudget, output, limit, decode, decodeTokens, decodeHidden, decodeFormats, decodeKernels, decodeIterations, decodeSms, rank, dir, world,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -118,6 +119,7 @@ internal static class BenchCommand
                 Peer = p.GetValue(peer)!,
                 Grains = !p.GetValue(noGrains),
                 SoakSteps = p.GetValue(soak),
+                Passes = p.GetValue(passes) is var n and >= 1 and <= 10 ? n : throw new ArgumentException($"--passes {p.GetValue(passes)}: expected 1..10"),
                 CallerThread = p.GetValue(calls) switch { "caller" => true, "worker" => false, var c => throw new ArgumentException($"--calls {c}: expected caller or worker") },
                 NumSms = p.GetValue(numSms) is var sms and >= 1 and <= 1024 ? sms : throw new ArgumentException($"--num-sms {p.GetValue(numSms)}: expected 1..1024"),
                 PinCores = p.GetValue(pinCores) switch { "on" => true, "off" => false, var c => throw new ArgumentException($"--pin-cores {c}: expected on or off") },
@@ -179,6 +181,9 @@ internal sealed class BenchRun
     public bool PinCores { get; init; } = true;
 
     public int SoakSteps { get; init; }
+
+    /// <summary>How often each CUDA rank process runs the sweep (<see cref="BenchManifest.Passes"/>).</summary>
+    public int Passes { get; init; } = 1;
 
     public double CpuMaxBytes { get; init; } = 3e9;
 
@@ -320,7 +325,7 @@ internal sealed class BenchRun
             }
         }
 
-        BenchManifest manifest = new() { Seed = Seed, Warmup = Warmup, Iterations = Iterations, CallerThread = CallerThread, PinCores = PinCores, NumSms = NumSms, SoakSteps = SoakSteps, Points = points };
+        BenchManifest manifest = new() { Seed = Seed, Warmup = Warmup, Iterations = Iterations, CallerThread = CallerThread, PinCores = PinCores, NumSms = NumSms, SoakSteps = SoakSteps, Passes = Passes, Points = points };
         File.WriteAllText(Path.Combine(dir, "manifest.json"), JsonSerializer.Serialize(manifest, BenchJson.Indented));
         return manifest;
     }
@@ -329,7 +334,7 @@ internal sealed class BenchRun
     {
         List<Process> ranks = [];
         StringBuilder logs = new();
-        BenchProgress progress = new(console, manifest.Points.Count);
+        BenchProgress progress = new(console, manifest.Points.Count * manifest.Passes);
         try
         {
             for (int r = 0; r < World; r++)

@@ -34,6 +34,10 @@ internal sealed record BenchManifest
     [JsonPropertyName("soak_steps")]
     public int SoakSteps { get; init; }
 
+    /// <summary>How often each rank process runs the whole sweep (in the same process, so pass 2 shows the spread and whether device memory comes back).</summary>
+    [JsonPropertyName("passes")]
+    public int Passes { get; init; } = 1;
+
     [JsonPropertyName("points")]
     public List<BenchPoint> Points { get; init; } = [];
 }
@@ -88,6 +92,9 @@ internal sealed record BenchPoint
 internal sealed record BenchRankPoint
 {
     public required string Name { get; init; }
+
+    /// <summary>Which run of the sweep (0 first) these samples are from.</summary>
+    public int Pass { get; init; }
 
     public string? Error { get; set; }
 
@@ -154,6 +161,9 @@ internal sealed record BenchRankReport(int Rank, double CopyBytesPerSecond, List
     public List<BenchSoakSample> Soak { get; init; } = [];
 
     public string? SoakError { get; init; }
+
+    /// <summary>Free device memory after each pass of the sweep (every layer of it disposed).</summary>
+    public List<long> DeviceFreeAfterPass { get; init; } = [];
 }
 
 /// <summary>One soak sample of a rank: after this many steps, free device memory, managed heap, handles and threads.</summary>

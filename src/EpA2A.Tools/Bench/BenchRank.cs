@@ -30,31 +30,40 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
         using NvshmemRuntime runtime = await RankProcesses.JoinNvshmemAsync(dir, rank, world, gpus, ct).ConfigureAwait(false);
         (long freeBefore, _) = await runtime.DeviceMemoryAsync().ConfigureAwait(false);
         List<BenchRankPoint> results = [];
+        List<long> freeAfterPass = [];
         int index = 0;
-        foreach (BenchPoint point in manifest.Points)
+        int total = manifest.Points.Count * manifest.Passes;
+        for (int pass = 0; pass < manifest.Passes; pass++)
         {
-            index++;
-            if (rank == 0)
+            foreach (BenchPoint point in manifest.Points)
             {
-                await log.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"{ProgressPrefix}{index} {manifest.Points.Count} {point.Name}")).ConfigureAwait(false);
-                await log.FlushAsync(ct).ConfigureAwait(false);
+                index++;
+                if (rank == 0)
+                {
+                    string label = manifest.Passes > 1 ? $"{point.Name} (pass {pass + 1})" : point.Name;
+                    await log.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"{ProgressPrefix}{index} {total} {label}")).ConfigureAwait(false);
+                    await log.FlushAsync(ct).ConfigureAwait(false);
+                }
+
+                BenchRankPoint result = new() { Name = point.Name, Pass = pass };
+                try
+                {
+                    await RunPointAsync(manifest, point, runtime, result).ConfigureAwait(false);
+                }
+                catch (Exception e) when (e is not OutOfMemoryException && Report(result, e))
+                {
+                    throw; // not reached: Report writes the result first (a collective dispose may wait for a crashed rank)
+                }
+
+                results.Add(result);
+                await WriteAsync(new BenchRankReport(rank, 0, results, freeBefore, 0) { DeviceFreeAfterPass = freeAfterPass }).ConfigureAwait(false);
             }
 
-            BenchRankPoint result = new() { Name = point.Name };
-            try
-            {
-                await RunPointAsync(manifest, point, runtime, result).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is not OutOfMemoryException && Report(result, e))
-            {
-                throw; // not reached: Report writes the result first (a collective dispose may wait for a crashed rank)
-            }
-
-            results.Add(result);
-            await WriteAsync(new BenchRankReport(rank, 0, results, freeBefore, 0)).ConfigureAwait(false);
+            (long free, _) = await runtime.DeviceMemoryAsync().ConfigureAwait(false);
+            freeAfterPass.Add(free);
         }
 
-        (long freeAfter, _) = await runtime.DeviceMemoryAsync().ConfigureAwait(false);
+        long freeAfter = freeAfterPass[^1];
         List<BenchSoakSample> soak = [];
         string? soakError = null;
         if (manifest.SoakSteps > 0)
@@ -71,7 +80,7 @@ internal sealed class BenchRank(int rank, int world, int gpus, string dir, TextW
         }
 
         double bandwidth = rank == 0 ? await DeviceCopies.MeasureBandwidthAsync(runtime).ConfigureAwait(false) : 0;
-        await WriteAsync(new BenchRankReport(rank, bandwidth, results, freeBefore, freeAfter) { Soak = soak, SoakError = soakError }).ConfigureAwait(false);
+        await WriteAsync(new BenchRankReport(rank, bandwidth, results, freeBefore, freeAfter) { Soak = soak, SoakError = soakError, DeviceFreeAfterPass = freeAfterPass }).ConfigureAwait(false);
         return 0;
     }
 

@@ -69,6 +69,7 @@ internal static class BenchReport
             }
 
             sb.AppendLine();
+            Spread(sb, s);
             Targets(sb, s);
         }
 
@@ -192,6 +193,35 @@ internal static class BenchReport
             new($"Combine latency (uniform, hidden {largest})", "tokens per rank", "us", Latency(p => p.Cuda!.CombineGpu!.Median, p => p.Cuda!.Graph?.CombineGpu.Median, p => p.Peer?.CombineMedianUs)),
         ];
         return BenchChart.Render($"epa2a-tools bench, {s.Gpu}, {s.Date[..10]}: 8 ranks, top-8 of 256 experts, bf16", panels);
+    }
+
+    /// <summary>The sweep run more than once in the same rank processes: every pass's GPU medians and their spread.</summary>
+    private static void Spread(StringBuilder sb, BenchSummary s)
+    {
+        if (s.Spread.Count == 0)
+        {
+            return;
+        }
+
+        CultureInfo ic = CultureInfo.InvariantCulture;
+        int passes = s.Spread[0].DispatchMedians.Length;
+        List<BenchPassSpread> bounded = [.. s.Spread.Where(x => x.Bounded)];
+        int within = bounded.Count(x => x.Within);
+        sb.AppendLine(ic, $"### Reproducibility: the sweep run {passes} times in the same rank processes");
+        sb.AppendLine();
+        sb.AppendLine(ic, $"Spread = largest / smallest median of the passes - 1 (GPU time, slowest rank per iteration). Points of {BenchPassSpread.BoundFromTokens} tokens or more within {BenchPassSpread.BoundPct:0}%: {within} of {bounded.Count}.");
+        sb.AppendLine();
+        sb.AppendLine("| point | dispatch µs per pass | spread % | combine µs per pass | spread % | within |");
+        sb.AppendLine("| --- | ---: | ---: | ---: | ---: | --- |");
+        foreach (BenchPassSpread x in s.Spread)
+        {
+            string verdict = !x.Bounded ? "(not bounded)" : x.Within ? "yes" : "NO";
+            sb.AppendLine(ic, $"| {x.Name} | {Join(x.DispatchMedians)} | {x.DispatchSpreadPct:0.0} | {Join(x.CombineMedians)} | {x.CombineSpreadPct:0.0} | {verdict} |");
+        }
+
+        sb.AppendLine();
+
+        static string Join(double[] v) => string.Join(" / ", v.Select(m => m.ToString("0.0", CultureInfo.InvariantCulture)));
     }
 
     private static void Targets(StringBuilder sb, BenchSummary s)

@@ -157,6 +157,9 @@ internal sealed record BenchSummary
 
     public List<BenchPointSummary> Points { get; init; } = [];
 
+    /// <summary>With more than one pass: per point, the first and every later pass's medians and their spread.</summary>
+    public List<BenchPassSpread> Spread { get; init; } = [];
+
     public static BenchSummary Build(BenchManifest manifest, BenchRankReport?[]? cuda, BenchPeerReport? peer, Dictionary<string, BenchCpuResult> cpu, BenchGrainOverhead? grains, string gpu, string driver, DateTime started, int cores)
     {
         double bandwidth = cuda?.FirstOrDefault()?.CopyBytesPerSecond ?? 0;
@@ -165,7 +168,7 @@ internal sealed record BenchSummary
         {
             double rows = p.RecvRows.Average(r => (double)r.Sum());
             double floor = ((double)p.Tokens * p.World + rows) * p.RowBytes;
-            BenchCudaSummary? c = cuda is null ? null : Cuda(p, cuda, rows, floor, bandwidth);
+            BenchCudaSummary? c = cuda is null ? null : Cuda(p, cuda, 0, rows, floor, bandwidth);
             BenchPeerPoint? pp = peer?.Points.FirstOrDefault(x => x.Name == p.Name);
             BenchPeerSummary? ps = pp is null ? null : new BenchPeerSummary(
                 pp.Dispatch.Median, pp.Dispatch.P99, pp.Combine.Median, pp.Combine.P99,
@@ -195,7 +198,20 @@ internal sealed record BenchSummary
 
         List<string> memory = cuda is null ? [] : [.. cuda.Select((r, i) => r is null
             ? $"rank {i}: no report"
-            : $"rank {i}: free device memory {r.DeviceFreeBefore / 1048576.0:0} MiB before the sweep, {r.DeviceFreeAfter / 1048576.0:0} MiB after (every layer disposed)")];
+            : r.DeviceFreeAfterPass.Count > 1
+                ? $"rank {i}: free device memory {r.DeviceFreeBefore / 1048576.0:0} MiB before the sweep, after each pass (every layer disposed) {string.Join(" / ", r.DeviceFreeAfterPass.Select(f => (f / 1048576.0).ToString("0", System.Globalization.CultureInfo.InvariantCulture)))} MiB: {(r.DeviceFreeBefore - r.DeviceFreeAfterPass[0]) / 1048576.0:0} MiB held after the first pass, {(r.DeviceFreeAfterPass[0] - r.DeviceFreeAfterPass[^1]) / 1048576.0:0} MiB more after the last"
+                : $"rank {i}: free device memory {r.DeviceFreeBefore / 1048576.0:0} MiB before the sweep, {r.DeviceFreeAfter / 1048576.0:0} MiB after (every layer disposed)")];
+        List<BenchPassSpread> spread = [];
+        if (cuda is not null && manifest.Passes > 1)
+        {
+            foreach (BenchPoint p in manifest.Points)
+            {
+                double rows = p.RecvRows.Average(r => (double)r.Sum());
+                double floor = ((double)p.Tokens * p.World + rows) * p.RowBytes;
+                BenchCudaSummary?[] passes = [.. Enumerable.Range(0, manifest.Passes).Select(k => Cuda(p, cuda, k, rows, floor, bandwidth))];
+                spread.Add(BenchPassSpread.Of(p, passes));
+            }
+        }
         return new BenchSummary
         {
             Gpu = gpu,
@@ -222,12 +238,13 @@ internal sealed record BenchSummary
                 "PyTorch peer: bench/torch_peer.py, all ranks' buffers in one process on the same GPU, same routing files and bytes; speedup = peer time / our time (above 1: we are faster).",
             ],
             Points = points,
+            Spread = spread,
         };
     }
 
-    private static BenchCudaSummary Cuda(BenchPoint p, BenchRankReport?[] reports, double rows, double floor, double bandwidth)
+    private static BenchCudaSummary Cuda(BenchPoint p, BenchRankReport?[] reports, int pass, double rows, double floor, double bandwidth)
     {
-        List<BenchRankPoint?> per = [.. reports.Select(r => r?.Points.FirstOrDefault(x => x.Name == p.Name))];
+        List<BenchRankPoint?> per = [.. reports.Select(r => r?.Points.FirstOrDefault(x => x.Name == p.Name && x.Pass == pass))];
         string? error = per.Select((x, i) => x is null ? $"rank {i}: no result" : x.Error is null ? null : $"rank {i}: {x.Error}").FirstOrDefault(e => e is not null);
         string? graphError = per.Select((x, i) => x?.GraphError is null ? null : $"rank {i}: {x.GraphError}").FirstOrDefault(e => e is not null);
         if (per.Any(x => x is null || x.DispatchGpu.Count == 0))
@@ -306,4 +323,31 @@ internal sealed record BenchSummary
 
         return (slow, slowPreempted, n, preempted);
     }
+}
+
+/// <summary>
+/// One point's medians in every pass of the sweep (slowest rank per iteration, GPU time) and the spread: the largest
+/// over the smallest median, minus one. A point of 128 tokens or more should stay within 10%.
+/// </summary>
+internal sealed record BenchPassSpread(string Name, int Tokens, double[] DispatchMedians, double[] CombineMedians, double DispatchSpreadPct, double CombineSpreadPct)
+{
+    /// <summary>The bound a point of at least <see cref="BoundFromTokens"/> tokens must meet, in percent.</summary>
+    public const double BoundPct = 10;
+
+    public const int BoundFromTokens = 128;
+
+    public bool Bounded => Tokens >= BoundFromTokens;
+
+    public bool Within => !Bounded || (DispatchSpreadPct <= BoundPct && CombineSpreadPct <= BoundPct);
+
+    public static BenchPassSpread Of(BenchPoint point, IReadOnlyList<BenchCudaSummary?> passes)
+    {
+        double[] d = [.. passes.Select(c => c?.DispatchGpu?.Median ?? double.NaN)];
+        double[] c = [.. passes.Select(c => c?.CombineGpu?.Median ?? double.NaN)];
+        return new BenchPassSpread(point.Name, point.Tokens, d, c, SpreadPct(d), SpreadPct(c));
+    }
+
+    /// <summary>max / min - 1 in percent; NaN when a pass has no result.</summary>
+    public static double SpreadPct(IReadOnlyList<double> medians) =>
+        medians.Count == 0 || medians.Any(m => double.IsNaN(m) || m <= 0) ? double.NaN : ((medians.Max() / medians.Min()) - 1) * 100;
 }
