@@ -8,5 +8,6 @@ RootCommand root = new("EpA2A: expert-parallel all-to-all for Mixture-of-Experts
     SiloCommand.Create(),
     StepCommand.Create(),
     DriveCommand.Create(),
+    WeightsCommand.Create(),
 };
 return await CommandLineExit.InvokeAsync(root, args, Console.Error);

@@ -17,6 +17,9 @@ public sealed class DelayedExpertCompute(IExpertCompute inner, TimeSpan delay) :
     public TimeSpan Delay { get; } = delay >= TimeSpan.Zero ? delay : throw new ArgumentOutOfRangeException(nameof(delay), delay, "the delay must not be negative");
 
     /// <inheritdoc />
+    public void ValidateLayer(string layer, EpConfig config) => inner.ValidateLayer(layer, config);
+
+    /// <inheritdoc />
     public async ValueTask<Tensor<T>> ComputeAsync<T>(string layer, EpConfig config, DispatchResult<T> dispatched, CancellationToken cancellationToken)
         where T : unmanaged
     {

@@ -12,6 +12,14 @@ namespace EpA2A.Experts;
 /// </summary>
 public interface IExpertCompute
 {
+    /// <summary>
+    /// Refuses, with an <see cref="ArgumentException"/> naming the mismatch, a layer these experts cannot serve (e.g.
+    /// weights of another hidden size or expert range); called when the rank creates the layer, before any step.
+    /// </summary>
+    void ValidateLayer(string layer, EpConfig config)
+    {
+    }
+
     /// <summary>Computes the expert outputs, [layout.RecvRows, Hidden].</summary>
     ValueTask<Tensor<T>> ComputeAsync<T>(string layer, EpConfig config, DispatchResult<T> dispatched, CancellationToken cancellationToken)
         where T : unmanaged;

@@ -105,6 +105,8 @@ public sealed partial class RankRuntime(IOptions<RankSiloOptions> options, IGrai
             throw new InvalidOperationException($"this silo serves rank {Options.Rank}, but was asked to host rank {rank}");
         }
 
+        // The experts are the group's (a masked layer renumbers ranks, not experts): refuse a layer they cannot serve.
+        compute.ValidateLayer(name, spec.ToConfig(rank));
         HostedLayer layer;
         if (masked is { Length: > 0 })
         {

@@ -166,6 +166,47 @@ internal static class OptionRules
             $"--port-base {portBase} with --gateway-offset {gatewayOffset} and {worldSize} ranks needs ports {portBase} to {(long)portBase + gatewayOffset + worldSize - 1}, outside [1024, 65535]");
     }
 
+    /// <summary>--weights: the directory must hold the file of every rank in <paramref name="ranks"/> (`epa2a weights` writes them).</summary>
+    public static string? Weights(string? directory, IEnumerable<int> ranks)
+    {
+        if (directory is null)
+        {
+            return null;
+        }
+
+        foreach (int r in ranks)
+        {
+            string file = Path.Combine(directory, Experts.SwiGlu.SwiGluWeightsFile.FileName(r));
+            Require(File.Exists(file), $"--weights {directory}: no {Experts.SwiGlu.SwiGluWeightsFile.FileName(r)} for rank {r} (write a set with `epa2a weights`)");
+        }
+
+        return directory;
+    }
+
+    /// <summary>
+    /// --weights of a client that checks steps (local, drive): every rank's SwiGLU weights, which must fit the layer (hidden,
+    /// experts per rank) and a normal-mode layer; null without --weights.
+    /// </summary>
+    public static Experts.SwiGlu.SwiGluWeights[]? SwiGluFor(string? directory, LayerSpec spec)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        if (Weights(directory, Enumerable.Range(0, spec.WorldSize)) is not { } dir)
+        {
+            return null;
+        }
+
+        Require(spec.Mode == LayerMode.Normal, "--weights: SwiGLU experts are checked in normal mode only (not with --mode low-latency)");
+        Experts.SwiGlu.SwiGluWeights[] all = Experts.SwiGlu.SwiGluWeightsFile.ReadAll(dir, spec.WorldSize);
+        foreach (Experts.SwiGlu.SwiGluWeights w in all)
+        {
+            Require(
+                w.Hidden == spec.Hidden && w.ExpertCount * spec.WorldSize == spec.NumExperts,
+                $"--weights {dir}: the weights are for hidden {w.Hidden} and {w.ExpertCount * spec.WorldSize} experts; the layer has --hidden {spec.Hidden} and --experts {spec.NumExperts}");
+        }
+
+        return all;
+    }
+
     /// <summary>A layer spec from options; a field the layer refuses is named with the rule.</summary>
     public static LayerSpec Spec(Func<LayerSpec> build)
     {

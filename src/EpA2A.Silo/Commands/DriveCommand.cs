@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using EpA2A.Config;
+using EpA2A.Experts.SwiGlu;
 using EpA2A.Grains;
 using EpA2A.Numerics;
 using EpA2A.Silo.Hosting;
@@ -42,11 +43,12 @@ internal static class DriveCommand
         Option<int> interval = new("--interval-ms") { Description = "Pause between steps", DefaultValueFactory = _ => 0 };
         Option<bool> takeOver = new("--take-over") { Description = "Re-configure the layer even while another client is stepping it (that client's next step then fails, naming this one)" };
         Option<double> connectTimeout = new("--connect-timeout-seconds") { Description = "Give up when no gateway answers, or the group does not form, within this", DefaultValueFactory = _ => 60 };
+        Option<string?> weights = new("--weights") { Description = "The silos serve SwiGLU experts from this directory (`epa2a weights`): check steps against the reference SwiGLU on these weights" };
         Option<int> gatewayOffset = new("--gateway-offset") { Description = "Gateway port = port base + this + rank (as the silos were started)", DefaultValueFactory = _ => 100 };
 
         Command command = new("drive", "Run checked steps through the grains of running silos, from a separate client process.")
         {
-            world, group, layer, clustering, redis, portBase, clusterId, steps, local, maxTokens, hidden, topK, experts, tokenType, drop, seed, timeout, keepGoing, masking, interval, takeOver, connectTimeout, gatewayOffset,
+            world, group, layer, clustering, redis, portBase, clusterId, steps, local, maxTokens, hidden, topK, experts, tokenType, drop, seed, timeout, keepGoing, masking, interval, takeOver, connectTimeout, gatewayOffset, weights,
         };
         command.SetAction(async (p, ct) =>
         {
@@ -73,6 +75,7 @@ internal static class DriveCommand
                 StepTimeout = stepTimeout,
                 OnLostRank = p.GetValue(masking) ? LostRankPolicy.Mask : LostRankPolicy.FailAndReform,
             });
+            SwiGluWeights[]? swiglu = OptionRules.SwiGluFor(p.GetValue(weights), spec);
             // A start that fails is reported as one line below; the host's own log of it is a stack trace.
             using IHost host = EpA2AHosts.BuildClient(
                 kind,
@@ -87,6 +90,7 @@ internal static class DriveCommand
             {
                 TakeOver = p.GetValue(takeOver),
                 ConnectBound = connectBound,
+                SwiGlu = swiglu,
             };
             (int mismatches, int failures) = spec.TokenType switch
             {
@@ -121,6 +125,9 @@ internal static class DriveCommand
 
         public TimeSpan ConnectBound { get; init; } = TimeSpan.FromSeconds(60);
 
+        /// <summary>Every rank's SwiGLU weights when the silos serve them (--weights): the check's reference experts.</summary>
+        public SwiGluWeights[]? SwiGlu { get; init; }
+
         public async Task<(int Mismatches, int Failures)> RunAsync<T>(TextWriter output, CancellationToken cancellationToken)
             where T : unmanaged
         {
@@ -134,7 +141,7 @@ internal static class DriveCommand
                 long start = Stopwatch.GetTimestamp();
                 try
                 {
-                    (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(Client, Spec, rng, DropRatio, skewed: false, weighted: false, cancellationToken);
+                    (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(Client, Spec, rng, DropRatio, skewed: false, weighted: false, cancellationToken, SwiGlu);
                     bool ok = worst <= 1.0;
                     mismatches += ok ? 0 : 1;
                     output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"step {s}: {(ok ? "ok" : "MISMATCH")}, {report.Ranks.Sum(r => r.ReceivedRows)} rows, {roundTrip.TotalMilliseconds:0.0} ms{(report.MaskedRanks is { Count: > 0 } m ? $", masked ranks [{string.Join(", ", m)}]: {report.MaskedSlots} slots dropped" : string.Empty)}"));

@@ -42,11 +42,12 @@ internal static class LocalCommand
         Option<string> mode = new("--mode") { Description = "normal, or low-latency (the decode layer: bf16, one node)", DefaultValueFactory = _ => "normal" };
         Option<bool> fp8 = new("--fp8") { Description = "Low-latency mode: FP8 e4m3 dispatch (--hidden a multiple of 128)" };
         Option<bool> pow2 = new("--pow2-scales") { Description = "Low-latency FP8: power-of-two (UE8M0) scales" };
+        Option<string?> weights = new("--weights") { Description = "Serve SwiGLU experts from this directory (`epa2a weights`, one file per rank) and check steps against the reference SwiGLU" };
 
         TelemetryCommandOptions telemetry = new();
         Command command = new("local", "Start a local cluster of silos (CPU backend) and run checked steps through the grains.")
         {
-            ranks, local, steps, maxTokens, hidden, topK, experts, tokenType, drop, skewed, weighted, localCombine, seed, portBase, timeout, mode, fp8, pow2,
+            ranks, local, steps, maxTokens, hidden, topK, experts, tokenType, drop, skewed, weighted, localCombine, seed, portBase, timeout, mode, fp8, pow2, weights,
         };
         telemetry.AddTo(command);
         command.SetAction(async (p, ct) =>
@@ -75,6 +76,8 @@ internal static class LocalCommand
             LocalRun run = new(spec, stepCount, p.GetValue(seed), dropRatio, p.GetValue(skewed), p.GetValue(weighted), p.GetValue(portBase))
             {
                 Telemetry = telemetry.ToConfiguration(p),
+                Weights = p.GetValue(weights),
+                SwiGlu = OptionRules.SwiGluFor(p.GetValue(weights), spec),
             };
             return await run.ExecuteAsync(Console.Out, ct);
         });
@@ -102,6 +105,12 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
     /// <summary>EpA2A:Telemetry settings from the command line; the process has one pipeline (one Prometheus port: the base).</summary>
     public IReadOnlyDictionary<string, string?> Telemetry { get; init; } = new Dictionary<string, string?>();
 
+    /// <summary>The SwiGLU weights directory the silos serve experts from, or null for the built-in deterministic experts.</summary>
+    public string? Weights { get; init; }
+
+    /// <summary>Every rank's weights of <see cref="Weights"/>, for the step check's reference SwiGLU.</summary>
+    public Experts.SwiGlu.SwiGluWeights[]? SwiGlu { get; init; }
+
     public async Task<int> ExecuteAsync(TextWriter output, CancellationToken cancellationToken)
     {
         List<IHost> silos = [];
@@ -119,6 +128,8 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
                         GatewayPort = PortBase + GatewayOffset + r,
                         Primary = primary,
                         OwnsTelemetry = false,
+                        Weights = Weights,
+                        WorldSize = Spec.WorldSize,
                     },
                     Microsoft.Extensions.Logging.LogLevel.Error);
                 await silo.StartAsync(cancellationToken);
@@ -137,7 +148,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
                 });
             await clientHost.StartAsync(cancellationToken);
             IClusterClient client = clientHost.Services.GetRequiredService<IClusterClient>();
-            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a local: {Spec.WorldSize} silos (CPU backend), {Spec.WorldSize / (Spec.LocalWorldSize ?? Spec.WorldSize)} node(s), hidden {Spec.Hidden}, top-{Spec.TopK} of {Spec.NumExperts} experts, {Spec.TokenType}{(Spec.Mode == LayerMode.LowLatency ? $", low-latency {Spec.LowLatencyDispatch.Format}{(Spec.LowLatencyDispatch.PowerOfTwoScales ? " (pow2 scales)" : "")}" : "")}, seed {Seed}"));
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"epa2a local: {Spec.WorldSize} silos (CPU backend), {Spec.WorldSize / (Spec.LocalWorldSize ?? Spec.WorldSize)} node(s), hidden {Spec.Hidden}, top-{Spec.TopK} of {Spec.NumExperts} experts, {Spec.TokenType}{(SwiGlu is { } w ? $", SwiGLU experts (ffn {w[0].Ffn}) from {Weights}" : string.Empty)}{(Spec.Mode == LayerMode.LowLatency ? $", low-latency {Spec.LowLatencyDispatch.Format}{(Spec.LowLatencyDispatch.PowerOfTwoScales ? " (pow2 scales)" : "")}" : "")}, seed {Seed}"));
             int failures = Spec.TokenType switch
             {
                 TokenType.BFloat16 => await RunStepsAsync<BFloat16>(client, output, cancellationToken),
@@ -174,7 +185,7 @@ internal sealed record LocalRun(LayerSpec Spec, int Steps, int Seed, double Drop
         int failures = 0;
         for (int s = 0; s < Steps; s++)
         {
-            (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(layer, Spec, rng, Drop, Skewed, Weighted, cancellationToken);
+            (StepReport report, double worst, TimeSpan roundTrip) = await StepChecker.RunAsync<T>(layer, Spec, rng, Drop, Skewed, Weighted, cancellationToken, SwiGlu);
             bool ok = worst <= 1.0;
             failures += ok ? 0 : 1;
             int rows = report.Ranks.Sum(r => r.ReceivedRows);

@@ -26,12 +26,13 @@ internal static class SiloCommand
         Option<string?> redis = new("--redis") { Description = "Redis connection string (with --clustering redis)" };
         Option<string> advertise = new("--advertise") { Description = "With --clustering redis: the address other hosts reach this silo at (an IP or a host name); auto: this host's own (an up, non-loopback interface, the routed one first). Loopback only when given", DefaultValueFactory = _ => "auto" };
         Option<string> clusterId = new("--cluster-id") { Description = "Orleans cluster id", DefaultValueFactory = _ => "epa2a" };
+        Option<string?> weights = new("--weights") { Description = "Serve SwiGLU experts from this directory's experts-rank{r}.safetensors (written by `epa2a weights`) instead of the built-in deterministic experts" };
         Option<int> expertDelay = new("--expert-delay-ms") { Description = "Fault drill: this rank's experts wait this long every step (a straggler)", DefaultValueFactory = _ => 0 };
 
         TelemetryCommandOptions telemetry = new();
         Command command = new("silo", "Run one silo serving one rank until Ctrl-C.")
         {
-            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, advertise, clusterId, expertDelay,
+            rank, world, group, backend, gpu, portBase, primaryPort, clustering, redis, advertise, clusterId, expertDelay, weights,
         };
         telemetry.AddTo(command);
         Option<int> gatewayOffset = new("--gateway-offset") { Description = "Gateway port = port base + this + rank (at least the world size, so silo and gateway ports never meet)", DefaultValueFactory = _ => 100 };
@@ -65,6 +66,8 @@ internal static class SiloCommand
                 AdvertisedAddress = advertised,
                 ClusterId = p.GetValue(clusterId)!,
                 ExpertDelay = TimeSpan.FromMilliseconds(delayMs),
+                Weights = OptionRules.Weights(p.GetValue(weights), [r]),
+                WorldSize = w,
                 Configuration = telemetry.ToConfiguration(p),
             };
             return await ServeAsync(settings, w, ct);

@@ -1,6 +1,7 @@
 using System.Net;
 
 using EpA2A.Experts;
+using EpA2A.Experts.SwiGlu;
 using EpA2A.Grains.Hosting;
 using EpA2A.Silo.Telemetry;
 
@@ -33,9 +34,18 @@ public static class EpA2AHosts
             builder.Services.AddSingleton<IFatalErrorHandler>(declaredDead);
         }
 
+        // The weights are read before the silo starts: a missing or broken file ends the command before it joins.
+        IExpertCompute? experts = settings.Weights is { } weights
+            ? new SwiGluExpertCompute(SwiGluWeightsFile.ReadRank(weights, settings.Rank, settings.WorldSize ?? throw new ArgumentException("a silo with SwiGLU weights needs the world size", nameof(settings))))
+            : null;
         if (settings.ExpertDelay > TimeSpan.Zero)
         {
-            builder.Services.AddSingleton<IExpertCompute>(new DelayedExpertCompute(new DeterministicExpertCompute(), settings.ExpertDelay));
+            experts = new DelayedExpertCompute(experts ?? new DeterministicExpertCompute(), settings.ExpertDelay);
+        }
+
+        if (experts is not null)
+        {
+            builder.Services.AddSingleton(experts);
         }
 
         builder.UseOrleans(silo =>

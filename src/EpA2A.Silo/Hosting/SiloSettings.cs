@@ -59,6 +59,15 @@ public sealed record SiloSettings
     /// <summary>Fault drill: this rank's experts wait this long every step (a straggler); zero for none.</summary>
     public TimeSpan ExpertDelay { get; init; }
 
+    /// <summary>
+    /// A directory of SwiGLU expert weights (`epa2a weights`): the rank serves its experts from its file there instead of
+    /// the deterministic built-in; null for the built-in.
+    /// </summary>
+    public string? Weights { get; init; }
+
+    /// <summary>Ranks in the group (checked against the weights' files); needed with <see cref="Weights"/>.</summary>
+    public int? WorldSize { get; init; }
+
     /// <summary>Settings layered over appsettings.json and the environment (e.g. EpA2A:Telemetry:PrometheusPortBase).</summary>
     public IReadOnlyDictionary<string, string?> Configuration { get; init; } = new Dictionary<string, string?>();
 
