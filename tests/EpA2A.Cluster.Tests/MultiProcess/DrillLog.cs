@@ -34,6 +34,16 @@ internal static class DrillLog
             .Select(l => (TimeSpan?)System.Diagnostics.Stopwatch.GetElapsedTime(since, l.At))
             .Min();
 
+    /// <summary>
+    /// Every line the processes printed from <paramref name="since"/> on, in arrival order, as "+ms name: line": the
+    /// drill's phases (the coordinator's mask timing, Orleans' membership warnings, the client's steps) on one clock.
+    /// </summary>
+    public static IEnumerable<string> Timeline(long since, IEnumerable<ChildProcess> processes, int max = 200) =>
+        processes.SelectMany(p => p.StampedLines.Where(l => l.At >= since && !string.IsNullOrWhiteSpace(l.Line) && !l.Line.TrimStart().StartsWith("at ", StringComparison.Ordinal) && !l.Line.Contains("Orleans.Runtime.Messaging.Connection", StringComparison.Ordinal)).Select(l => (l.At, p.Name, l.Line)))
+            .OrderBy(l => l.At)
+            .Take(max)
+            .Select(l => string.Create(CultureInfo.InvariantCulture, $"+{System.Diagnostics.Stopwatch.GetElapsedTime(since, l.At).TotalMilliseconds:0} ms {l.Name}: {l.Line.Trim()}"));
+
     public static void Write(string summary, IEnumerable<string>? detail = null)
     {
         TestContext.Current.TestOutputHelper?.WriteLine(summary);

@@ -64,6 +64,7 @@ public sealed class MultiProcessClusterTests
                 await drive.WaitForLineAsync(l => l.Contains(": ok", StringComparison.Ordinal) && l.Contains($"masked ranks [{victim}]", StringComparison.Ordinal), (Deadline * 2) + TimeSpan.FromSeconds(10), skip: before);
                 TimeSpan served = clock.Elapsed;
                 TimeSpan? reform = DrillLog.ReformedAfter(silos, killed);
+                DrillLog.Write($"timeline: mask sigkill-between-steps, rank {victim} SIGKILLed at +0 ms", DrillLog.Timeline(killed, [.. silos, drive]));
                 Assert.True(reform < Deadline * 2, $"the coordinator re-formed on the survivors {reform?.TotalMilliseconds:0} ms after the kill (bound 2T = {(Deadline * 2).TotalSeconds:0} s); client lines:\n{string.Join('\n', drive.Lines.Skip(before))}");
                 Assert.All(drive.Lines.Skip(before).Where(l => l.Contains("FAILED", StringComparison.Ordinal)), l => Assert.Contains($"rank {victim}", l, StringComparison.Ordinal));
                 DrillLog.Outage(policy, "sigkill-between-steps", served);
