@@ -164,11 +164,17 @@ internal sealed record BenchSummary
     {
         double bandwidth = cuda?.FirstOrDefault()?.CopyBytesPerSecond ?? 0;
         List<BenchPointSummary> points = [];
+        List<BenchPassSpread> spread = [];
         foreach (BenchPoint p in manifest.Points)
         {
             double rows = p.RecvRows.Average(r => (double)r.Sum());
             double floor = ((double)p.Tokens * p.World + rows) * p.RowBytes;
             BenchCudaSummary? c = cuda is null ? null : Cuda(p, cuda, 0, rows, floor, bandwidth);
+            if (cuda is not null && manifest.Passes > 1)
+            {
+                spread.Add(BenchPassSpread.Of(p, [c, .. Enumerable.Range(1, manifest.Passes - 1).Select(k => Cuda(p, cuda, k, rows, floor, bandwidth))]));
+            }
+
             BenchPeerPoint? pp = peer?.Points.FirstOrDefault(x => x.Name == p.Name);
             BenchPeerSummary? ps = pp is null ? null : new BenchPeerSummary(
                 pp.Dispatch.Median, pp.Dispatch.P99, pp.Combine.Median, pp.Combine.P99,
@@ -201,17 +207,6 @@ internal sealed record BenchSummary
             : r.DeviceFreeAfterPass.Count > 1
                 ? $"rank {i}: free device memory {r.DeviceFreeBefore / 1048576.0:0} MiB before the sweep, after each pass (every layer disposed) {string.Join(" / ", r.DeviceFreeAfterPass.Select(f => (f / 1048576.0).ToString("0", System.Globalization.CultureInfo.InvariantCulture)))} MiB: {(r.DeviceFreeBefore - r.DeviceFreeAfterPass[0]) / 1048576.0:0} MiB held after the first pass, {(r.DeviceFreeAfterPass[0] - r.DeviceFreeAfterPass[^1]) / 1048576.0:0} MiB more after the last"
                 : $"rank {i}: free device memory {r.DeviceFreeBefore / 1048576.0:0} MiB before the sweep, {r.DeviceFreeAfter / 1048576.0:0} MiB after (every layer disposed)")];
-        List<BenchPassSpread> spread = [];
-        if (cuda is not null && manifest.Passes > 1)
-        {
-            foreach (BenchPoint p in manifest.Points)
-            {
-                double rows = p.RecvRows.Average(r => (double)r.Sum());
-                double floor = ((double)p.Tokens * p.World + rows) * p.RowBytes;
-                BenchCudaSummary?[] passes = [.. Enumerable.Range(0, manifest.Passes).Select(k => Cuda(p, cuda, k, rows, floor, bandwidth))];
-                spread.Add(BenchPassSpread.Of(p, passes));
-            }
-        }
         return new BenchSummary
         {
             Gpu = gpu,
