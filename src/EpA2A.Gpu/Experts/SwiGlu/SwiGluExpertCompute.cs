@@ -1,5 +1,4 @@
 using System.Numerics.Tensors;
-using System.Runtime.InteropServices;
 using EpA2A.Config;
 using EpA2A.Layer;
 using EpA2A.LowLatency;
@@ -49,7 +48,7 @@ public sealed class SwiGluExpertCompute : IExpertCompute
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(dispatched);
         Weights.RequireServes(config);
-        ReadOnlySpan<T> rows = DenseTensor.TryGetRowMajorSpan(dispatched.Output, out ReadOnlySpan<T> dense) ? dense : DenseTensor.ToArray(dispatched.Output);
+        ReadOnlySpan<T> rows = Dense(dispatched.Output);
         EpAllToAllLayout layout = dispatched.Layout;
         int h = Weights.Hidden;
         T[] output = new T[layout.RecvRows * h];
@@ -150,8 +149,9 @@ public sealed class SwiGluExpertCompute : IExpertCompute
         return wide;
     }
 
+    /// <summary>The tensor's elements in row-major order: where they lie when it is dense, else a copy (a strided view).</summary>
     private static ReadOnlySpan<TElement> Dense<TElement>(Tensor<TElement> tensor) =>
-        MemoryMarshal.CreateReadOnlySpan(ref tensor.GetPinnableReference(), (int)tensor.FlattenedLength);
+        DenseTensor.TryGetRowMajorSpan(tensor, out ReadOnlySpan<TElement> dense) ? dense : DenseTensor.ToArray(tensor);
 
     /// <summary>One call's rows of fp32 scratch: the input row, gate x, up x, h and the output row.</summary>
     private sealed class Scratch(int hidden, int ffn)
