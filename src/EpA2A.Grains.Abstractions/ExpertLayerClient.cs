@@ -40,6 +40,9 @@ public sealed class ExpertLayerClient
     /// <summary>How long a probe of the coordinator may take before it counts as missed.</summary>
     internal static readonly TimeSpan ProbeTimeout = TimeSpan.FromSeconds(1);
 
+    /// <summary>Probes in a row with no answer that lose the coordinator (see <see cref="ProbeCoordinatorAsync"/>).</summary>
+    internal const int ProbeTimeoutsLost = 3;
+
     /// <summary>Marks (in <see cref="Exception.Data"/>) a step failure that the coordinator's probe raised.</summary>
     private const string LostByProbe = "epa2a.coordinator-lost-by-probe";
     private static int clients;
@@ -340,18 +343,22 @@ public sealed class ExpertLayerClient
     /// <summary>
     /// Watches the coordinator while it runs <paramref name="ticket"/>: from <see cref="ProbeEvery"/> in, a
     /// <see cref="IExpertLayerGrain.DescribeAsync"/> (it interleaves with the running step) every <see cref="ProbeEvery"/>,
-    /// each within <see cref="ProbeTimeout"/>. Returns the step's failure, naming the coordinator, when two probes in a row
-    /// fail (no answer, or unreachable), or when the activation that answers never issued the ticket (the one that ran
-    /// it was lost with its silo and the coordinator was activated anew); null once stopped. A probe that fails at once
-    /// is asked again 100 ms later, not at the next period: a dead gateway silo fails it at once too, and the client
-    /// sends the next message through another gateway, so only a coordinator that misses both is lost.
+    /// each within <see cref="ProbeTimeout"/>. Returns the step's failure, naming the coordinator, when its silo refuses
+    /// two probes in a row (asked again 100 ms after the first), when <see cref="ProbeTimeoutsLost"/> probes in a row get
+    /// no answer, or when the activation that answers never issued the ticket (the one that ran it was lost with its silo
+    /// and the coordinator was activated anew); null once stopped. The client's own gateway dying must not fail a step
+    /// that would succeed: a refusal that does not name the coordinator's silo (the gateway's connection) is not counted,
+    /// only asked again 100 ms later (the client sends it through another gateway), and silence needs three probes, past
+    /// the 2 s in which the cluster declares a silent gateway silo dead and the client's 1 s gateway refresh.
     /// </summary>
     private async Task<GroupStepFailedException?> ProbeCoordinatorAsync(StepTicket ticket, CancellationToken stop)
     {
         try
         {
             await Task.Delay(ProbeEvery, stop).ConfigureAwait(false);
-            Exception? missed = null;
+            string? silo = coordinatorSilo.Silo;
+            Exception? refused = null;
+            int silent = 0;
             while (true)
             {
                 Stopwatch sent = Stopwatch.StartNew();
@@ -368,23 +375,29 @@ public sealed class ExpertLayerClient
                             ticket.Step);
                     }
 
-                    missed = null;
+                    silo = info.Silo;
+                    (refused, silent) = (null, 0);
                 }
-                catch (Exception e) when ((e is TimeoutException or OrleansException) && !stop.IsCancellationRequested)
+                catch (TimeoutException e) when (!stop.IsCancellationRequested)
                 {
-                    if (missed is not null)
+                    refused = null;
+                    if (++silent >= ProbeTimeoutsLost)
                     {
-                        string why = e is TimeoutException ? $"did not answer within {ProbeTimeout.TotalSeconds:0.#} s" : $"could not be reached: {RemoteFailure.Describe(e)}";
-                        string before = missed is TimeoutException ? "no answer" : RemoteFailure.Describe(missed);
-                        return CoordinatorFailed(e, "RunStepAsync", ProbeTimeout, $"was lost during step {ticket.Step}: two probes in a row failed (the last {why}; the one before: {before})", ticket.Step);
+                        return CoordinatorFailed(e, "RunStepAsync", ProbeTimeout, $"was lost during step {ticket.Step}: {silent} probes in a row got no answer within {ProbeTimeout.TotalSeconds:0.#} s each", ticket.Step);
+                    }
+                }
+                catch (OrleansException e) when (!stop.IsCancellationRequested)
+                {
+                    silent = 0;
+                    bool coordinatorsSilo = silo is null || e.ToString().Contains(silo, StringComparison.Ordinal);
+                    if (coordinatorsSilo && refused is not null)
+                    {
+                        return CoordinatorFailed(e, "RunStepAsync", ProbeTimeout, $"was lost during step {ticket.Step}: its silo refused two probes in a row ({RemoteFailure.Describe(e)})", ticket.Step);
                     }
 
-                    missed = e;
-                    if (e is OrleansException)
-                    {
-                        await Task.Delay(TimeSpan.FromMilliseconds(100), stop).ConfigureAwait(false);
-                        continue;
-                    }
+                    refused = coordinatorsSilo ? e : null;
+                    await Task.Delay(TimeSpan.FromMilliseconds(100), stop).ConfigureAwait(false);
+                    continue;
                 }
 
                 TimeSpan rest = ProbeEvery - sent.Elapsed;
@@ -469,7 +482,7 @@ public sealed class ExpertLayerClient
             CoordinatorInfo where = await Coordinator.DescribeAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
             IReadOnlyList<RankInfo> ranks = await Coordinator.DescribeGroupAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
             int[] served = [.. ranks.Where(r => r.Silo == where.Silo).Select(r => r.Rank)];
-            coordinatorSilo = new($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served);
+            coordinatorSilo = new($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served, where.Silo);
         }
         catch (Exception e) when (e is TimeoutException or OrleansException or GroupStepFailedException or NoSiloForRankException)
         {
@@ -478,7 +491,7 @@ public sealed class ExpertLayerClient
     }
 
     /// <summary>Where the coordinator was last seen, for its errors; a reference, so a lookup beside a step publishes it whole.</summary>
-    private sealed record CoordinatorPlace(string Description, int[] Ranks)
+    private sealed record CoordinatorPlace(string Description, int[] Ranks, string? Silo = null)
     {
         public static CoordinatorPlace Unknown { get; } = new(string.Empty, []);
     }
