@@ -33,6 +33,18 @@ public sealed class ExpertLayerClient
     private readonly IGrainFactory grains;
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
+
+    /// <summary>How often a step in flight probes its coordinator (and how long after the step is handed over the first probe goes).</summary>
+    internal static readonly TimeSpan ProbeEvery = TimeSpan.FromMilliseconds(250);
+
+    /// <summary>How long a probe of the coordinator may take before it counts as missed.</summary>
+    internal static readonly TimeSpan ProbeTimeout = TimeSpan.FromSeconds(1);
+
+    /// <summary>Probes in a row with no answer that lose the coordinator (see <see cref="ProbeCoordinatorAsync"/>).</summary>
+    internal const int ProbeTimeoutsLost = 3;
+
+    /// <summary>Marks (in <see cref="Exception.Data"/>) a step failure that the coordinator's probe raised.</summary>
+    private const string LostByProbe = "epa2a.coordinator-lost-by-probe";
     private static int clients;
     private LayerSpec? configured;
     private CoordinatorPlace coordinatorSilo = CoordinatorPlace.Unknown;
@@ -184,8 +196,9 @@ public sealed class ExpertLayerClient
         {
             report = await RunOnCoordinatorAsync(ticket, weighted, (spec.StepTimeout * 2) + TimeSpan.FromSeconds(5), cancellationToken).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is GroupStepFailedException or InvalidOperationException)
+        catch (Exception e) when ((e is GroupStepFailedException or InvalidOperationException) && !e.Data.Contains(LostByProbe))
         {
+            // (A coordinator its probe lost cannot be asked what it now has: that would wait for its silo to be declared dead.)
             await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             throw;
         }
@@ -243,11 +256,26 @@ public sealed class ExpertLayerClient
     /// the run it already has (or runs it, when the first ask never arrived), and the answer comes back through a live
     /// gateway once the client has dropped the dead one. The asks do not back off: a stalled gateway silo is declared
     /// dead and dropped about 3 s in, and asks doubling their gap (1 s, 3 s, 7 s) could get through only at 7 s. Only a
-    /// coordinator that answers no ask is blamed.
+    /// coordinator that answers no ask is blamed, or one its probe loses (<see cref="ProbeCoordinatorAsync"/>): Orleans does
+    /// not fail a call whose target silo died, so without the probe a lost coordinator was learnt only at the bound.
     /// </summary>
     private async Task<StepReport> RunOnCoordinatorAsync(StepTicket ticket, bool weighted, TimeSpan bound, CancellationToken cancellationToken)
     {
         Stopwatch clock = Stopwatch.StartNew();
+        using CancellationTokenSource probing = new();
+        Task<GroupStepFailedException?> probe = ProbeCoordinatorAsync(ticket, probing.Token);
+        try
+        {
+            return await AskCoordinatorAsync(ticket, weighted, bound, clock, probe, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            await probing.CancelAsync().ConfigureAwait(false);
+        }
+    }
+
+    private async Task<StepReport> AskCoordinatorAsync(StepTicket ticket, bool weighted, TimeSpan bound, Stopwatch clock, Task<GroupStepFailedException?> probe, CancellationToken cancellationToken)
+    {
         List<Task<StepReport>> asks = [];
         Task<StepReport>? firstAsk = null;
         Exception? lost = null;
@@ -273,9 +301,17 @@ public sealed class ExpertLayerClient
             TimeSpan wait = nextAsk - clock.Elapsed;
             using CancellationTokenSource tick = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             Task delay = Task.Delay(wait < left ? wait : left, tick.Token);
-            Task first = await Task.WhenAny([.. asks, delay]).ConfigureAwait(false);
+            Task first = await Task.WhenAny(probe.IsCompleted ? [.. asks, delay] : [.. asks, delay, probe]).ConfigureAwait(false);
             await tick.CancelAsync().ConfigureAwait(false);
             cancellationToken.ThrowIfCancellationRequested();
+            if (first == probe && await probe.ConfigureAwait(false) is { } lostCoordinator)
+            {
+                // The probe lost the coordinator; an answer that made it back all the same wins.
+                Task<StepReport>? done = asks.FirstOrDefault(a => a.IsCompletedSuccessfully);
+                lostCoordinator.Data[LostByProbe] = true;
+                return done is not null ? await done.ConfigureAwait(false) : throw lostCoordinator;
+            }
+
             if (first is Task<StepReport> answered)
             {
                 asks.Remove(answered);
@@ -298,10 +334,83 @@ public sealed class ExpertLayerClient
     }
 
     /// <summary>The failure a coordinator call ends in: it names the silo the coordinator was last seen on and its ranks.</summary>
-    private GroupStepFailedException CoordinatorFailed(Exception e, string what, TimeSpan bound, string? why = null)
+    private GroupStepFailedException CoordinatorFailed(Exception e, string what, TimeSpan bound, string? why = null, long step = 0)
     {
         why ??= e is TimeoutException ? $"did not answer {what} within {bound.TotalSeconds:0.#} s" : $"could not be reached for {what}: {RemoteFailure.Describe(e)}";
-        return new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", 0, coordinatorSilo.Ranks, e);
+        return new GroupStepFailedException($"the coordinator of layer '{Layer}'{coordinatorSilo.Description} {why}", step, coordinatorSilo.Ranks, e);
+    }
+
+    /// <summary>
+    /// Watches the coordinator while it runs <paramref name="ticket"/>: from <see cref="ProbeEvery"/> in, a
+    /// <see cref="IExpertLayerGrain.DescribeAsync"/> (it interleaves with the running step) every <see cref="ProbeEvery"/>,
+    /// each within <see cref="ProbeTimeout"/>. Returns the step's failure, naming the coordinator, when its silo refuses
+    /// two probes in a row (asked again 100 ms after the first), when <see cref="ProbeTimeoutsLost"/> probes in a row get
+    /// no answer, or when the activation that answers never issued the ticket (the one that ran it was lost with its silo
+    /// and the coordinator was activated anew); null once stopped. The client's own gateway dying must not fail a step
+    /// that would succeed: a refusal that does not name the coordinator's silo (the gateway's connection) is not counted,
+    /// only asked again 100 ms later (the client sends it through another gateway), and silence needs three probes, past
+    /// the 2 s in which the cluster declares a silent gateway silo dead and the client's 1 s gateway refresh.
+    /// </summary>
+    private async Task<GroupStepFailedException?> ProbeCoordinatorAsync(StepTicket ticket, CancellationToken stop)
+    {
+        try
+        {
+            await Task.Delay(ProbeEvery, stop).ConfigureAwait(false);
+            string? silo = coordinatorSilo.Silo;
+            Exception? refused = null;
+            int silent = 0;
+            while (true)
+            {
+                Stopwatch sent = Stopwatch.StartNew();
+                try
+                {
+                    CoordinatorInfo info = await Coordinator.DescribeAsync().WaitAsync(ProbeTimeout, stop).ConfigureAwait(false);
+                    if (info.LastStep < ticket.Step)
+                    {
+                        return CoordinatorFailed(
+                            new InvalidOperationException($"no step {ticket.Step}"),
+                            "RunStepAsync",
+                            ProbeTimeout,
+                            $"was lost with its silo during step {ticket.Step}: its probe reached a new activation (silo {info.Silo}, process {info.ProcessId}) that never began that step",
+                            ticket.Step);
+                    }
+
+                    silo = info.Silo;
+                    (refused, silent) = (null, 0);
+                }
+                catch (TimeoutException e) when (!stop.IsCancellationRequested)
+                {
+                    refused = null;
+                    if (++silent >= ProbeTimeoutsLost)
+                    {
+                        return CoordinatorFailed(e, "RunStepAsync", ProbeTimeout, $"was lost during step {ticket.Step}: {silent} probes in a row got no answer within {ProbeTimeout.TotalSeconds:0.#} s each", ticket.Step);
+                    }
+                }
+                catch (OrleansException e) when (!stop.IsCancellationRequested)
+                {
+                    silent = 0;
+                    bool coordinatorsSilo = silo is null || e.ToString().Contains(silo, StringComparison.Ordinal);
+                    if (coordinatorsSilo && refused is not null)
+                    {
+                        return CoordinatorFailed(e, "RunStepAsync", ProbeTimeout, $"was lost during step {ticket.Step}: its silo refused two probes in a row ({RemoteFailure.Describe(e)})", ticket.Step);
+                    }
+
+                    refused = coordinatorsSilo ? e : null;
+                    await Task.Delay(TimeSpan.FromMilliseconds(100), stop).ConfigureAwait(false);
+                    continue;
+                }
+
+                TimeSpan rest = ProbeEvery - sent.Elapsed;
+                if (rest > TimeSpan.Zero)
+                {
+                    await Task.Delay(rest, stop).ConfigureAwait(false);
+                }
+            }
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+            return null;
+        }
     }
 
     /// <summary>
@@ -373,7 +482,7 @@ public sealed class ExpertLayerClient
             CoordinatorInfo where = await Coordinator.DescribeAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
             IReadOnlyList<RankInfo> ranks = await Coordinator.DescribeGroupAsync().WaitAsync(DefaultCallBound).ConfigureAwait(false);
             int[] served = [.. ranks.Where(r => r.Silo == where.Silo).Select(r => r.Rank)];
-            coordinatorSilo = new($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served);
+            coordinatorSilo = new($" (on silo {where.Silo}, process {where.ProcessId}{(served.Length > 0 ? $", which serves rank {string.Join(", ", served)}" : string.Empty)})", served, where.Silo);
         }
         catch (Exception e) when (e is TimeoutException or OrleansException or GroupStepFailedException or NoSiloForRankException)
         {
@@ -382,7 +491,7 @@ public sealed class ExpertLayerClient
     }
 
     /// <summary>Where the coordinator was last seen, for its errors; a reference, so a lookup beside a step publishes it whole.</summary>
-    private sealed record CoordinatorPlace(string Description, int[] Ranks)
+    private sealed record CoordinatorPlace(string Description, int[] Ranks, string? Silo = null)
     {
         public static CoordinatorPlace Unknown { get; } = new(string.Empty, []);
     }

@@ -214,26 +214,40 @@ public sealed class ProcessFaultTests(ProcessCluster cluster) : IClassFixture<Pr
         Stopwatch clock = Stopwatch.StartNew();
         cluster.Kill(host);
 
-        // No coordinator is left to abort them: every surviving rank's step ends by its own deadline at the latest
-        // (the straggler's combine starts after its 1.5 s of experts).
-        TimeSpan idle = await cluster.WaitIdleAsync(survivors, deadline + ProcessCluster.ExpertDelay + TimeSpan.FromSeconds(1));
+        // The client's probe of the coordinator (every 250 ms, 1 s each) fails the step well before the client's own
+        // bound (2T + 5 s = 11 s), naming the coordinator: its layer, its silo's process and the rank that silo served.
         GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => step);
         TimeSpan failed = clock.Elapsed;
+        Assert.True(failed < TimeSpan.FromSeconds(3), $"seed {seed}: the client's step failed {failed} after the kill, expected < 3 s from its probe: {e.Message}");
         Assert.True(e.BlamedRanks.SequenceEqual([host]), $"seed {seed}: blamed [{string.Join(", ", e.BlamedRanks)}], expected the coordinator's silo's rank {host}: {e.Message}");
+        Assert.Contains($"the coordinator of layer '{client.Layer}'", e.Message, StringComparison.Ordinal);
         Assert.Contains($"process {coordinator.ProcessId}", e.Message, StringComparison.Ordinal);
-        TimeSpan clientBound = (deadline * 2) + TimeSpan.FromSeconds(5);
-        Assert.True(failed < clientBound + TimeSpan.FromSeconds(1), $"seed {seed}: the client's step failed {failed} after the kill, bound {clientBound}: {e.Message}");
+        Assert.Contains("probe", e.Message, StringComparison.Ordinal);
+
+        // No coordinator is left to abort them: every surviving rank's step ends by its own deadline at the latest
+        // (the straggler's combine starts after its 1.5 s of experts).
+        TimeSpan idle = clock.Elapsed + await cluster.WaitIdleAsync(survivors, deadline + ProcessCluster.ExpertDelay + TimeSpan.FromSeconds(1) - clock.Elapsed);
+
+        // The next step, with the coordinator's silo still dead: a new coordinator activates on a survivor, and the
+        // group cannot form without the dead rank (fail-and-re-form), so it fails, promptly and naming that rank.
+        clock.Restart();
+        GroupStepFailedException next = await Assert.ThrowsAsync<GroupStepFailedException>(() => GrainStepRunner.RunCheckedAsync(client, spec, seed + 2));
+        TimeSpan nextFailed = clock.Elapsed;
+        Assert.True(nextFailed < deadline + TimeSpan.FromSeconds(3), $"seed {seed}: the step after the loss failed after {nextFailed}: {next.Message}");
+        Assert.Contains(host, next.BlamedRanks);
+        Assert.Contains($"rank {host}", next.Message, StringComparison.Ordinal);
 
         clock.Restart();
         await cluster.RestartAsync(host);
-        List<string> retries = await ProcessCluster.StepUntilOkAsync(client, spec, seed + 2, TimeSpan.FromSeconds(60));
+        List<string> retries = await ProcessCluster.StepUntilOkAsync(client, spec, seed + 3, TimeSpan.FromSeconds(60));
         TimeSpan healed = clock.Elapsed;
         CoordinatorInfo fresh = await client.Coordinator.DescribeAsync();
         Assert.NotEqual(coordinator.ProcessId, fresh.ProcessId);
         Assert.True(fresh.Formed);
         await GrainStepRunner.RunCheckedAsync(client, spec, seed + 100);
-        TestContext.Current.TestOutputHelper?.WriteLine(
-            $"coordinator's silo (rank {host}) SIGKILLed mid-step: survivors idle {idle.TotalMilliseconds:0} ms after the kill (deadline {deadline.TotalSeconds} s), the client's step failed after {failed.TotalMilliseconds:0} ms ({e.GetType().Name}: {e.Message.ReplaceLineEndings(" ")}); " +
+        DrillLog.Write(
+            $"coordinator-lost: the coordinator's silo (rank {host}) SIGKILLed mid-step: the client's step failed after {failed.TotalMilliseconds:0} ms ({e.GetType().Name}: {e.Message.ReplaceLineEndings(" ")}); survivors idle {idle.TotalMilliseconds:0} ms after the kill (deadline {deadline.TotalSeconds} s); " +
+            $"the next step, the silo still dead, failed after {nextFailed.TotalMilliseconds:0} ms ({next.Message.ReplaceLineEndings(" ")}); " +
             $"restart to a correct step through a new coordinator (epoch {fresh.Epoch}) {healed.TotalMilliseconds:0} ms ({retries.Count} failed tries)\n{string.Join('\n', retries)}");
     }
 
