@@ -51,11 +51,7 @@ public sealed class SwiGluLowLatencyTests
         EpConfig config = c.Config();
         RankInput<BFloat16>[] inputs = LowLatencyHarness.Draw(c, config, new Random(seed));
         ReferenceLowLatencyStep expected = ReferenceLowLatency.Dispatch(config, inputs, fp8, powerOfTwoScales: false);
-        using InProcessLowLatencyGroup group = new(config, new EpLowLatencyOptions { StepTimeout = TimeSpan.FromSeconds(20) });
-        foreach (EpLowLatencyLayer layer in group.Layers)
-        {
-            LowLatencyHarness.PoisonReceiveBuffers(layer);
-        }
+        using InProcessLowLatencyGroup group = new(config, new EpLowLatencyOptions { StepTimeout = TimeSpan.FromSeconds(20), PoisonReceiveBuffers = true });
 
         LowLatencyDispatchResult[] got = await group.RunAsync((l, r) => l.DispatchAsync(
             Tensor.Create(inputs[r].Tokens, [inputs[r].Count, Hidden]),

@@ -1,6 +1,5 @@
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
-using EpA2A.Backends.Cpu;
 using EpA2A.Config;
 using EpA2A.Experts;
 using EpA2A.LowLatency;
@@ -12,7 +11,7 @@ namespace EpA2A.Tests.LowLatency;
 /// <summary>
 /// Runs steps of a <see cref="LowLatencyCase"/> through an in-process group of CPU low-latency layers and through the
 /// independent reference: rows per expert exact; every row below them bit for bit (bf16, or e4m3 codes and fp32 scales),
-/// with the receive buffers poisoned first; expert outputs poisoned (NaN) past the received rows, so a combine that
+/// with the receive buffers poisoned first (<see cref="EpLowLatencyOptions.PoisonReceiveBuffers"/>); expert outputs poisoned (NaN) past the received rows, so a combine that
 /// reads a row it should not is caught; combine within one bf16 rounding of the reference.
 /// </summary>
 public static class LowLatencyHarness
@@ -111,11 +110,6 @@ public static class LowLatencyHarness
         return flat;
     }
 
-    public static void PoisonReceiveBuffers(EpLowLatencyLayer layer)
-    {
-        ((CpuLowLatencyBackend)layer.Backend).PoisonReceiveBuffers();
-    }
-
     /// <summary>Dispatch bit for bit against the reference, on the rows below rowsPerExpert.</summary>
     public static void AssertDispatch(EpConfig config, ReferenceLowLatencyRank want, LowLatencyDispatchResult got, string where)
     {
@@ -177,15 +171,11 @@ public static class LowLatencyHarness
         EpConfig config = c.Config();
         LowLatencyDispatchOptions format = new(c.Fp8 ? LowLatencyFormat.Fp8 : LowLatencyFormat.Bf16, c.PowerOfTwoScales);
         bool weighted = c.Weights && c.Weighted;
-        using InProcessLowLatencyGroup group = new(config, new EpLowLatencyOptions { StepTimeout = TimeSpan.FromSeconds(20) });
+        using InProcessLowLatencyGroup group = new(config, new EpLowLatencyOptions { StepTimeout = TimeSpan.FromSeconds(20), PoisonReceiveBuffers = true });
         for (int s = 0; s < steps; s++)
         {
             RankInput<BFloat16>[] inputs = Draw(c, config, rng);
             ReferenceLowLatencyStep expected = ReferenceLowLatency.Dispatch(config, inputs, c.Fp8, c.PowerOfTwoScales);
-            foreach (EpLowLatencyLayer layer in group.Layers)
-            {
-                PoisonReceiveBuffers(layer);
-            }
 
             Tensor<BFloat16> X(int r) => Tensor.Create(inputs[r].Tokens, [inputs[r].Count, c.Hidden]);
             Tensor<int> Ids(int r) => Tensor.Create(inputs[r].ExpertIds, [inputs[r].Count, c.TopK]);

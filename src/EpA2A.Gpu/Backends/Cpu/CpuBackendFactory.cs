@@ -18,5 +18,6 @@ internal sealed class CpuBackendFactory(IRankTransport transport) : IEpBackendFa
         return new CpuBackend(config, transport);
     }
 
-    public ILowLatencyBackend CreateLowLatency(EpConfig config, EpLowLatencyOptions options) => new CpuLowLatencyBackend(config, transport);
+    public ILowLatencyBackend CreateLowLatency(EpConfig config, EpLowLatencyOptions options) =>
+        new CpuLowLatencyBackend(config, transport, options.PoisonReceiveBuffers);
 }

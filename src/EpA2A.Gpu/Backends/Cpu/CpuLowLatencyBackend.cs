@@ -21,6 +21,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
 
     private readonly EpConfig config;
     private readonly IRankTransport transport;
+    private readonly bool poisonReceiveBuffers;
     private readonly int hidden;
     private readonly int groups;
     private readonly int epr;
@@ -51,10 +52,11 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     private LowLatencyDispatchOptions format = LowLatencyDispatchOptions.Bf16;
     private bool weighted;
 
-    public CpuLowLatencyBackend(EpConfig config, IRankTransport transport)
+    public CpuLowLatencyBackend(EpConfig config, IRankTransport transport, bool poisonReceiveBuffers)
     {
         this.config = config;
         this.transport = transport;
+        this.poisonReceiveBuffers = poisonReceiveBuffers;
         hidden = config.Hidden;
         groups = hidden / Fp8E4M3.GroupSize;
         epr = config.ExpertsPerRank;
@@ -89,10 +91,10 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     public nint DeviceCombineBuffer => 0;
 
     /// <summary>
-    /// Diagnostics, as the CUDA backend's PoisonReceiveBuffersAsync: fills the receive buffers with NaN (fp8: 0x7F, a
-    /// NaN code) so that a check can tell what a step wrote from what it left. Between steps only.
+    /// <see cref="EpLowLatencyOptions.PoisonReceiveBuffers"/>, as the CUDA backend's PoisonReceiveBuffersAsync: fills the
+    /// receive buffers with NaN (fp8: 0x7F, a NaN code) so that a check can tell what a step wrote from what it left.
     /// </summary>
-    internal void PoisonReceiveBuffers()
+    private void PoisonReceiveBuffers()
     {
         Array.Fill(receivedBf16, BFloat16.FromSingle(float.NaN));
         if (receivedFp8 is not null)
@@ -111,6 +113,11 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     {
         HostDispatchInput host = dispatch as HostDispatchInput
             ?? throw new NotSupportedException("the cpu backend has no device buffers");
+        if (poisonReceiveBuffers)
+        {
+            PoisonReceiveBuffers(); // only this rank writes them (at receive), and the last step's views end here
+        }
+
         input = host;
         format = options;
         int n = host.TokenCount;

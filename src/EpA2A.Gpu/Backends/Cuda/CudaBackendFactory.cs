@@ -19,6 +19,11 @@ internal sealed class CudaBackendFactory(NvshmemRuntime runtime) : IEpBackendFac
 
     public ILowLatencyBackend CreateLowLatency(EpConfig config, EpLowLatencyOptions options)
     {
+        if (options.PoisonReceiveBuffers)
+        {
+            throw new ArgumentException("EpLowLatencyOptions.PoisonReceiveBuffers is a CPU-backend option: peers write a CUDA rank's receive buffers directly, so poisoning cannot be part of a step; call CudaLowLatencyDiagnostics.PoisonReceiveBuffersAsync between steps", nameof(options));
+        }
+
         ThrowIfOtherRank(config);
         return CudaLowLatencyBackend.Create(config, runtime, options);
     }
