@@ -15,9 +15,7 @@ public static class CudaLayerDiagnostics
     public static Task PoisonReceiveBuffersAsync(EpAll2AllLayer layer)
     {
         ArgumentNullException.ThrowIfNull(layer);
-        CudaBackend cuda = layer.Backend as CudaBackend
-            ?? throw new ArgumentException($"layer is on the {layer.BackendName} backend, not cuda", nameof(layer));
-        return cuda.PoisonReceiveBuffersAsync(layer.Context);
+        return layer.CudaBackendOrThrow(nameof(layer)).PoisonReceiveBuffersAsync(layer.Context);
     }
 
     /// <summary>
@@ -33,9 +31,8 @@ public static class CudaLayerDiagnostics
         ArgumentNullException.ThrowIfNull(layer);
         ArgumentNullException.ThrowIfNull(input);
         ArgumentNullException.ThrowIfNull(expertIds);
-        CudaBackend cuda = layer.Backend as CudaBackend
-            ?? throw new ArgumentException($"layer is on the {layer.BackendName} backend, not cuda", nameof(layer));
+        CudaBackend cuda = layer.CudaBackendOrThrow(nameof(layer));
         DeviceTensorValidator.Dispatch(layer.Config, input, expertIds, null, null);
-        return cuda.DirectStepAsync(input.Pointer, expertIds.Pointer, input.Lengths[0], layer.StepTimeout);
+        return cuda.DirectStepAsync(input.Pointer, expertIds.Pointer, input.Lengths[0], layer.Options.StepTimeout);
     }
 }

@@ -51,7 +51,6 @@ public static class CudaLowLatencyDiagnostics
     private static CudaLowLatencyBackend Cuda(EpLowLatencyLayer layer)
     {
         ArgumentNullException.ThrowIfNull(layer);
-        return layer.Backend as CudaLowLatencyBackend
-            ?? throw new ArgumentException($"layer is on the {layer.BackendName} backend, not cuda", nameof(layer));
+        return layer.CudaBackendOrThrow(nameof(layer));
     }
 }

@@ -45,10 +45,8 @@ public sealed partial class EpAll2AllLayer : IDisposable
     /// <summary>The backend's name ("cpu", "cuda").</summary>
     public string BackendName => backend.Name;
 
-    internal IDispatchCombineBackend Backend => backend;
-
-    /// <summary>The deadline of each collective operation (from the options).</summary>
-    internal TimeSpan StepTimeout => options.StepTimeout;
+    /// <summary>The layer's options.</summary>
+    public EpLayerOptions Options => options;
 
     /// <summary>
     /// A layer on the backend <paramref name="backends"/> makes (the public entry points, CreateCpu and CreateCuda,

@@ -97,7 +97,7 @@ public sealed class EpLowLatencyGraph : IDisposable
     {
         ArgumentNullException.ThrowIfNull(layer);
         options ??= LowLatencyDispatchOptions.Bf16;
-        ILowLatencyGraphBackend graphs = layer.Backend as ILowLatencyGraphBackend
+        ILowLatencyGraphBackend graphs = layer.GraphBackend
             ?? throw new NotSupportedException($"the {layer.BackendName} backend cannot capture CUDA graphs");
         DeviceDispatchInput input = LowLatencyValidator.Dispatch(layer.Config, x, expertIds, weights, options);
         if (weighted && weights is null)

@@ -76,7 +76,8 @@ public sealed partial class EpLowLatencyLayer : IDisposable
         ? new DeviceTensor<BFloat16>(backend.DeviceCombineBuffer, outputLengths, this)
         : throw new NotSupportedException($"the {backend.Name} backend has no device buffers: use CombineBuffer");
 
-    internal ILowLatencyBackend Backend => backend;
+    /// <summary>The backend's graph capture, for <see cref="EpLowLatencyGraph"/>; null where it has none (CPU).</summary>
+    internal ILowLatencyGraphBackend? GraphBackend => backend as ILowLatencyGraphBackend;
 
     /// <summary>
     /// Checks, without creating anything, that a low-latency layer can serve <paramref name="config"/> (and

@@ -18,4 +18,9 @@ public sealed partial class EpAll2AllLayer
         ArgumentNullException.ThrowIfNull(runtime);
         return Create(config, new CudaBackendFactory(runtime), options);
     }
+
+    /// <summary>The layer's CUDA backend, for <see cref="CudaLayerDiagnostics"/>.</summary>
+    /// <exception cref="ArgumentException">The layer is on another backend (named as <paramref name="paramName"/>).</exception>
+    internal CudaBackend CudaBackendOrThrow(string paramName) => backend as CudaBackend
+        ?? throw new ArgumentException($"layer is on the {BackendName} backend, not cuda", paramName);
 }

@@ -18,4 +18,9 @@ public sealed partial class EpLowLatencyLayer
         ArgumentNullException.ThrowIfNull(runtime);
         return Create(config, new CudaBackendFactory(runtime), options);
     }
+
+    /// <summary>The layer's CUDA backend, for <see cref="CudaLowLatencyDiagnostics"/>.</summary>
+    /// <exception cref="ArgumentException">The layer is on another backend (named as <paramref name="paramName"/>).</exception>
+    internal CudaLowLatencyBackend CudaBackendOrThrow(string paramName) => backend as CudaLowLatencyBackend
+        ?? throw new ArgumentException($"layer is on the {BackendName} backend, not cuda", paramName);
 }
