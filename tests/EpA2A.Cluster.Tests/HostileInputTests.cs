@@ -534,6 +534,8 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
         return (client, Environment.TickCount);
     }
 
+    // IRankGrain (every role at once) on purpose: a hostile caller is not held to one role, so these cases call
+    // the coordinator's, the client's and the peers' methods of the same rank.
     private IRankGrain Rank(int rank) => cluster.Grains.GetGrain<IRankGrain>(GrainKeys.Rank(RankCluster.Group, rank));
 
     private static BFloat16[] Tokens(int count) => [.. Enumerable.Range(1, count).Select(i => BFloat16.FromSingle((i % 13) - 6.5f))];

@@ -106,7 +106,7 @@ public sealed class SpecPinningTests(RankCluster cluster) : IClassFixture<RankCl
         StepTicket ticket = await first.Coordinator.BeginStepAsync(Spec, first.Name);
         for (int r = 0; r < Spec.WorldSize; r++)
         {
-            IRankGrain grain = Rank(r);
+            IRankStaging grain = Rank(r);
             await grain.BeginInputAsync(first.Layer, new StepInputHeader(ticket.Step, inputs[r].Count, false, false, ticket.Epoch));
             await grain.StageInputAsync(first.Layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].Tokens.AsSpan()).ToArray()));
             await grain.StageInputAsync(first.Layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(MemoryMarshal.AsBytes(inputs[r].ExpertIds.AsSpan()).ToArray()));
@@ -146,7 +146,8 @@ public sealed class SpecPinningTests(RankCluster cluster) : IClassFixture<RankCl
         await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 1);
     }
 
-    private IRankGrain Rank(int rank) => cluster.Grains.GetGrain<IRankGrain>(GrainKeys.Rank(RankCluster.Group, rank));
+    /// <summary>A rank as a client sees it: it stages inputs and reads outputs.</summary>
+    private IRankStaging Rank(int rank) => cluster.Grains.GetGrain<IRankStaging>(GrainKeys.Rank(RankCluster.Group, rank));
 
     private static void AssertNames(Exception e, int seed, params string[] parts)
     {

@@ -89,7 +89,8 @@ public sealed class ProcessCluster : IAsyncLifetime
         await WaitReadyAsync();
     }
 
-    public IRankGrain Rank(int rank) => Client.GetGrain<IRankGrain>(GrainKeys.Rank(Group, rank));
+    /// <summary>A rank as the readiness checks see it: they only describe it.</summary>
+    private IRankControl Rank(int rank) => Client.GetGrain<IRankControl>(GrainKeys.Rank(Group, rank));
 
     /// <summary>SIGKILL of the silo serving <paramref name="rank"/>.</summary>
     public void Kill(int rank) => silos[rank]!.Kill();
