@@ -5,7 +5,10 @@ namespace EpA2A.Grains;
 /// <summary>Keys of the grains: a rank of a group, a layer of a group.</summary>
 public static class GrainKeys
 {
-    /// <summary>The key of <see cref="IRankGrain"/> for (group, rank): "group/rank".</summary>
+    /// <summary>
+    /// The key of a rank for (group, rank): "group/rank", the same for each role it is reached through
+    /// (<see cref="IRankControl"/>, <see cref="IRankStaging"/>, <see cref="IRankPeer"/>).
+    /// </summary>
     public static string Rank(string group, int rank)
     {
         CheckGroup(group);
