@@ -21,8 +21,9 @@ public sealed record EpLowLatencyOptions
     /// Debugging, CPU backend: every dispatch send first fills this rank's receive buffers with NaN (FP8: the e4m3 NaN code
     /// 0x7F, and NaN scales), so that an expert or a check that reads a row past RowsPerExpert[j] meets NaN instead of a
     /// plausible row left by an earlier step. Costs one pass over the receive buffers per step. The CUDA backend refuses it
-    /// (peers write a rank's receive buffers directly, so it cannot be part of a step there): call
-    /// <see cref="Cuda.CudaLowLatencyDiagnostics.PoisonReceiveBuffersAsync"/> between steps instead.
+    /// with an <see cref="ArgumentException"/> at creation (its dispatch send is one native call, which CUDA graphs capture
+    /// as is, and it does not poison): call <see cref="Cuda.CudaLowLatencyDiagnostics.PoisonReceiveBuffersAsync"/> between
+    /// steps instead.
     /// </summary>
     public bool PoisonReceiveBuffers { get; init; }
 

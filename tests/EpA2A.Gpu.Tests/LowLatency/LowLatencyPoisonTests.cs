@@ -20,7 +20,7 @@ public sealed class LowLatencyPoisonTests
         int seed = Random.Shared.Next();
         CancellationToken ct = TestContext.Current.CancellationToken;
         LowLatencyStep first = LowLatencyStep.Draw(seed, fp8);
-        LowLatencyStep second = LowLatencyStep.Draw(seed + 1, fp8);
+        LowLatencyStep second = SecondStepWithFewerRows(first, fp8);
         using InProcessLowLatencyGroup group = new(first.Config, new EpLowLatencyOptions { StepTimeout = TimeSpan.FromSeconds(20), PoisonReceiveBuffers = poison });
 
         await first.RunAsync(group);
@@ -59,5 +59,29 @@ public sealed class LowLatencyPoisonTests
         {
             Assert.True(poisonedRowsPast == 0, $"seed {seed}, fp8 {fp8}: {poisonedRowsPast} of {rowsPast} rows past the received ones are NaN without the option");
         }
+    }
+
+    /// <summary>
+    /// The first of the steps drawn after <paramref name="first"/> (seeds first.Seed + 1, + 2, ...) that gives some rank's
+    /// expert fewer rows than the first step did: rows the first step wrote then lie past the second step's, so poisoning
+    /// only once (at creation or at the first send) leaves real rows there and the test fails.
+    /// </summary>
+    private static LowLatencyStep SecondStepWithFewerRows(LowLatencyStep first, bool fp8)
+    {
+        for (int i = 1; i <= 100; i++)
+        {
+            LowLatencyStep second = LowLatencyStep.Draw(first.Seed + i, fp8);
+            for (int r = 0; r < first.Config.WorldSize; r++)
+            {
+                int[] before = first.Expected.PerRank[r].RowsPerExpert;
+                int[] after = second.Expected.PerRank[r].RowsPerExpert;
+                if (before.Where((rows, j) => rows > after[j]).Any())
+                {
+                    return second;
+                }
+            }
+        }
+
+        throw new InvalidOperationException($"seed {first.Seed}: no step of the next 100 seeds gives any expert fewer rows than the first");
     }
 }

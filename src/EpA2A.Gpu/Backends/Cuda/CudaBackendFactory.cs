@@ -21,7 +21,7 @@ internal sealed class CudaBackendFactory(NvshmemRuntime runtime) : IEpBackendFac
     {
         if (options.PoisonReceiveBuffers)
         {
-            throw new ArgumentException("EpLowLatencyOptions.PoisonReceiveBuffers is a CPU-backend option: peers write a CUDA rank's receive buffers directly, so poisoning cannot be part of a step; call CudaLowLatencyDiagnostics.PoisonReceiveBuffersAsync between steps", nameof(options));
+            throw new ArgumentException("EpLowLatencyOptions.PoisonReceiveBuffers is a CPU-backend option: the CUDA backend's dispatch send is one native call (epa2a_ll_dispatch_send, which CUDA graphs capture as is) and it does not poison; call CudaLowLatencyDiagnostics.PoisonReceiveBuffersAsync between steps", nameof(options));
         }
 
         ThrowIfOtherRank(config);
