@@ -35,8 +35,16 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
         OnLostRank = policy,
     };
 
-    [Fact]
-    public async Task The_clients_gateway_silo_dying_mid_step_when_it_serves_no_rank_fails_no_step()
+    /// <summary>
+    /// SIGKILL: the client's connection to the gateway is reset at once and its next messages take the live gateway.
+    /// SIGSTOP: the connection stays open and whatever goes through it is lost, probes included, until the cluster
+    /// declares the silo dead and the client's gateway list (Redis membership, refreshed every second) drops it: the
+    /// probe's patience with silence (three 1 s probes) is what keeps the coordinator from being blamed.
+    /// </summary>
+    [Theory]
+    [InlineData("SIGKILL")]
+    [InlineData("SIGSTOP")]
+    public async Task The_clients_gateway_silo_dying_or_stalling_mid_step_when_it_serves_no_rank_fails_no_step(string fault)
     {
         Assert.SkipUnless(cluster.Available, "redis-server is not installed (.ci/run installs it)");
         await cluster.EnsureHealthyAsync();
@@ -44,7 +52,7 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
         using ChildProcess spare = await cluster.StartSpareSiloAsync();
         LayerSpec spec = Spec(LostRankPolicy.FailAndReform);
         (string layer, CoordinatorInfo coordinator) = await LayerCoordinatedAwayFromAsync([spare.Id]);
-        (IHost host, RouteLog routes) = await StartClientThroughAsync(cluster.SpareGatewayPort, layer);
+        (IHost host, RouteLog routes) = await StartClientThroughAsync(cluster.SpareGatewayPort, layer, redisMembership: fault == "SIGSTOP");
         using IHost clientHost = host;
         ExpertLayerClient client = new(host.Services.GetRequiredService<IClusterClient>(), ProcessCluster.Group, layer);
         await client.ConfigureAsync(spec).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
@@ -55,7 +63,14 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
         await cluster.WaitAllInFlightAsync(TimeSpan.FromSeconds(5));
         Stopwatch clock = Stopwatch.StartNew();
         long killed = Stopwatch.GetTimestamp();
-        spare.Kill();
+        if (fault == "SIGKILL")
+        {
+            spare.Kill();
+        }
+        else
+        {
+            Signal(spare.Id, "STOP"); // killed (stopped or not) when disposed
+        }
 
         // The answer to the running step was to come back through the dead gateway: the client asks again through a live
         // one, and the coordinator answers with the step it ran. Whatever happens, the coordinator must not be blamed.
@@ -66,12 +81,15 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
         }
         catch (GroupStepFailedException e)
         {
-            Assert.Fail($"seed {seed}: the step in flight failed {clock.Elapsed.TotalMilliseconds:0} ms after its gateway silo (which serves no rank) was killed, blaming [{string.Join(", ", e.BlamedRanks)}] (the coordinator's silo serves [{string.Join(", ", CoordinatorRanks(coordinator))}]): {e.Message}");
+            SkipIfTheCoordinatorWentWithTheDirectory(e, coordinator, killed);
+            Assert.Fail($"seed {seed}: the step in flight failed {clock.Elapsed.TotalMilliseconds:0} ms after its gateway silo (which serves no rank) got {fault}, blaming [{string.Join(", ", e.BlamedRanks)}] (the coordinator's silo serves [{string.Join(", ", CoordinatorRanks(coordinator))}]): {e.Message}");
             throw;
         }
 
         TimeSpan finished = clock.Elapsed;
         Assert.Null(report.MaskedRanks);
+        TimeSpan bound = (Deadline * 2) + TimeSpan.FromSeconds(2);
+        Assert.True(finished < bound, $"seed {seed}: the step in flight completed {finished} after the {fault}, bound {bound}");
         for (int i = 0; i < 3; i++)
         {
             Assert.Null((await GrainStepRunner.RunCheckedAsync(client, spec, seed + 2 + i)).MaskedRanks);
@@ -81,7 +99,7 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
         CoordinatorInfo now = await client.Coordinator.DescribeAsync();
         Assert.Equal(coordinator.ProcessId, now.ProcessId);
         DrillLog.Write(
-            $"gateway-lost: the client's gateway silo (no rank) SIGKILLed mid-step: the step in flight completed {finished.TotalMilliseconds:0} ms after the kill, correct; 3 more correct steps by {after.TotalMilliseconds:0} ms; the coordinator kept its process {now.ProcessId}",
+            $"gateway-lost: the client's gateway silo (no rank) got {fault} mid-step: the step in flight completed {finished.TotalMilliseconds:0} ms after it, correct; 3 more correct steps by {after.TotalMilliseconds:0} ms; the coordinator kept its process {now.ProcessId}",
             DrillLog.Timeline(killed, [.. Enumerable.Range(0, ProcessCluster.Ranks).Select(cluster.Silo), spare]));
     }
 
@@ -113,6 +131,7 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
 
         GroupStepFailedException e = await Assert.ThrowsAsync<GroupStepFailedException>(() => step);
         TimeSpan failed = clock.Elapsed;
+        SkipIfTheCoordinatorWentWithTheDirectory(e, coordinator, killed);
         Assert.True(e.BlamedRanks.SequenceEqual([victim]), $"seed {seed}: blamed [{string.Join(", ", e.BlamedRanks)}], expected exactly the gateway silo's rank [{victim}] (the coordinator's silo serves [{string.Join(", ", coordinatorRanks)}]): {e.Message}");
         Assert.DoesNotContain("the coordinator of layer", e.Message, StringComparison.Ordinal);
         TimeSpan bound = (Deadline * 2) + TimeSpan.FromSeconds(2);
@@ -151,27 +170,47 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
         throw new InvalidOperationException($"40 layers' coordinators all landed on processes [{string.Join(", ", processes)}]");
     }
 
+    /// <summary>
+    /// Skips, saying so, when the step failed because Orleans deactivated the healthy coordinator: the dead silo held its
+    /// grain-directory entry, so the coordinator's silo deactivated it ("LocalGrainDirectory is deactivating") and the
+    /// probe found a new activation. That is a known hazard of its own (RELIABILITY.md section 6, not fixed), not the
+    /// gateway guard this class tests; it hits when the coordinator's entry lies on the victim (about 1 layer in 5).
+    /// </summary>
+    private void SkipIfTheCoordinatorWentWithTheDirectory(GroupStepFailedException e, CoordinatorInfo coordinator, long since)
+    {
+        bool deactivated = CoordinatorRanks(coordinator).Select(cluster.Silo).SelectMany(p => p.StampedLines)
+            .Any(l => l.At >= since && l.Line.Contains("LocalGrainDirectory is deactivating", StringComparison.Ordinal));
+        if (deactivated && e.Message.Contains("its probe reached a new activation", StringComparison.Ordinal))
+        {
+            DrillLog.Write($"gateway-lost: skipped, the coordinator was deactivated with the dead silo's directory partition: {e.Message.ReplaceLineEndings(" ")}");
+            Assert.Skip($"the healthy coordinator was deactivated with the dead silo's grain-directory partition (known, RELIABILITY.md section 6): {e.Message}");
+        }
+    }
+
     private int[] CoordinatorRanks(CoordinatorInfo coordinator) =>
         [.. Enumerable.Range(0, ProcessCluster.Ranks).Where(r => cluster.Silo(r).Id == coordinator.ProcessId)];
 
     /// <summary>
-    /// A cluster client with two gateways, <paramref name="gateway"/> and rank 1's silo, whose messages to the coordinator
-    /// of <paramref name="layer"/> go out through <paramref name="gateway"/> (its routing log says so). Orleans gives a
-    /// grain's messages the gateway its round robin is at when the grain is first called, starting from
-    /// <see cref="GatewayOptions.PreferredGatewayIndex"/>; which index that takes depends on what the client sent
-    /// before, so both are tried, each on a fresh client.
+    /// A cluster client whose messages to the coordinator of <paramref name="layer"/> go out through
+    /// <paramref name="gateway"/> (its routing log says so): its gateways are <paramref name="gateway"/> and rank 1's
+    /// silo, or with <paramref name="redisMembership"/> every silo of the cluster's membership (which drops a silo
+    /// declared dead). Orleans gives a grain's messages the gateway its round robin is at when the grain is first called,
+    /// starting from <see cref="GatewayOptions.PreferredGatewayIndex"/>; which index that takes depends on what the
+    /// client sent before and on the list's order, so each is tried, each on a fresh client.
     /// </summary>
-    private async Task<(IHost Host, RouteLog Routes)> StartClientThroughAsync(int gateway, string layer)
+    private async Task<(IHost Host, RouteLog Routes)> StartClientThroughAsync(int gateway, string layer, bool redisMembership = false)
     {
         string key = GrainKeys.Layer(ProcessCluster.Group, layer);
-        for (int attempt = 0; attempt < 4; attempt++)
+        int gateways = redisMembership ? ProcessCluster.Ranks + 1 : 2;
+        for (int attempt = 0; attempt < 3 * gateways; attempt++)
         {
             RouteLog routes = new();
-            IHost host = EpA2AHosts.BuildClient(ClusteringKind.Localhost, [gateway, cluster.GatewayPort(ProcessCluster.SlowRank)], null, cluster.ClusterId, configure: b =>
+            int preferred = attempt % gateways;
+            IHost host = EpA2AHosts.BuildClient(redisMembership ? ClusteringKind.Redis : ClusteringKind.Localhost, [gateway, cluster.GatewayPort(ProcessCluster.SlowRank)], redisMembership ? cluster.Redis : null, cluster.ClusterId, configure: b =>
             {
                 b.Logging.AddProvider(routes);
                 b.Logging.AddFilter<RouteLog>(RouteLog.Category, LogLevel.Trace);
-                b.Services.Configure<GatewayOptions>(o => o.PreferredGatewayIndex = attempt % 2);
+                b.Services.Configure<GatewayOptions>(o => o.PreferredGatewayIndex = preferred);
             });
             await host.StartAsync().WaitAsync(TimeSpan.FromSeconds(30));
             await host.Services.GetRequiredService<IClusterClient>().GetGrain<IExpertLayerGrain>(key).DescribeAsync().WaitAsync(TimeSpan.FromSeconds(10));
@@ -184,7 +223,13 @@ public sealed class ClientGatewayLossTests(ProcessCluster cluster) : IClassFixtu
             host.Dispose();
         }
 
-        throw new InvalidOperationException($"4 clients' messages to the coordinator {key} did not go through the gateway on port {gateway}");
+        throw new InvalidOperationException($"{3 * gateways} clients' messages to the coordinator {key} did not go through the gateway on port {gateway}");
+    }
+
+    private static void Signal(int pid, string signal)
+    {
+        using Process kill = Process.Start("kill", ["-" + signal, pid.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        kill.WaitForExit(5000);
     }
 
     /// <summary>The client's own record of which gateway each message went out through (Orleans' trace line).</summary>

@@ -110,6 +110,9 @@ public sealed class ProcessCluster : IAsyncLifetime
     /// <summary>The cluster id the silos joined (for a client of its own).</summary>
     public string ClusterId => clusterId;
 
+    /// <summary>The Redis the silos keep their membership in (for a client of its own).</summary>
+    public string Redis => redis;
+
     /// <summary>SIGKILL of the silo serving <paramref name="rank"/>.</summary>
     public void Kill(int rank) => silos[rank]!.Kill();
 
