@@ -53,7 +53,7 @@ public sealed class MultiProcessClusterTests
             Assert.DoesNotContain(drive.Lines, l => l.Contains("MISMATCH", StringComparison.Ordinal));
 
             // Masking: a rank whose silo does not host the coordinator (a lost coordinator is the client's to find: its
-            // own bound, 2T + 5 s, ProcessFaultTests); fail-and-re-form: rank 2 wherever the coordinator is.
+            // probe of it, ProcessFaultTests); fail-and-re-form: rank 2 wherever the coordinator is.
             int victim = policy == LostRankPolicy.Mask ? RankAwayFromTheCoordinator(drive, silos) : 2;
             int before = drive.Lines.Count;
             Stopwatch clock = Stopwatch.StartNew();
