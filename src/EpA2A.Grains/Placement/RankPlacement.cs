@@ -27,6 +27,15 @@ public sealed class RankPlacementStrategy : PlacementStrategy
 {
     /// <summary>The one instance.</summary>
     public static RankPlacementStrategy Instance { get; } = new();
+
+    /// <summary>
+    /// False: a rank grain is not registered in Orleans' grain directory. Its placement already names exactly one silo
+    /// (the one serving its group and rank), so the directory adds no single-activation guarantee, only a hazard: when
+    /// the silo holding a grain's directory entry dies, Orleans deactivates that grain wherever it runs. A healthy
+    /// rank's front door was deactivated in the middle of the next step (its calls and the coordinator's probes queued
+    /// behind the running step), the coordinator took the healthy rank for lost, and a masked group lost 4-6 s.
+    /// </summary>
+    public override bool IsUsingGrainDirectory => false;
 }
 
 /// <summary>Marks a grain class for <see cref="RankPlacementStrategy"/>.</summary>

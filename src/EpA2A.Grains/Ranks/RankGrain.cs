@@ -1,4 +1,5 @@
 using EpA2A.Grains.Placement;
+using Microsoft.Extensions.Logging;
 using Orleans.Concurrency;
 
 namespace EpA2A.Grains.Ranks;
@@ -8,9 +9,19 @@ namespace EpA2A.Grains.Ranks;
 /// Step work runs on the thread pool; data for a running step interleaves with it.
 /// </summary>
 [RankPlacement]
-internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
+internal sealed partial class RankGrain(RankRuntime runtime, ILogger<RankGrain> logger) : Grain, IRankGrain
 {
     private int Rank => GrainKeys.ParseRank(this.GetPrimaryKeyString()).Rank;
+
+    /// <summary>
+    /// Says when and why this front door goes away: calls that reach it while it deactivates wait for it, so a
+    /// deactivation in the middle of a step shows up as a rank that stopped answering.
+    /// </summary>
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        LogDeactivated(logger, this.GetPrimaryKeyString(), reason.ReasonCode.ToString(), reason.Description);
+        return Task.CompletedTask;
+    }
 
     public Task<RankInfo> DescribeAsync() => Task.FromResult(new RankInfo(
         runtime.Options.Group,
@@ -86,4 +97,7 @@ internal sealed class RankGrain(RankRuntime runtime) : Grain, IRankGrain
 
         return Task.CompletedTask;
     }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "rank grain {Key} deactivated on this silo ({Code}: {Description})")]
+    private static partial void LogDeactivated(ILogger logger, string key, string code, string description);
 }

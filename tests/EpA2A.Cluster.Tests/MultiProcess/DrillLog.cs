@@ -35,6 +35,14 @@ internal static class DrillLog
             .Min();
 
     /// <summary>
+    /// The lines in which a rank grain on one of <paramref name="silos"/> said, after <paramref name="since"/>, that Orleans
+    /// deactivated it because the silo holding its grain-directory entry died (a healthy rank's front door going away
+    /// mid-step; rank grains are kept out of the directory so that it cannot happen).
+    /// </summary>
+    public static string[] RankGrainsDeactivatedByDirectoryLoss(IEnumerable<ChildProcess> silos, long since) =>
+        [.. silos.SelectMany(p => p.StampedLines.Where(l => l.At >= since && l.Line.Contains("deactivated on this silo (DirectoryFailure", StringComparison.Ordinal)).Select(l => $"{p.Name}: {l.Line.Trim()}"))];
+
+    /// <summary>
     /// Every line the processes printed from <paramref name="since"/> on, in arrival order, as "+ms name: line": the
     /// drill's phases (the coordinator's mask timing, Orleans' membership warnings, the client's steps) on one clock.
     /// </summary>

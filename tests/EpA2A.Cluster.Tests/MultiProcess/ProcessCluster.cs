@@ -92,6 +92,28 @@ public sealed class ProcessCluster : IAsyncLifetime
     /// <summary>A rank as the readiness checks see it: they only describe it.</summary>
     private IRankControl Rank(int rank) => Client.GetGrain<IRankControl>(GrainKeys.Rank(Group, rank));
 
+    /// <summary>
+    /// An `epa2a silo` of this cluster that serves no rank of <see cref="Group"/> (rank 0 of a one-rank group of its own),
+    /// once it has started; its gateway is <see cref="SpareGatewayPort"/>. The caller disposes it.
+    /// </summary>
+    public async Task<ChildProcess> StartSpareSiloAsync()
+    {
+        ChildProcess spare = ChildProcess.Epa2a(
+            "spare", "silo", "--rank", "0", "--world-size", "1", "--group", Group + "-spare",
+            "--clustering", "redis", "--redis", redis, "--cluster-id", clusterId, "--port-base", (portBase + 10).ToString(CultureInfo.InvariantCulture));
+        await spare.WaitForLineAsync(l => l.StartsWith("epa2a silo: rank", StringComparison.Ordinal), TimeSpan.FromSeconds(60));
+        return spare;
+    }
+
+    /// <summary>The gateway port of the silo <see cref="StartSpareSiloAsync"/> starts.</summary>
+    public int SpareGatewayPort => portBase + 10 + 100;
+
+    /// <summary>The cluster id the silos joined (for a client of its own).</summary>
+    public string ClusterId => clusterId;
+
+    /// <summary>The Redis the silos keep their membership in (for a client of its own).</summary>
+    public string Redis => redis;
+
     /// <summary>SIGKILL of the silo serving <paramref name="rank"/>.</summary>
     public void Kill(int rank) => silos[rank]!.Kill();
 

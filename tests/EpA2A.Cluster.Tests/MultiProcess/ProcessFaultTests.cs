@@ -144,8 +144,12 @@ public sealed class ProcessFaultTests(ProcessCluster cluster) : IClassFixture<Pr
         string masked = string.Empty;
         if (policy == LostRankPolicy.Mask)
         {
+            long triesFrom = Stopwatch.GetTimestamp();
             List<string> tries = await ProcessCluster.StepUntilOkAsync(client, spec, seed + 50, TimeSpan.FromSeconds(20));
             TimeSpan outage = sinceKill.Elapsed;
+            DrillLog.Write(
+                $"timeline: mask sigkill-mid-step, rank {victim} SIGKILLed at +0 ms; the client's step failed at +{failed.TotalMilliseconds:0} ms, its tries began at +{Stopwatch.GetElapsedTime(killed, triesFrom).TotalMilliseconds:0} ms, first good masked step at +{outage.TotalMilliseconds:0} ms",
+                [.. DrillLog.Timeline(killed, Enumerable.Range(0, ProcessCluster.Ranks).Select(cluster.Silo)), .. tries.Select(t => "client try: " + t)]);
             StepReport served = await GrainStepRunner.RunCheckedAsync(client, spec, seed + 60);
             Assert.Equal([victim], served.MaskedRanks);
             Assert.True(outage < bound, $"seed {seed}: kill to the first good masked step took {outage}, bound {bound}: {string.Join('\n', tries)}");
@@ -176,6 +180,9 @@ public sealed class ProcessFaultTests(ProcessCluster cluster) : IClassFixture<Pr
 
         Assert.Null(whole.MaskedRanks);
         TimeSpan healed = clock.Elapsed;
+
+        // By now the victim was declared dead: no survivor's rank grain was deactivated with its grain-directory entry.
+        Assert.Empty(DrillLog.RankGrainsDeactivatedByDirectoryLoss(survivors.Select(cluster.Silo), killed));
         TestContext.Current.TestOutputHelper?.WriteLine(
             $"{policy}: SIGKILL of rank {victim} mid-step: the step failed {failed.TotalMilliseconds:0} ms after the kill (bound {bound.TotalSeconds} s), survivors idle {idle.TotalMilliseconds:0} ms later; {masked}" +
             $"restart to a correct step with every rank {healed.TotalMilliseconds:0} ms ({retries.Count} failed tries); {e.Message}\n{string.Join('\n', retries)}");
