@@ -548,8 +548,22 @@ public sealed class ExpertLayerClient
     {
         IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
         long step = ticket.Step;
-        await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch)).ConfigureAwait(false);
-        // Each chunk is copied once, straight from the caller's array into the message (Immutable: Orleans copies no more).
+        StepInputHeader header = new(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch);
+        long bytes = ((long)input.Tokens.Length * Unsafe.SizeOf<T>()) + (4L * (input.ExpertIds.Length + (input.Weights?.Length ?? 0) + (input.ScatterIndices?.Length ?? 0)));
+        if (bytes <= chunkBytes)
+        {
+            // One message, its parts serialized straight from the caller's arrays.
+            await grain.StageStepInputAsync(Layer, new StepInput(
+                header,
+                ByteView<T>.Of(input.Tokens),
+                ByteView<int>.Of(input.ExpertIds),
+                input.Weights is { } weights ? ByteView<float>.Of(weights) : ReadOnlyMemory<byte>.Empty,
+                input.ScatterIndices is { } scatter ? ByteView<int>.Of(scatter) : ReadOnlyMemory<byte>.Empty)).ConfigureAwait(false);
+            return;
+        }
+
+        await grain.BeginInputAsync(Layer, header).ConfigureAwait(false);
+        // Each chunk is copied once from the caller's array into its own (Immutable: Orleans copies no more).
         List<Task> sends = [];
         Chunks(sends, grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()));
         Chunks(sends, grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()));
