@@ -355,7 +355,13 @@ public sealed class ExpertLayerClient
     {
         try
         {
-            await Task.Delay(ProbeEvery, stop).ConfigureAwait(false);
+            // Most steps end before the first probe: stopped then, the probe returns without throwing (one exception a step).
+            await Task.Delay(ProbeEvery, stop).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            if (stop.IsCancellationRequested)
+            {
+                return null;
+            }
+
             string? silo = coordinatorSilo.Silo;
             Exception? refused = null;
             int silent = 0;
@@ -594,7 +600,7 @@ public sealed class ExpertLayerClient
     {
         IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
         // The chunks land straight in the result's bytes.
-        T[] result = new T[totalBytes / Unsafe.SizeOf<T>()];
+        T[] result = GC.AllocateUninitializedArray<T>(totalBytes / Unsafe.SizeOf<T>()); // returned only once every chunk is in
         List<Task> reads = [];
         for (int offset = 0; offset < totalBytes; offset += chunkBytes)
         {

@@ -85,7 +85,7 @@ public sealed partial class EpAll2AllLayer : IDisposable
             static (layer, a) => InputValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices)).ConfigureAwait(false);
 
         int n = (int)input.Lengths[0];
-        byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
+        byte[] tokens = GC.AllocateUninitializedArray<byte>(n * Config.Hidden * Config.TokenBytes); // filled whole by the copy
         DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         return await DispatchHostAsync<T>(n, tokens, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
     }
@@ -202,7 +202,7 @@ public sealed partial class EpAll2AllLayer : IDisposable
 
         int n = layout.NumDispatchTokens;
         using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
-        byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
+        byte[] rows = GC.AllocateUninitializedArray<byte>(layout.RecvRows * Config.Hidden * Config.TokenBytes); // filled whole by the copy
         DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
@@ -218,7 +218,7 @@ public sealed partial class EpAll2AllLayer : IDisposable
             CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, rows.Length);
             CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
-            T[] result = new T[n * Config.Hidden];
+            T[] result = GC.AllocateUninitializedArray<T>(n * Config.Hidden); // filled whole below
             switch (combined)
             {
                 case CombinedRows.HostSums sums:

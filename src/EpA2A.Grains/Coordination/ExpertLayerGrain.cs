@@ -310,7 +310,8 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         Task all = Task.WhenAll(calls);
         using CancellationTokenSource stepDone = new();
         Task<int[]> lostInStep = WhenLostDuringStepAsync(ranks, all, watching: s.OnLostRank == LostRankPolicy.Mask, stepDone.Token);
-        Task first = await Task.WhenAny(all, WhenFirstFailure(calls), lostInStep, Task.Delay(bound)).ConfigureAwait(true);
+        // The bound's timer is stopped with the step: a step's 2T + 1 s timer would otherwise outlive it by about a minute.
+        Task first = await Task.WhenAny(all, WhenFirstFailure(calls), lostInStep, Task.Delay(bound, stepDone.Token)).ConfigureAwait(true);
         await stepDone.CancelAsync().ConfigureAwait(true);
         int[] foundLost = lostInStep.IsCompletedSuccessfully ? lostInStep.Result : [];
         if (first != all)
@@ -489,14 +490,15 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         Dictionary<int, int> missed = [];
         try
         {
-            stepDone.ThrowIfCancellationRequested();
-            if (!watching)
+            // Not watching (the usual layer, which fails and re-forms) goes straight to the wait below: no exception
+            // thrown and caught in every step.
+            if (watching)
             {
-                throw new OperationCanceledException(stepDone);
+                stepDone.ThrowIfCancellationRequested();
+                await Task.Delay(WatchPeriod, stepDone).ConfigureAwait(true);
             }
 
-            await Task.Delay(WatchPeriod, stepDone).ConfigureAwait(true);
-            while (!all.IsCompleted)
+            while (watching && !all.IsCompleted)
             {
                 (int Rank, IRankControl Grain)[] watched = [.. ranks];
                 Task<RankInfo>[] probes = [.. watched.Select(r => Probe(r.Grain))];

@@ -350,7 +350,7 @@ internal sealed class HostedLayer : IDisposable
         // The experts are the group's: a masked group's layer numbers them anew, the experts must not notice.
         Tensor<T> expertOutput = await compute.ComputeAsync(Name, World is null ? Config : Spec.ToConfig(GroupRank), dispatched, token).ConfigureAwait(false);
         Tensor<T> combined = await layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
-        byte[] bytes = new byte[n * Config.Hidden * Config.TokenBytes];
+        byte[] bytes = GC.AllocateUninitializedArray<byte>(n * Config.Hidden * Config.TokenBytes); // filled whole by the copy
         DenseTensor.CopyTo(combined, MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
         return (bytes, dispatched.Layout.RecvRows, masked);
     }

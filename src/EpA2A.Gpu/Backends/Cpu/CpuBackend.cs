@@ -418,7 +418,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             slots += here;
         }
 
-        byte[] packet = new byte[8 + (entries * (12 + RowBytes)) + (16 * slots)];
+        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (entries * (12 + RowBytes)) + (16 * slots)); // sized exactly, every byte written below
         MessageWriter w = new(packet);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(entries);
