@@ -31,6 +31,7 @@ public sealed record StepOutcome<T>(T[][] Outputs, StepReport Report)
 public sealed class ExpertLayerClient
 {
     private readonly IGrainFactory grains;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, IRankStaging> staging = new();
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
 
@@ -549,10 +550,13 @@ public sealed class ExpertLayerClient
         }
     }
 
+    /// <summary>The staging grain of <paramref name="rank"/>, made once: GetGrain resolves the interface type through its attributes every time.</summary>
+    private IRankStaging Staging(int rank) => staging.GetOrAdd(rank, static (r, c) => c.grains.GetGrain<IRankStaging>(GrainKeys.Rank(c.Group, r)), this);
+
     private async Task StageAsync<T>(int rank, StepTicket ticket, RankStepInput<T> input)
         where T : unmanaged
     {
-        IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
+        IRankStaging grain = Staging(rank);
         long step = ticket.Step;
         StepInputHeader header = new(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch);
         long bytes = ((long)input.Tokens.Length * Unsafe.SizeOf<T>()) + (4L * (input.ExpertIds.Length + (input.Weights?.Length ?? 0) + (input.ScatterIndices?.Length ?? 0)));
@@ -598,7 +602,7 @@ public sealed class ExpertLayerClient
     private async Task<T[]> ReadAsync<T>(int rank, long step, int totalBytes)
         where T : unmanaged
     {
-        IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
+        IRankStaging grain = Staging(rank);
         // The chunks land straight in the result's bytes.
         T[] result = GC.AllocateUninitializedArray<T>(totalBytes / Unsafe.SizeOf<T>()); // returned only once every chunk is in
         List<Task> reads = [];
