@@ -31,6 +31,7 @@ public sealed record StepOutcome<T>(T[][] Outputs, StepReport Report)
 public sealed class ExpertLayerClient
 {
     private readonly IGrainFactory grains;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, IRankStaging> staging = new();
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
 
@@ -355,7 +356,13 @@ public sealed class ExpertLayerClient
     {
         try
         {
-            await Task.Delay(ProbeEvery, stop).ConfigureAwait(false);
+            // Most steps end before the first probe: stopped then, the probe returns without throwing (one exception a step).
+            await Task.Delay(ProbeEvery, stop).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            if (stop.IsCancellationRequested)
+            {
+                return null;
+            }
+
             string? silo = coordinatorSilo.Silo;
             Exception? refused = null;
             int silent = 0;
@@ -543,13 +550,30 @@ public sealed class ExpertLayerClient
         }
     }
 
+    /// <summary>The staging grain of <paramref name="rank"/>, made once: GetGrain resolves the interface type through its attributes every time.</summary>
+    private IRankStaging Staging(int rank) => staging.GetOrAdd(rank, static (r, c) => c.grains.GetGrain<IRankStaging>(GrainKeys.Rank(c.Group, r)), this);
+
     private async Task StageAsync<T>(int rank, StepTicket ticket, RankStepInput<T> input)
         where T : unmanaged
     {
-        IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
+        IRankStaging grain = Staging(rank);
         long step = ticket.Step;
-        await grain.BeginInputAsync(Layer, new StepInputHeader(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch)).ConfigureAwait(false);
-        // Each chunk is copied once, straight from the caller's array into the message (Immutable: Orleans copies no more).
+        StepInputHeader header = new(step, input.Count, input.Weights is not null, input.ScatterIndices is not null, ticket.Epoch);
+        long bytes = ((long)input.Tokens.Length * Unsafe.SizeOf<T>()) + (4L * (input.ExpertIds.Length + (input.Weights?.Length ?? 0) + (input.ScatterIndices?.Length ?? 0)));
+        if (bytes <= chunkBytes)
+        {
+            // One message, its parts serialized straight from the caller's arrays.
+            await grain.StageStepInputAsync(Layer, new StepInput(
+                header,
+                ByteView<T>.Of(input.Tokens),
+                ByteView<int>.Of(input.ExpertIds),
+                input.Weights is { } weights ? ByteView<float>.Of(weights) : ReadOnlyMemory<byte>.Empty,
+                input.ScatterIndices is { } scatter ? ByteView<int>.Of(scatter) : ReadOnlyMemory<byte>.Empty)).ConfigureAwait(false);
+            return;
+        }
+
+        await grain.BeginInputAsync(Layer, header).ConfigureAwait(false);
+        // Each chunk is copied once from the caller's array into its own (Immutable: Orleans copies no more).
         List<Task> sends = [];
         Chunks(sends, grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()));
         Chunks(sends, grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()));
@@ -578,9 +602,9 @@ public sealed class ExpertLayerClient
     private async Task<T[]> ReadAsync<T>(int rank, long step, int totalBytes)
         where T : unmanaged
     {
-        IRankStaging grain = grains.GetGrain<IRankStaging>(GrainKeys.Rank(Group, rank));
+        IRankStaging grain = Staging(rank);
         // The chunks land straight in the result's bytes.
-        T[] result = new T[totalBytes / Unsafe.SizeOf<T>()];
+        T[] result = GC.AllocateUninitializedArray<T>(totalBytes / Unsafe.SizeOf<T>()); // returned only once every chunk is in
         List<Task> reads = [];
         for (int offset = 0; offset < totalBytes; offset += chunkBytes)
         {

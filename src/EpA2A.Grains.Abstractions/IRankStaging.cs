@@ -12,6 +12,13 @@ public interface IRankStaging : IGrainWithStringKey
     [AlwaysInterleave]
     Task BeginInputAsync(string layer, StepInputHeader header);
 
+    /// <summary>
+    /// Announces what this rank dispatches in a step and stages every part whole: <see cref="BeginInputAsync"/> and one
+    /// <see cref="StageInputAsync"/> per part in a single call, with the same checks.
+    /// </summary>
+    [AlwaysInterleave]
+    Task StageStepInputAsync(string layer, StepInput input);
+
     /// <summary>A chunk of one input array of a step.</summary>
     [AlwaysInterleave]
     Task StageInputAsync(string layer, long step, InputPart part, int offset, Immutable<byte[]> data);

@@ -30,6 +30,21 @@ public sealed record StepInputHeader(
     [property: Id(3)] bool HasScatterIndices,
     [property: Id(4)] long Epoch = 0);
 
+/// <summary>
+/// A rank's whole input of a step in one message: the header and every announced part (an absent optional part is
+/// empty). The client sends this when the parts fit in one chunk (the usual case) instead of the header and then a
+/// chunk per part; each part's bytes are written onto the wire from the caller's array and land in one array on the
+/// rank, which the layer reads in place: a token row is copied twice on its way in, once each side of the wire.
+/// </summary>
+[GenerateSerializer]
+[Immutable]
+public sealed record StepInput(
+    [property: Id(0)] StepInputHeader Header,
+    [property: Id(1)] ReadOnlyMemory<byte> Tokens,
+    [property: Id(2)] ReadOnlyMemory<byte> ExpertIds,
+    [property: Id(3)] ReadOnlyMemory<byte> Weights,
+    [property: Id(4)] ReadOnlyMemory<byte> ScatterIndices);
+
 /// <summary>How one rank's part of a step went.</summary>
 [GenerateSerializer]
 [Immutable]

@@ -162,6 +162,9 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
         { "a short chunk inside an array", ["Tokens chunk [0, 100)", "only the piece that ends the array may be shorter than 1024"] },
         { "a chunk for a step with no header", ["input for step 424242 arrived before its header"] },
         { "a chunk of an array the header did not announce", ["announced no Weights"] },
+        { "a whole input announcing more tokens than MaxTokens", ["announces 17 tokens", "MaxTokens = 16"] },
+        { "a whole input with tokens past the announced size", ["Tokens chunk [0, 240)", "outside the announced 160 bytes"] },
+        { "a whole input with weights its header did not announce", ["announced no Weights"] },
     };
 
     [Theory]
@@ -204,9 +207,18 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
                 case "a chunk for a step with no header":
                     await rank.StageInputAsync(layer, step, InputPart.Tokens, 0, new Immutable<byte[]>(twoTokens));
                     break;
-                default:
+                case "a chunk of an array the header did not announce":
                     await rank.BeginInputAsync(layer, new StepInputHeader(step, 2, false, false));
                     await rank.StageInputAsync(layer, step, InputPart.Weights, 0, new Immutable<byte[]>(new byte[24]));
+                    break;
+                case "a whole input announcing more tokens than MaxTokens":
+                    await rank.StageStepInputAsync(layer, new StepInput(new StepInputHeader(step, 17, false, false), allTokens, new byte[17 * 3 * 4], default, default));
+                    break;
+                case "a whole input with tokens past the announced size":
+                    await rank.StageStepInputAsync(layer, new StepInput(new StepInputHeader(step, 2, false, false), (byte[])[.. twoTokens, .. twoTokens[..80]], new byte[24], default, default));
+                    break;
+                default:
+                    await rank.StageStepInputAsync(layer, new StepInput(new StepInputHeader(step, 2, false, false), twoTokens, new byte[24], new byte[24], default));
                     break;
             }
         });

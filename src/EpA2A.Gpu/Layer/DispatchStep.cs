@@ -30,13 +30,13 @@ internal sealed class DispatchStep
 /// <param name="HasScatterIndices">Scatter indices were given.</param>
 internal abstract record DispatchInputs(int TokenCount, bool HasWeights, bool HasScatterIndices)
 {
-    /// <summary>Host copies of the caller's tensors.</summary>
+    /// <summary>The caller's tensors on the host (the token rows where the caller has them, the rest copied).</summary>
     /// <param name="TokenCount">Tokens this rank dispatches.</param>
     /// <param name="Tokens">[TokenCount, Hidden] of the token type, as bytes.</param>
     /// <param name="ExpertIds">[TokenCount, TopK].</param>
     /// <param name="Weights">[TokenCount, TopK] or null.</param>
     /// <param name="ScatterIndices">[TokenCount, TopK] global rows or null.</param>
-    internal sealed record Host(int TokenCount, byte[] Tokens, int[] ExpertIds, float[]? Weights, int[]? ScatterIndices)
+    internal sealed record Host(int TokenCount, ReadOnlyMemory<byte> Tokens, int[] ExpertIds, float[]? Weights, int[]? ScatterIndices)
         : DispatchInputs(TokenCount, Weights is not null, ScatterIndices is not null);
 
     /// <summary>Device pointers of the caller's buffers (0 for an absent optional one, as libepa2a takes them).</summary>

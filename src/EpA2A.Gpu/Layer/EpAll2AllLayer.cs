@@ -83,14 +83,58 @@ public sealed partial class EpAll2AllLayer : IDisposable
             static (layer, a) => InputValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices)).ConfigureAwait(false);
 
         int n = (int)input.Lengths[0];
+        byte[] tokens = GC.AllocateUninitializedArray<byte>(n * Config.Hidden * Config.TokenBytes); // filled whole by the copy
+        DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
+        return await DispatchHostAsync<T>(n, tokens, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// <see cref="DispatchAsync{T}(Tensor{T}, Tensor{int}, Tensor{float}?, Tensor{int}?, CancellationToken)"/> from token
+    /// rows already in host memory, row-major as the bytes of the token type (what a rank grain received from a client):
+    /// the rows are read where they are, not copied first, so they must not change until this returns.
+    /// </summary>
+    /// <param name="tokenRows">[n, Hidden] of the configured token type, as bytes; n ≤ MaxTokens.</param>
+    /// <param name="expertIds">[n, TopK] expert ids; NumExperts marks a dropped slot.</param>
+    /// <param name="weights">Optional [n, TopK] routing weights (all ranks give them or none does).</param>
+    /// <param name="scatterIndices">Optional [n, TopK] global output rows that fix the placement (all ranks or none).</param>
+    /// <param name="cancellationToken">Cancels the wait; the step deadline applies regardless.</param>
+    /// <returns>The received rows, their weights, and the layout combine needs.</returns>
+    public async ValueTask<DispatchResult<T>> DispatchRowsAsync<T>(
+        ReadOnlyMemory<byte> tokenRows,
+        Tensor<int> expertIds,
+        Tensor<float>? weights = null,
+        Tensor<int>? scatterIndices = null,
+        CancellationToken cancellationToken = default)
+        where T : unmanaged
+    {
+        await CheckOrRejectAsync(
+            LayerOperation.Dispatch,
+            (bytes: tokenRows.Length, expertIds, weights, scatterIndices),
+            static (layer, a) =>
+            {
+                int row = layer.Config.Hidden * layer.Config.TokenBytes;
+                if (a.bytes % layer.Config.TokenBytes != 0)
+                {
+                    throw new ArgumentException($"tokenRows has {a.bytes} bytes, not whole elements of {layer.Config.TokenType} ({layer.Config.TokenBytes} bytes; rows of {row})", nameof(tokenRows));
+                }
+
+                InputValidator.DispatchRows<T>(layer.Config, a.bytes / layer.Config.TokenBytes, nameof(tokenRows), a.expertIds, a.weights, a.scatterIndices);
+            }).ConfigureAwait(false);
+
+        int n = tokenRows.Length / (Config.Hidden * Config.TokenBytes);
+        return await DispatchHostAsync<T>(n, tokenRows, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>The host dispatch of <paramref name="n"/> validated tokens.</summary>
+    private async ValueTask<DispatchResult<T>> DispatchHostAsync<T>(int n, ReadOnlyMemory<byte> tokens, Tensor<int> expertIds, Tensor<float>? weights, Tensor<int>? scatterIndices, CancellationToken cancellationToken)
+        where T : unmanaged
+    {
         using ActiveOperation op = BeginTraced(LayerOperation.Dispatch, n, cancellationToken, out PhaseClock clock);
 
         // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
         // in, so only its own layout is valid for combine, even if it fails.
         lastDispatchSequence = op.Operation.Sequence;
 
-        byte[] tokens = new byte[n * Config.Hidden * Config.TokenBytes];
-        DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
         DispatchStep step = new()
         {
             Operation = op.Operation,
@@ -156,7 +200,7 @@ public sealed partial class EpAll2AllLayer : IDisposable
 
         int n = layout.NumDispatchTokens;
         using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
-        byte[] rows = new byte[layout.RecvRows * Config.Hidden * Config.TokenBytes];
+        byte[] rows = GC.AllocateUninitializedArray<byte>(layout.RecvRows * Config.Hidden * Config.TokenBytes); // filled whole by the copy
         DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
         CombineStep step = new()
         {
@@ -172,7 +216,7 @@ public sealed partial class EpAll2AllLayer : IDisposable
             CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
             clock.Lap(Phase.CombineKernel, n, rows.Length);
             CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
-            T[] result = new T[n * Config.Hidden];
+            T[] result = GC.AllocateUninitializedArray<T>(n * Config.Hidden); // filled whole below
             switch (combined)
             {
                 case CombinedRows.HostSums sums:

@@ -23,6 +23,35 @@ internal static class InputValidator
             throw new ArgumentException($"input has {n} tokens, more than EpConfig.MaxTokens = {c.MaxTokens}", nameof(input));
         }
 
+        Routing(c, n, expertIds, weights, scatterIndices);
+    }
+
+    /// <summary>
+    /// <see cref="Dispatch{T}"/> for token rows given as flat row-major memory (<paramref name="argument"/>) of <paramref name="elements"/> elements:
+    /// whole rows of Hidden, at most MaxTokens of them, and the routing of as many tokens.
+    /// </summary>
+    public static void DispatchRows<T>(EpConfig c, int elements, string argument, Tensor<int> expertIds, Tensor<float>? weights, Tensor<int>? scatterIndices)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(expertIds);
+        ElementType<T>(c, argument);
+        if (elements % c.Hidden != 0)
+        {
+            throw new ArgumentException($"{argument} has {elements} elements, not whole rows of Hidden = {c.Hidden}", argument);
+        }
+
+        long n = elements / c.Hidden;
+        if (n > c.MaxTokens)
+        {
+            throw new ArgumentException($"{argument} has {n} tokens, more than EpConfig.MaxTokens = {c.MaxTokens}", argument);
+        }
+
+        Routing(c, n, expertIds, weights, scatterIndices);
+    }
+
+    /// <summary>The routing of <paramref name="n"/> tokens: ids, weights and scatter indices, each [n, TopK].</summary>
+    private static void Routing(EpConfig c, long n, Tensor<int> expertIds, Tensor<float>? weights, Tensor<int>? scatterIndices)
+    {
         Shape(expertIds, nameof(expertIds), n, c.TopK, "[n, TopK]");
         int[] ids = DenseTensor.ToArray(expertIds);
         ExpertIds(c, ids, nameof(expertIds));

@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using EpA2A.Errors;
 using EpA2A.Transport;
 using Orleans.Concurrency;
@@ -12,6 +13,9 @@ namespace EpA2A.Grains.Ranks;
 /// </summary>
 internal sealed class GrainRankTransport(IGrainFactory grains, string group, string layer, int rank, int chunkBytes, RankMailbox mailbox, int[]? members = null) : IRankTransport
 {
+    /// <summary>Peer references, made once each: GetGrain resolves the interface type through its attributes every time.</summary>
+    private readonly ConcurrentDictionary<int, IRankPeer> peers = new();
+
     public async ValueTask SendAsync(int destination, MessageTag tag, byte[] payload, CancellationToken cancellationToken)
     {
         if (destination == rank)
@@ -20,7 +24,7 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
             return;
         }
 
-        IRankPeer peer = grains.GetGrain<IRankPeer>(GrainKeys.Rank(group, members?[destination] ?? destination));
+        IRankPeer peer = peers.GetOrAdd(destination, d => grains.GetGrain<IRankPeer>(GrainKeys.Rank(group, members?[d] ?? d)));
         int count = Math.Max(1, (payload.Length + chunkBytes - 1) / chunkBytes);
         Task[] sends = new Task[count];
         for (int i = 0; i < count; i++)

@@ -133,6 +133,34 @@ internal sealed class HostedLayer : IDisposable
     }
 
     /// <summary>
+    /// A step's whole input in one message: the header as <see cref="BeginInput"/> takes it, then each part that has
+    /// bytes as one <see cref="Stage"/> at offset 0 (so every check of the chunked path applies). A part the wire
+    /// delivered as an array of its own is kept as it is, not copied.
+    /// </summary>
+    public void StageWhole(StepInput input)
+    {
+        ArgumentNullException.ThrowIfNull(input);
+        ArgumentNullException.ThrowIfNull(input.Header, nameof(input));
+        BeginInput(input.Header);
+        long step = input.Header.Step;
+        StagePart(step, InputPart.Tokens, input.Tokens);
+        StagePart(step, InputPart.ExpertIds, input.ExpertIds);
+        StagePart(step, InputPart.Weights, input.Weights);
+        StagePart(step, InputPart.ScatterIndices, input.ScatterIndices);
+    }
+
+    private void StagePart(long step, InputPart part, ReadOnlyMemory<byte> bytes)
+    {
+        if (bytes.IsEmpty)
+        {
+            return; // an absent part, or one of no bytes: the run's completeness check tells which is missing
+        }
+
+        bool own = MemoryMarshal.TryGetArray(bytes, out ArraySegment<byte> segment) && segment.Offset == 0 && segment.Count == segment.Array!.Length;
+        Stage(step, part, 0, own ? segment.Array! : bytes.ToArray());
+    }
+
+    /// <summary>
     /// A slice of a step's combined output. Outputs are kept per step until every byte was read and a later step has
     /// run (so another client's step cannot replace one before its client has it), and at most
     /// <see cref="MaxUnreadOutputs"/> steps or <see cref="UnreadOutputLifetime"/> beyond the step bound; an output given
@@ -312,8 +340,9 @@ internal sealed class HostedLayer : IDisposable
         int k = Config.TopK;
         EpAll2AllLayer layer = Layer!;
         (int[] ids, int masked) = LayerIds(input);
-        DispatchResult<T> dispatched = await layer.DispatchAsync(
-            Tensor.Create(MemoryMarshal.Cast<byte, T>(input.Tokens).ToArray(), [n, Config.Hidden]),
+        // The staged rows are the layer's input where they are (the array the wire delivered them in).
+        DispatchResult<T> dispatched = await layer.DispatchRowsAsync<T>(
+            input.Tokens,
             Tensor.Create(ids, [n, k]),
             input.Weights is { } w ? Tensor.Create(MemoryMarshal.Cast<byte, float>(w).ToArray(), [n, k]) : null,
             input.Scatter is { } s ? Tensor.Create(MemoryMarshal.Cast<byte, int>(s).ToArray(), [n, k]) : null,
@@ -321,7 +350,7 @@ internal sealed class HostedLayer : IDisposable
         // The experts are the group's: a masked group's layer numbers them anew, the experts must not notice.
         Tensor<T> expertOutput = await compute.ComputeAsync(Name, World is null ? Config : Spec.ToConfig(GroupRank), dispatched, token).ConfigureAwait(false);
         Tensor<T> combined = await layer.CombineAsync(expertOutput, dispatched.Layout, new CombineOptions(weighted), token).ConfigureAwait(false);
-        byte[] bytes = new byte[n * Config.Hidden * Config.TokenBytes];
+        byte[] bytes = GC.AllocateUninitializedArray<byte>(n * Config.Hidden * Config.TokenBytes); // filled whole by the copy
         DenseTensor.CopyTo(combined, MemoryMarshal.Cast<byte, T>(bytes.AsSpan()));
         return (bytes, dispatched.Layout.RecvRows, masked);
     }

@@ -156,7 +156,8 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
         private int lastLength = -1;
         private int received;
 
-        public byte[] Buffer { get; } = new byte[totalBytes];
+        // Uninitialized: a message is posted only once its chunks have tiled every byte.
+        public byte[] Buffer { get; } = GC.AllocateUninitializedArray<byte>(totalBytes);
 
         public bool Add(TransportChunk chunk, byte[] data)
         {

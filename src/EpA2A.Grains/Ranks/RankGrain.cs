@@ -77,6 +77,12 @@ internal sealed partial class RankGrain(RankRuntime runtime, ILogger<RankGrain> 
         return Task.CompletedTask;
     }
 
+    public Task StageStepInputAsync(string layer, StepInput input)
+    {
+        runtime.Get(layer).StageWhole(input);
+        return Task.CompletedTask;
+    }
+
     public Task StageInputAsync(string layer, long step, InputPart part, int offset, Immutable<byte[]> data)
     {
         runtime.Get(layer).Stage(step, part, offset, data.Value);

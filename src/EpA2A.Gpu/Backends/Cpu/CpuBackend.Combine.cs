@@ -26,7 +26,7 @@ internal sealed partial class CpuBackend
         }
 
         Array.Sort(keys, rows);
-        byte[] packet = new byte[8 + (count * RowBytes)];
+        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (count * RowBytes)); // every byte is written below
         MessageWriter w = new(packet);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(count);
@@ -107,7 +107,7 @@ internal sealed partial class CpuBackend
             }
         }
 
-        byte[] packet = new byte[8 + (tokens * (8 + (4 * h)))];
+        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (tokens * (8 + (4 * h)))); // every byte is written below
         MessageWriter w = new(packet);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(tokens);
@@ -203,7 +203,7 @@ internal sealed partial class CpuBackend
         foreach (int s in sources)
         {
             int mine = order.Count(e => e.Source == s);
-            byte[] packet = new byte[8 + (mine * (4 + (4 * h)))];
+            byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (mine * (4 + (4 * h)))); // every byte is written below
             MessageWriter w = new(packet);
             w.WriteInt(MessageStatus.Ok);
             w.WriteInt(mine);

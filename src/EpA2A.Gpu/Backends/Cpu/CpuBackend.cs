@@ -418,10 +418,11 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             slots += here;
         }
 
-        byte[] packet = new byte[8 + (entries * (12 + RowBytes)) + (16 * slots)];
+        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (entries * (12 + RowBytes)) + (16 * slots)); // sized exactly, every byte written below
         MessageWriter w = new(packet);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(entries);
+        ReadOnlySpan<byte> tokens = step.Host.Tokens.Span;
         for (int t = 0; t < step.TokenCount; t++)
         {
             ReadOnlySpan<int> tokenHops = hops.AsSpan(t * k, k);
@@ -446,7 +447,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                 }
             }
 
-            w.WriteBytes(step.Host.Tokens.AsSpan(t * RowBytes, RowBytes));
+            w.WriteBytes(tokens.Slice(t * RowBytes, RowBytes));
         }
 
         return packet;

@@ -21,7 +21,7 @@ internal sealed partial class CudaBackend
         int slots = n * config.TopK;
         await OnWorkerAsync(step.Operation, () =>
         {
-            Upload(stagedTokens.Pointer, host.Tokens.AsSpan(0, n * RowBytes));
+            Upload(stagedTokens.Pointer, host.Tokens.Span[..(n * RowBytes)]);
             Upload(stagedIds.Pointer, MemoryMarshal.AsBytes(host.ExpertIds.AsSpan(0, slots)));
             if (host.Weights is { } w)
             {
