@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
@@ -31,7 +32,7 @@ public sealed record StepOutcome<T>(T[][] Outputs, StepReport Report)
 public sealed class ExpertLayerClient
 {
     private readonly IGrainFactory grains;
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, IRankStaging> staging = new();
+    private readonly ConcurrentDictionary<int, IRankStaging> staging = new();
     private readonly int chunkBytes;
     private static readonly TimeSpan DefaultCallBound = TimeSpan.FromSeconds(30);
 
