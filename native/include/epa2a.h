@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 #define EPA2A_VERSION_MAJOR 0
-#define EPA2A_VERSION_MINOR 2
+#define EPA2A_VERSION_MINOR 3
 
 /* Status codes. */
 #define EPA2A_OK 0
@@ -48,6 +48,9 @@ extern "C" {
 #define EPA2A_ERR_BAD_EXPERT_ID 9 /* an expert id outside [0, num_experts] (the entry was dropped) */
 #define EPA2A_ERR_BAD_SCATTER_INDEX 10 /* a scatter index outside the destination rank's rows */
 #define EPA2A_ERR_BAD_ROW 11           /* an internal row index failed its bounds check */
+#define EPA2A_ERR_PEER_REJECTED \
+  12 /* a peer rejected its input for this step (epa2a_dispatch_reject,
+                                          epa2a_combine_reject; peer: the rank); not fatal: no reset needed */
 
 /* Where a device error was recorded (epa2a_status.phase). */
 #define EPA2A_PHASE_NONE 0
@@ -217,6 +220,18 @@ EPA2A_API int epa2a_dispatch_finish(epa2a_layer* layer, void* stream);
 EPA2A_API int epa2a_dispatch_enqueue(epa2a_layer* layer, const void* tokens, const int32_t* expert_ids,
                                      const float* weights, const int32_t* scatter_indices, int32_t num_tokens,
                                      void* stream);
+/* This rank rejected its input for the coming dispatch (the caller's check failed): takes part in the counts
+ * exchange with no tokens and a rejection mark instead of dispatching, so that every rank's
+ * epa2a_dispatch_wait_sizes fails at once with EPA2A_ERR_PEER_REJECTED naming the lowest rejecting rank. Nothing is
+ * sent; every rank is ready for the next dispatch with no reset. Enqueues only. (Fixed capacity: the peers' record
+ * is fatal, since no host stops their send, and they need epa2a_layer_reset.) */
+EPA2A_API int epa2a_dispatch_reject(epa2a_layer* layer, void* stream);
+/* After a dispatch, this rank rejected its combine input: marks the rejection on every rank, then takes part in the
+ * combine's barrier (and, across nodes, sends its proxy partials) without writing its own output. A rank of this node
+ * fails with EPA2A_ERR_PEER_REJECTED naming it (epa2a_layer_sync) and does not write its output; a rank of another
+ * node fails so when any of its tokens went through this node (otherwise its result does not depend on this rank).
+ * Not fatal: every rank is ready for the next dispatch with no reset. Enqueues only. */
+EPA2A_API int epa2a_combine_reject(epa2a_layer* layer, void* stream);
 /* expert_output [recv_rows, hidden] device rows, or NULL when they are already in buffers.output.
  * out [num_tokens, hidden]. weighted: multiply each row by its routing weight (needs weights at dispatch). */
 EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void* out, int32_t weighted,

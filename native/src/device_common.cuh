@@ -24,9 +24,11 @@ struct DevCtx {
   int row_bytes, out_rows, max_tokens, align, local_combine, has_weights, has_scatter, n;
   int meta_bytes, rec_bytes;
   int fixed_capacity;  // output rows fixed at creation: no host wait, the capacity is checked on the device
+  int rejecting;       // this call: this rank rejected its input and takes part only to tell its peers
   int64_t timeout_ns;
   // Epochs live in device memory so that a captured CUDA graph replays correctly: [0] dispatch step (bumped by
-  // the exchange kernel), [1] combine call, [2] all-rank barrier, [3] node barrier (bumped by barrier kernels).
+  // the exchange kernel), [1] combine call, [2] all-rank barrier, [3] node barrier (bumped by barrier kernels),
+  // [4] the dispatch step in which a rank's rejection was seen (the later kernels of that step stop).
   uint64_t* dep;
   // symmetric
   char* out;
@@ -34,15 +36,16 @@ struct DevCtx {
   int4* origin;
   int* lcsrc;
   float* partial;
-  int* table;       // [W][E + 2]: counts per expert, dropped, tokens
-  int* my_counts;   // [E + 2]
-  uint64_t* sig;    // [kSlots][W]
-  char* x_send;     // [max_tokens][rec_bytes]
-  char* x_recv;     // [N][max_tokens][rec_bytes]
-  uint64_t* x_sig;  // [N][max_tokens]
-  float* c_stage;   // [N][max_tokens][H]
-  float* c_recv;    // [N][max_tokens][H]
-  uint64_t* c_sig;  // [N][max_tokens]
+  int* table;        // [W][E + 2]: counts per expert, dropped, tokens
+  int* my_counts;    // [E + 2]
+  uint64_t* sig;     // [kSlots][W]
+  char* x_send;      // [max_tokens][rec_bytes]
+  char* x_recv;      // [N][max_tokens][rec_bytes]
+  uint64_t* x_sig;   // [N][max_tokens]
+  float* c_stage;    // [N][max_tokens][H]
+  float* c_recv;     // [N][max_tokens][H]
+  uint64_t* c_sig;   // [N][max_tokens]
+  uint64_t* reject;  // [W]: reject[p] = the combine epoch for which rank p rejected its combine input
   // local
   const char* tokens;
   const int* ids;
@@ -112,7 +115,8 @@ constexpr int kEpochDispatch = 0;
 constexpr int kEpochCombine = 1;
 constexpr int kEpochBarrierAll = 2;
 constexpr int kEpochBarrierNode = 3;
-constexpr int kEpochs = 4;
+constexpr int kEpochRejected = 4;
+constexpr int kEpochs = 5;
 
 // The current step's epochs, written by an earlier kernel of the same stream.
 __device__ __forceinline__ uint64_t step_epoch(const DevCtx& c) {
@@ -205,6 +209,15 @@ __device__ inline bool wait_signal(const Ctx& c, const uint64_t* sig, uint64_t e
       }
     }
   }
+}
+
+// The lowest rank that marked a rejection of the combine with this epoch (epa2a_combine_reject), or -1. Its mark
+// is written (and, across nodes, completed) before it signals the combine barrier, so a rank that waited for it,
+// directly or through a proxy, sees the mark.
+__device__ inline int rejected_peer(const DevCtx& c, uint64_t epoch) {
+  for (int p = 0; p < c.W; ++p)
+    if (p != c.me && ld_relaxed_sys(c.reject + p) == epoch) return p;
+  return -1;
 }
 
 // Token element types as raw bits, so that loads and stores stay plain integer moves.

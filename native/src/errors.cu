@@ -102,6 +102,12 @@ int status_fail(const epa2a_status& s, const char* fn) {
           "rank %d: rank %d receives %d rows but the fixed-capacity buffers hold %lld; nothing was sent "
           "(every rank saw the same counts and stopped); create the layer with a larger capacity",
           s.rank, s.peer, s.value, (long long)s.expected);
+    case EPA2A_ERR_PEER_REJECTED:
+      return fail(
+          s.code, fn,
+          "rank %d: rank %d rejected its input for this step (seen while %s); the step failed, the layer "
+          "is ready for the next step",
+          s.rank, s.peer, phase_name(s.phase));
     case EPA2A_ERR_BAD_ROW:
       return fail(s.code, fn, "rank %d: row %d (index %d, peer %d) failed its bounds check while %s", s.rank,
                   s.value, s.index, s.peer, phase_name(s.phase));

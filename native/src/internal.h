@@ -74,6 +74,7 @@ cudaError_t launch_forward(const DevCtx& c, int blocks, int vec_bytes, cudaStrea
 cudaError_t launch_barrier(const DevCtx& c, int slot, int counter, bool bump, int first, int count,
                            cudaStream_t s);
 cudaError_t launch_copy_rows(const DevCtx& c, const void* src, int blocks, cudaStream_t s);
+cudaError_t launch_reject_mark(const DevCtx& c, cudaStream_t s);
 cudaError_t launch_expand(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s);
 cudaError_t launch_presum(const DevCtx& c, int blocks, int token_type, bool wide, int weighted,
                           cudaStream_t s);

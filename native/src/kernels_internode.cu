@@ -244,6 +244,14 @@ __global__ void combine_final_kernel(DevCtx c, void* out, int weighted) {
       }
     }
   }
+  // A rank that rejected its combine input marked that before its node's barrier, so a rank whose tokens went
+  // through that node sees the mark once it has waited for their partials (a rank whose tokens did not has a
+  // result that does not depend on it).
+  if (lane == 0 && !c.rejecting) {
+    const int p = rejected_peer(c, combine_epoch(c));
+    if (p >= 0)
+      record_error(c, EPA2A_ERR_PEER_REJECTED, EPA2A_PHASE_COMBINE_REMOTE, p, -1, -1, 0, 0, 0, false);
+  }
 }
 
 cudaError_t launch_internode_send(const DevCtx& c, int blocks, int vec_bytes, cudaStream_t s) {

@@ -110,6 +110,25 @@ __global__ void barrier_kernel(DevCtx c, int slot, int counter, int bump, int fi
     const int p = first + i;
     if (p != c.me) wait_signal(c, base + p, epoch, p, EPA2A_PHASE_BARRIER, slot);
   }
+  if (slot == EPA2A_SLOT_COMBINE_READY && !c.rejecting) {
+    // Every rank of the node has arrived, and a rank that rejected its combine input marked that before it did.
+    __syncthreads();
+    if (threadIdx.x == 0 && !failed(c)) {
+      const int p = rejected_peer(c, epoch);
+      if (p >= 0) record_error(c, EPA2A_ERR_PEER_REJECTED, EPA2A_PHASE_COMBINE, p, -1, -1, 0, 0, 0, false);
+    }
+  }
+}
+
+// epa2a_combine_reject, before its combine barrier: marks in every rank's reject word that this rank rejects the
+// combine with the coming epoch, and completes the puts (so that a rank on another node sees the mark before any
+// partial that went through this node). One thread: a put a rank.
+__global__ void reject_mark_kernel(DevCtx c) {
+  if (failed(c) || threadIdx.x != 0) return;
+  const uint64_t epoch = __ldcg(c.dep + kEpochCombine) + 1;  // the combine barrier's (it bumps the counter)
+  for (int p = 0; p < c.W; ++p)
+    if (p != c.me) nvshmem_uint64_p(c.reject + c.me, epoch, p);
+  nvshmem_quiet();
 }
 
 // After the dispatch barrier: copy each local-combine row from the row that crossed, and fill padding rows.
@@ -198,6 +217,7 @@ template <int TK, int G>
 __global__ void combine_kernel(DevCtx c, void* out, int weighted) {
   using B = typename Tok<TK>::bits;
   if (failed(c)) return;
+  if (rejected_peer(c, combine_epoch(c)) >= 0) return;  // recorded at the barrier: the output is not written
   const int lane = threadIdx.x & 31;
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nw = (gridDim.x * blockDim.x) >> 5;
@@ -306,6 +326,11 @@ cudaError_t launch_dispatch(const DevCtx& c, int blocks, int vec_bytes, cudaStre
 cudaError_t launch_barrier(const DevCtx& c, int slot, int counter, bool bump, int first, int count,
                            cudaStream_t s) {
   barrier_kernel<<<1, 128, 0, s>>>(c, slot, counter, bump ? 1 : 0, first, count);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_reject_mark(const DevCtx& c, cudaStream_t s) {
+  reject_mark_kernel<<<1, 32, 0, s>>>(c);
   return cudaGetLastError();
 }
 

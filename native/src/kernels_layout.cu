@@ -54,7 +54,7 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
     }
     c.my_counts[e] = run;
   }
-  if (tid == 0) c.my_counts[E + 1] = c.n;
+  if (tid == 0) c.my_counts[E + 1] = c.rejecting ? -1 : c.n;  // -1 tokens: this rank rejected its input
   __syncthreads();
   if (tid == 0) c.dep[kEpochDispatch] = epoch;  // for the later kernels of this step
   for (int i = tid; i < row_len; i += nt) c.table[(size_t)me * row_len + i] = c.my_counts[i];
@@ -73,6 +73,33 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
   }
   __syncthreads();
   if (failed(c)) return;
+  // A rank that rejected its input sent -1 tokens: every rank stops this step here together, and the host poll
+  // (epa2a_dispatch_wait_sizes) reports the lowest such rank. Nothing was sent, so no reset is needed.
+  __shared__ int rejected;
+  if (tid == 0) {
+    rejected = -1;
+    for (int s = 0; s < W && rejected < 0; ++s)
+      if (__ldcg(c.table + (size_t)s * row_len + E + 1) < 0) rejected = s;
+    if (rejected >= 0) {
+      c.dep[kEpochRejected] = epoch;  // the assign kernel of this step stops too
+      // Fixed capacity (no host between the kernels): fatal, so that send and finish stop on every rank.
+      if (!c.rejecting)
+        record_error(c, EPA2A_ERR_PEER_REJECTED, EPA2A_PHASE_EXCHANGE, rejected, -1, -1, 0, 0, 0,
+                     c.fixed_capacity != 0);
+    }
+  }
+  __syncthreads();
+  if (rejected >= 0) {
+    volatile int* h = c.hinfo;
+    for (int i = W + tid; i < info_len(W, Epr); i += nt) h[i] = 0;
+    __syncthreads();
+    for (int s = tid; s < W; s += nt) h[info_tokens(W) + s] = __ldcg(c.table + (size_t)s * row_len + E + 1);
+    __threadfence_system();
+    __syncthreads();
+    for (int d = tid; d < W; d += nt) h[d] = 0;  // the sizes the host polls: known (nothing is received)
+    __threadfence_system();
+    return;
+  }
   // Offsets. The table rows arrived from peers: read them past L1.
   const int align = c.has_scatter ? 1 : c.align;
   for (int e = tid; e < E; e += nt) {
@@ -139,6 +166,7 @@ __global__ void exchange_kernel(DevCtx c, int nchunks) {
 __global__ void assign_kernel(DevCtx c, int nchunks, int warps_per_block) {
   extern __shared__ int counters[];  // [warps_per_block][E + 1]
   if (failed(c)) return;
+  if (__ldcg(c.dep + kEpochRejected) == step_epoch(c)) return;  // a rank rejected this step's input
   const int E = c.E, W = c.W, Epr = c.Epr;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int total = c.n * c.K;

@@ -293,6 +293,31 @@ int validate(const epa2a_layer_config& k, const char* fn) {
   return EPA2A_OK;
 }
 
+// The host's own record of a failure it found (the device record was empty or held something else).
+void record_host_error(epa2a_layer* l, int code, int phase, int peer) {
+  volatile epa2a_status* s = l->h_status;
+  s->phase = phase;
+  s->rank = l->ctx.me;
+  s->peer = peer;
+  s->index = -1;
+  s->value = -1;
+  s->expected = 0;
+  s->observed = 0;
+  s->waited_ns = 0;
+  std::atomic_thread_fence(std::memory_order_release);
+  s->code = code;
+}
+
+// Clears a non-fatal record of an earlier call (an input error with dropped entries, a peer's rejection) so that
+// this call can report its own.
+int clear_input_error(epa2a_layer* l, const char* fn, cudaStream_t s) {
+  const int code = read_status(l).code;
+  if (code == EPA2A_OK || fatal_code(code)) return EPA2A_OK;  // a fatal record stays until the reset
+  std::memset(l->h_status, 0, sizeof(epa2a_status));
+  EPA2A_CUDA(fn, cudaMemsetAsync(l->ctx.claim, 0, sizeof(int), s));
+  return EPA2A_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -408,6 +433,8 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
   c.my_counts = static_cast<int*>(p);
   TRY(alloc_sym(l->sym_fixed, epa2a::kSlots * W * sizeof(uint64_t), &p, fn, "signals"));
   c.sig = static_cast<uint64_t*>(p);
+  TRY(alloc_sym(l->sym_fixed, W * sizeof(uint64_t), &p, fn, "reject marks"));
+  c.reject = static_cast<uint64_t*>(p);
   if (c.N > 1) {
     TRY(alloc_sym(l->sym_fixed, MT * c.rec_bytes, &p, fn, "inter-node send records"));
     c.x_send = static_cast<char*>(p);
@@ -429,6 +456,7 @@ EPA2A_API int epa2a_layer_create(const epa2a_layer_config* config, epa2a_layer**
   auto init = [&]() -> int {
     EPA2A_CUDA(fn, cudaMemset(c.table, 0, W * (c.E + 2) * sizeof(int)));
     EPA2A_CUDA(fn, cudaMemset(c.sig, 0, epa2a::kSlots * W * sizeof(uint64_t)));
+    EPA2A_CUDA(fn, cudaMemset(c.reject, 0, W * sizeof(uint64_t)));
     if (c.N > 1) {
       EPA2A_CUDA(fn, cudaMemset(c.x_sig, 0, N * MT * sizeof(uint64_t)));
       EPA2A_CUDA(fn, cudaMemset(c.c_sig, 0, N * MT * sizeof(uint64_t)));
@@ -584,6 +612,7 @@ EPA2A_API int epa2a_layer_reset(epa2a_layer* layer) {
   }
   const size_t W = c.W, MT = c.max_tokens, N = c.N;
   EPA2A_CUDA(fn, cudaMemset(c.sig, 0, epa2a::kSlots * W * sizeof(uint64_t)));
+  EPA2A_CUDA(fn, cudaMemset(c.reject, 0, W * sizeof(uint64_t)));  // the combine epochs start again
   if (c.N > 1) {
     EPA2A_CUDA(fn, cudaMemset(c.x_sig, 0, N * MT * sizeof(uint64_t)));
     EPA2A_CUDA(fn, cudaMemset(c.c_sig, 0, N * MT * sizeof(uint64_t)));
@@ -644,11 +673,7 @@ EPA2A_API int epa2a_dispatch_prepare(epa2a_layer* layer, const void* tokens, con
   if (num_tokens > 0 && (!tokens || !expert_ids))
     return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "tokens and expert_ids must not be NULL");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (st.code != EPA2A_OK) {
-    // An input error of an earlier step (dropped entries): clear it so this step can report its own.
-    std::memset(l->h_status, 0, sizeof(epa2a_status));
-    EPA2A_CUDA(fn, cudaMemsetAsync(c.claim, 0, sizeof(int), s));
-  }
+  if ((rc = clear_input_error(l, fn, s))) return rc;  // an earlier step's: this step reports its own
   c.n = num_tokens;
   c.tokens = static_cast<const char*>(tokens);
   c.has_weights = weights != nullptr;
@@ -707,6 +732,19 @@ EPA2A_API int epa2a_dispatch_wait_sizes(epa2a_layer* layer, int64_t timeout_ns, 
   }
   std::atomic_thread_fence(std::memory_order_acquire);
   for (size_t i = 0; i < l->info.size(); ++i) l->info[i] = h[i];
+  for (int d = 0; d < c.W; ++d) {
+    if (l->info[epa2a::info_tokens(c.W) + d] >= 0) continue;
+    // The exchange kernel stopped the step on every rank (nothing was sent): the layer is ready for the next
+    // dispatch. The record names the rank even where an input error of this rank's own took the device record.
+    l->step = Step::Idle;
+    if (read_status(l).code != EPA2A_ERR_PEER_REJECTED)
+      record_host_error(l, EPA2A_ERR_PEER_REJECTED, EPA2A_PHASE_EXCHANGE, d);
+    return fail(
+        EPA2A_ERR_PEER_REJECTED, fn,
+        "rank %d: rank %d rejected its input for this dispatch and told every rank in the counts exchange; "
+        "nothing was sent and the step failed on every rank; the layer is ready for the next dispatch",
+        c.me, d);
+  }
   int mx = 0;
   for (int d = 0; d < c.W; ++d) mx = std::max(mx, l->info[d]);
   l->max_recv = mx;
@@ -801,6 +839,8 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   if (weighted && !c.has_weights)
     return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "weighted combine needs routing weights at dispatch");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if ((rc = clear_input_error(l, fn, s)))
+    return rc;  // the dispatch reported it: this combine records its own
   if (expert_output && expert_output != c.out) {
     if (c.fixed_capacity && reinterpret_cast<uintptr_t>(expert_output) % 16 != 0)
       return fail(EPA2A_ERR_INVALID_ARGUMENT, fn,
@@ -838,6 +878,61 @@ EPA2A_API int epa2a_combine(epa2a_layer* layer, const void* expert_output, void*
   tr.mark("pull/final");
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "combine kernels launch");
   // One combine per dispatch: the next dispatch's count exchange orders every peer's reads before reuse.
+  l->step = Step::Idle;
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_dispatch_reject(epa2a_layer* layer, void* stream) {
+  const char* fn = "epa2a_dispatch_reject";
+  int rc = check_layer(layer, fn);
+  if (rc) return rc;
+  epa2a_layer* l = layer;
+  if (l->step != Step::Idle && l->step != Step::Dispatched)
+    return fail(EPA2A_ERR_STATE, fn, "a dispatch is already in progress (state '%s')", step_name(l->step));
+  const epa2a_status st = read_status(l);
+  if (fatal_code(st.code)) {
+    epa2a::status_fail(st, fn);
+    return fail(EPA2A_ERR_STATE, fn, "the layer failed earlier and needs epa2a_layer_reset (collective): %s",
+                epa2a_last_error());
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if ((rc = clear_input_error(l, fn, s))) return rc;
+  epa2a::DevCtx& c = l->ctx;
+  c.n = 0;
+  c.tokens = nullptr;
+  c.has_weights = 0;
+  c.has_scatter = 0;
+  c.user_scatter = nullptr;
+  for (int d = 0; d < c.W; ++d) reinterpret_cast<volatile int*>(l->h_info)[d] = -1;
+  // No tokens to count: the exchange alone, with -1 tokens in this rank's row.
+  c.rejecting = 1;
+  const cudaError_t err = epa2a::launch_exchange(c, 0, s);
+  c.rejecting = 0;
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "exchange kernel launch");
+  l->step = Step::Idle;
+  return EPA2A_OK;
+}
+
+EPA2A_API int epa2a_combine_reject(epa2a_layer* layer, void* stream) {
+  const char* fn = "epa2a_combine_reject";
+  int rc = check_layer(layer, fn);
+  if (rc) return rc;
+  epa2a_layer* l = layer;
+  if ((rc = expect_step(l, fn, Step::Dispatched))) return rc;
+  epa2a::DevCtx& c = l->ctx;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if ((rc = clear_input_error(l, fn, s))) return rc;
+  // The mark first (completed), then this node's combine barrier; across nodes this rank still serves as a proxy
+  // (its partials are wrong, and every rank that reads them sees the mark first). Its own output is not written.
+  c.rejecting = 1;
+  cudaError_t err = epa2a::launch_reject_mark(c, s);
+  if (err == cudaSuccess)
+    err =
+        epa2a::launch_barrier(c, EPA2A_SLOT_COMBINE_READY, epa2a::kEpochCombine, true, c.node * c.L, c.L, s);
+  if (err == cudaSuccess && c.N > 1)
+    err = epa2a::launch_combine_proxy(c, l->num_sms, l->cfg.token_type, c.row_bytes % 16 == 0, 0, s);
+  c.rejecting = 0;
+  if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "combine rejection kernels launch");
   l->step = Step::Idle;
   return EPA2A_OK;
 }

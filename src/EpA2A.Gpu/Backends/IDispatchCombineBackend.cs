@@ -46,8 +46,8 @@ internal interface IDispatchCombineBackend : IDisposable
 
     /// <summary>
     /// This rank rejected its input for <paramref name="operation"/> (a dispatch, or else a combine): tell the peers
-    /// where they wait for this rank, so they fail at once naming it. Nothing is sent where the backend has no way to
-    /// tell them (CUDA: the peers' device waits end at the deadline, naming this rank).
+    /// where they wait for this rank, so they fail at once naming it (CPU: an abort message in the operation's exchange;
+    /// CUDA: libepa2a's rejection in the counts exchange or at the combine barrier). The group needs no recovery after it.
     /// </summary>
     ValueTask RejectAsync(OperationContext operation, bool dispatch, string reason) => ValueTask.CompletedTask;
 

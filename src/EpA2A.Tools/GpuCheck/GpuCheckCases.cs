@@ -34,7 +34,9 @@ internal sealed record GpuCheckCase(
     bool Fp8 = false,
     bool PowerOfTwo = false,
     bool ZeroCopy = false,
-    int BadIdRank = -1)
+    int BadIdRank = -1,
+    int RejectRank = -1,
+    bool RejectCombine = false)
 {
     /// <summary>
     /// Large cases give every rank MaxTokens tokens (rank 0 only with <see cref="RandomTokens"/>; the others then draw
@@ -42,9 +44,12 @@ internal sealed record GpuCheckCase(
     /// </summary>
     public bool CompareWithCpu => !Large && !LowLatency;
 
-    public TimeSpan Timeout => Fault ? TimeSpan.FromMilliseconds(300) : TimeSpan.FromSeconds(Large ? 60 : 20);
+    /// <summary>A rejection case: rank <see cref="RejectRank"/> rejects its dispatch (or combine) input; the others must fail at once.</summary>
+    public bool Rejects => RejectRank >= 0;
 
-    public int TimedSteps => Fault ? 0 : Large ? 5 : 20;
+    public TimeSpan Timeout => Fault ? TimeSpan.FromMilliseconds(300) : Rejects ? TimeSpan.FromSeconds(10) : TimeSpan.FromSeconds(Large ? 60 : 20);
+
+    public int TimedSteps => Fault || Rejects ? 0 : Large ? 5 : 20;
 
     /// <summary>
     /// What one rank process of this case may need, from its work: a fixed part (layer create and destroy, JIT,
@@ -82,6 +87,7 @@ internal sealed record GpuCheckCase(
         PowerOfTwo ? "pow2" : null,
         ZeroCopy ? "zero-copy" : null,
         BadIdRank >= 0 ? "bad-id" : null,
+        Rejects ? (RejectCombine ? "reject-combine" : "reject-dispatch") : null,
     }.Where(f => f is not null));
 
     public EpConfig Config(int rank) => new(
@@ -99,10 +105,14 @@ internal sealed record GpuCheckCase(
         new("w4", "intra bf16 scatter+weights", 4, 4, 4, 16, 512, 128, Drop: 0.3, Weights: true, Scatter: true),
         new("w4", "grow (skewed, capacity 1)", 4, 4, 4, 16, 256, 128, Skewed: true, Capacity: 1),
         new("w4", "fault: rank 3 never arrives", 4, 4, 2, 8, 256, 64, Fault: true),
+        new("w4", "reject: rank 2's dispatch input (expert id -6)", 4, 4, 2, 8, 256, 64, Weights: true, RejectRank: 2),
+        new("w4", "reject: rank 1's combine input (a row too many)", 4, 4, 2, 8, 256, 64, Weights: true, Weighted: true, RejectRank: 1, RejectCombine: true),
         new("w8", "intra bf16 E64 top-8", 8, 8, 8, 64, 2048, 256),
         new("w8", "intra bf16 local-combine weighted", 8, 8, 6, 32, 1024, 192, LocalCombine: true, Drop: 0.2, Weights: true, Weighted: true),
         new("inter", "inter L=2 bf16 weighted", 8, 2, 4, 32, 1024, 192, Drop: 0.2, Weights: true, Weighted: true),
         new("inter", "inter L=4 fp32 align8 weighted", 8, 4, 4, 32, 512, 128, TokenType.Float32, Alignment: 8, Weights: true, Weighted: true),
+        new("inter", "inter reject: rank 6's dispatch input (expert id -6)", 8, 4, 4, 32, 256, 64, RejectRank: 6),
+        new("inter", "inter reject: rank 5's combine input (a row too many)", 8, 4, 4, 32, 256, 64, Weights: true, Weighted: true, RejectRank: 5, RejectCombine: true),
         new("graph", "graph capture + caller-thread calls, bf16 weighted", 4, 4, 4, 16, 512, 128, Weights: true, Weighted: true, Graph: true),
         new("graph", "graph capture + caller-thread calls, inter L=2 fp16", 4, 2, 4, 16, 256, 96, TokenType.Float16, Weights: true, Graph: true),
         new("ll2", "ll bf16 weighted", 2, 2, 4, 16, 512, 48, Drop: 0.1, Weights: true, Weighted: true, LowLatency: true),

@@ -311,6 +311,11 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
             await layer.RecoverAsync().ConfigureAwait(false);
             message += "; recovered (collective reset), then ";
         }
+        else if (c.Rejects)
+        {
+            message = await RejectOrFailAtOnceAsync(c, layer, mine).ConfigureAwait(false);
+            message += "; no recovery, then ";
+        }
 
         // 1. Host API (Tensor<T> in, host copies out), outputs poisoned first.
         await CudaLayerDiagnostics.PoisonReceiveBuffersAsync(layer).ConfigureAwait(false);
@@ -552,6 +557,59 @@ internal sealed class GpuCheckRank(string group, int rank, int world, int gpus, 
         }
 
         throw new GpuCheckFailure($"expected {typeof(TException).Name}, but the call succeeded");
+    }
+
+    /// <summary>
+    /// A rejection case: rank <see cref="GpuCheckCase.RejectRank"/> passes bad input (an expert id of -6 at dispatch, or an
+    /// expert output with a row too many at combine) and must get its <see cref="ArgumentException"/> at once; every other
+    /// rank must fail with an <see cref="EpStepAbortedException"/> naming it within a second (the deadline is 10 s), and the
+    /// step after it must pass with no recovery. The ranks meet at a layer barrier first, so the times start together.
+    /// </summary>
+    private async Task<string> RejectOrFailAtOnceAsync<T>(GpuCheckCase c, EpAll2AllLayer layer, RankInput<T> mine)
+        where T : unmanaged
+    {
+        int bad = c.RejectRank;
+        int n = mine.Count;
+        int h = c.Hidden;
+        int k = c.TopK;
+        Tensor<float>? weights = mine.Weights is { } w ? Tensor.Create(w, [n, k]) : null;
+        EpAllToAllLayout? layout = null;
+        int recv = 0;
+        if (c.RejectCombine)
+        {
+            DispatchResult<T> d = await layer.DispatchAsync(Tensor.Create(mine.Tokens, [n, h]), Tensor.Create(mine.ExpertIds, [n, k]), weights).ConfigureAwait(false);
+            layout = d.Layout;
+            recv = d.Layout.RecvRows;
+        }
+        else
+        {
+            await layer.BarrierAllAsync().ConfigureAwait(false);
+        }
+
+        Stopwatch sw = Stopwatch.StartNew();
+        if (rank == bad)
+        {
+            ArgumentException e = c.RejectCombine
+                ? await RequireThrowsAsync<ArgumentException>(async () => await layer.CombineAsync(Tensor.Create(new T[(recv + 1) * h], [recv + 1, h]), layout!, new CombineOptions(c.Weighted)).ConfigureAwait(false)).ConfigureAwait(false)
+                : await RequireThrowsAsync<ArgumentException>(async () =>
+                {
+                    int[] ids = (int[])mine.ExpertIds.Clone();
+                    ids[0] = -6;
+                    await layer.DispatchAsync(Tensor.Create(mine.Tokens, [n, h]), Tensor.Create(ids, [n, k]), weights).ConfigureAwait(false);
+                }).ConfigureAwait(false);
+            double ms = sw.Elapsed.TotalMilliseconds;
+            Require(ms < 1000, $"the rejecting rank's ArgumentException took {ms:0} ms");
+            return string.Create(CultureInfo.InvariantCulture, $"rank {bad} rejected its {(c.RejectCombine ? "combine" : "dispatch")} input in {ms:0.0} ms: {e.Message[..Math.Min(160, e.Message.Length)]}");
+        }
+
+        EpStepAbortedException aborted = c.RejectCombine
+            ? await RequireThrowsAsync<EpStepAbortedException>(async () => await layer.CombineAsync(Tensor.Create(new T[recv * h], [recv, h]), layout!, new CombineOptions(c.Weighted)).ConfigureAwait(false)).ConfigureAwait(false)
+            : await RequireThrowsAsync<EpStepAbortedException>(async () => await layer.DispatchAsync(Tensor.Create(mine.Tokens, [n, h]), Tensor.Create(mine.ExpertIds, [n, k]), weights).ConfigureAwait(false)).ConfigureAwait(false);
+        double waited = sw.Elapsed.TotalMilliseconds;
+        Require(aborted.Rank == bad, $"the failure names rank {aborted.Rank?.ToString(CultureInfo.InvariantCulture) ?? "none"}, not rank {bad}: {aborted.Message}");
+        Require(aborted.Message.Contains($"rank {bad}", StringComparison.Ordinal), $"the message does not name rank {bad}: {aborted.Message}");
+        Require(waited < 1000, $"rank {rank} failed after {waited:0} ms, not at once (deadline {c.Timeout.TotalSeconds:0} s): {aborted.Message}");
+        return string.Create(CultureInfo.InvariantCulture, $"failed in {waited:0.0} ms naming rank {bad}: {aborted.Message[..Math.Min(200, aborted.Message.Length)]}");
     }
 
     /// <summary>The fault case: the last rank never arrives at the step; every other rank must time out within the deadline naming it.</summary>

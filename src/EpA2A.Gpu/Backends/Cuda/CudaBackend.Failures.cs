@@ -136,6 +136,15 @@ internal sealed partial class CudaBackend
                     return new EpStepAbortedException($"rank {config.Rank}: the step was aborted while waiting for {who}: {detail}", peer);
                 }
 
+            case NativeCode.PeerRejected:
+                {
+                    // Not fatal: the rejecting rank told every rank through the step's own exchange (counts, or the
+                    // combine barrier), and every rank is ready for the next step.
+                    int peer = epa2a_layer_status(layer.Pointer, out NativeStatus status) == 0 && status.Code == e.Code ? status.Peer : -1;
+                    string who = peer >= 0 ? $"rank {peer}" : "a peer";
+                    return new EpStepAbortedException($"rank {config.Rank}: {who} rejected its input for operation {op.Sequence} and told every rank at once: {e.Message}", peer);
+                }
+
             case NativeCode.BadExpertId:
             case NativeCode.BadScatterIndex:
                 return InputError(e);

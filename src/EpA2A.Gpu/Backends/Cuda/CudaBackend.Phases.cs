@@ -221,6 +221,30 @@ internal sealed partial class CudaBackend
         }).ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// This rank rejected its input: it still takes its part in the step's first exchange, as a rejection, so that every
+    /// peer fails at once naming it (libepa2a: a dispatch joins the counts exchange with -1 tokens; a combine marks the
+    /// rejection on every rank before its combine barrier). Only enqueues: the caller gets its
+    /// <see cref="ArgumentException"/> at once, and the kernels wait for the peers on the stream with the layer's
+    /// deadline. A combine with no dispatch before it tells nobody (the peers are not in a combine either).
+    /// </summary>
+    public async ValueTask RejectAsync(OperationContext operation, bool dispatch, string reason)
+    {
+        ThrowIfUnusable();
+        if (!dispatch && !combineReady)
+        {
+            return;
+        }
+
+        combineReady = false;
+        pendingInputError = null;
+        await OnWorkerAsync(operation, () =>
+        {
+            Check(dispatch ? epa2a_dispatch_reject(layer.Pointer, stream.Pointer) : epa2a_combine_reject(layer.Pointer, stream.Pointer), dispatch ? "epa2a_dispatch_reject" : "epa2a_combine_reject");
+            return true;
+        }).ConfigureAwait(false);
+    }
+
     /// <summary>Operations are ordered by libepa2a's own epochs: nothing to drop per operation.</summary>
     public void Reset(long epoch, long sequence)
     {

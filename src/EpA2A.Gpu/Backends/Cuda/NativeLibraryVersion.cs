@@ -11,7 +11,7 @@ internal static class NativeLibraryVersion
     public const int ExpectedMajor = 0;
 
     /// <summary>EPA2A_VERSION_MINOR: the oldest minor that has every entry point these bindings call.</summary>
-    public const int ExpectedMinor = 2;
+    public const int ExpectedMinor = 3;
 
     private static readonly Lazy<(int Major, int Minor)> Found = new(ReadFound);
 

@@ -150,6 +150,12 @@ internal static partial class NativeMethods
     internal static partial int epa2a_combine(nint layer, nint expertOutput, nint output, int weighted, nint stream);
 
     [LibraryImport(Library)]
+    internal static partial int epa2a_dispatch_reject(nint layer, nint stream);
+
+    [LibraryImport(Library)]
+    internal static partial int epa2a_combine_reject(nint layer, nint stream);
+
+    [LibraryImport(Library)]
     internal static partial int epa2a_dispatch_enqueue(nint layer, nint tokens, nint expertIds, nint weights, nint scatterIndices, int numTokens, nint stream);
 
     [LibraryImport(Library)]

@@ -80,6 +80,7 @@ internal enum NativeCode
     BadExpertId = 9,
     BadScatterIndex = 10,
     BadRow = 11,
+    PeerRejected = 12,
 }
 
 /// <summary>epa2a_ll_config: the low-latency layer's configuration, the same on every rank except the rank. 56 bytes.</summary>
