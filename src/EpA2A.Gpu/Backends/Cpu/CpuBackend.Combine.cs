@@ -57,7 +57,7 @@ internal sealed partial class CpuBackend
 
         for (int t = 0; t < n; t++)
         {
-            Span<float> acc = step.Accumulator.AsSpan(t * h, h);
+            Span<float> acc = step.Accumulator.Span.Slice(t * h, h);
             for (int j = 0; j < k; j++)
             {
                 int e = ids[(t * k) + j];
@@ -148,7 +148,7 @@ internal sealed partial class CpuBackend
                     throw new InvalidDataException($"rank {d} sent rank {Rank} a partial for rank {s}");
                 }
 
-                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h)), step.Accumulator.AsSpan(t * h, h));
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h)), step.Accumulator.Span.Slice(t * h, h));
             }
         }
     }

@@ -256,7 +256,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             for (int i = 0; i < count; i++)
             {
                 int t = CheckedToken(r.ReadInt(), step.Layout.NumDispatchTokens, gateways[b]);
-                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4)), step.Accumulator.AsSpan(t * h, h));
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4)), step.Accumulator.Span.Slice(t * h, h));
             }
         }
 
