@@ -1,4 +1,4 @@
-using System.Buffers;
+using System.Numerics;
 
 namespace EpA2A.Transport;
 
@@ -25,11 +25,6 @@ public sealed class TransportBuffer
 
     /// <summary>Larger messages are allocated and dropped, not pooled (the default layer's are under 1 MiB).</summary>
     public const int MaxPooledBytes = 16 << 20;
-
-    // One layer's step has a few dozen messages in flight at once; more arrays of a size than this are dropped on return.
-    private const int ArraysPerSize = 256;
-
-    private static readonly ArrayPool<byte> Pool = ArrayPool<byte>.Create(MaxPooledBytes, ArraysPerSize);
 
     private byte[]? array;
 
@@ -65,7 +60,7 @@ public sealed class TransportBuffer
     public static TransportBuffer Rent(int length)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(length);
-        return new TransportBuffer(Pool.Rent(Math.Max(length, 16)), length); // Rent(0) would hand out the shared empty array
+        return new TransportBuffer(BufferPool.Rent(length), length);
     }
 
     /// <summary>A buffer holding a copy of <paramref name="bytes"/>.</summary>
@@ -95,9 +90,63 @@ public sealed class TransportBuffer
             a.AsSpan().Fill(PoisonByte);
         }
 
-        Pool.Return(a);
+        BufferPool.Return(a);
     }
 
     private byte[] Array() =>
         Volatile.Read(ref array) ?? throw new ObjectDisposedException(nameof(TransportBuffer), "the transport buffer was read after its owner released it");
+
+    /// <summary>
+    /// Arrays by power-of-two size, 4 KiB to <see cref="MaxPooledBytes"/>. A miss allocates on the pinned object heap:
+    /// pooled arrays live for the process, and there the collector neither copies them (a pooled array allocated in gen0
+    /// is copied into gen1 and again into gen2 by the collections of the first steps) nor scans them. Each size keeps at
+    /// most 64 MiB of idle arrays (and at least 4); more are dropped on return.
+    /// </summary>
+    private static class BufferPool
+    {
+        private const int MinShift = 12;
+        private const int MaxShift = 24;
+        private const long IdleBytesPerSize = 64L << 20;
+
+        private static readonly Stack<byte[]>[] Idle = [.. Enumerable.Range(0, MaxShift - MinShift + 1).Select(_ => new Stack<byte[]>())];
+
+        public static byte[] Rent(int length)
+        {
+            if (length > MaxPooledBytes)
+            {
+                return GC.AllocateUninitializedArray<byte>(length);
+            }
+
+            int bucket = Bucket(length);
+            Stack<byte[]> idle = Idle[bucket];
+            lock (idle)
+            {
+                if (idle.TryPop(out byte[]? array))
+                {
+                    return array;
+                }
+            }
+
+            return GC.AllocateUninitializedArray<byte>(1 << (bucket + MinShift), pinned: true);
+        }
+
+        public static void Return(byte[] array)
+        {
+            if (array.Length > MaxPooledBytes || array.Length != 1 << (Bucket(array.Length) + MinShift))
+            {
+                return; // not a pooled size (a message larger than the pool takes)
+            }
+
+            Stack<byte[]> idle = Idle[Bucket(array.Length)];
+            lock (idle)
+            {
+                if (idle.Count < Math.Max(4, IdleBytesPerSize / array.Length))
+                {
+                    idle.Push(array);
+                }
+            }
+        }
+
+        private static int Bucket(int length) => Math.Max(0, BitOperations.Log2((uint)Math.Max(length, 1) - 1) + 1 - MinShift);
+    }
 }

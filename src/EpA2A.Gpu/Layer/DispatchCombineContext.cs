@@ -80,7 +80,9 @@ public sealed class DispatchCombineContext
     {
         if (hostStaging.Length < bytes)
         {
-            hostStaging = GC.AllocateUninitializedArray<byte>(bytes);
+            // Pinned: it lives as long as the layer, and there the collector never copies it (a gen0 array of a few MiB was
+            // copied into gen1 and then gen2 by the collections of the first steps).
+            hostStaging = GC.AllocateUninitializedArray<byte>(bytes, pinned: true);
         }
 
         return hostStaging;
@@ -91,7 +93,7 @@ public sealed class DispatchCombineContext
     {
         if (combineSums.Length < elements)
         {
-            combineSums = GC.AllocateUninitializedArray<float>(elements);
+            combineSums = GC.AllocateUninitializedArray<float>(elements, pinned: true); // as the staging buffer
         }
 
         return combineSums;
