@@ -10,7 +10,10 @@ public interface IRankPeer : IGrainWithStringKey
     Task DeliverAsync(string layer, TransportChunk chunk);
 }
 
-/// <summary>A piece of one transport message; a message larger than the chunk size crosses in several.</summary>
+/// <summary>
+/// A piece of one transport message; a message larger than the chunk size crosses in several. Immutable, so a call inside
+/// one silo hands the receiver the sender's view of its bytes (see <see cref="TransportChunkData"/>).
+/// </summary>
 [GenerateSerializer]
 [Immutable]
 public sealed record TransportChunk(
@@ -21,4 +24,4 @@ public sealed record TransportChunk(
     [property: Id(4)] int Index,
     [property: Id(5)] int Count,
     [property: Id(6)] int TotalBytes,
-    [property: Id(7)] Immutable<byte[]> Data);
+    [property: Id(7)] TransportChunkData Data);

@@ -292,8 +292,8 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
 
         // Barrier messages: well-formed ones are never read by a step, so only the rejection is under test.
         int barrier = (int)ExchangePhase.Barrier;
-        TransportChunk chunk = new(epoch, 1, barrier, 0, 0, 1, 8, new Immutable<byte[]>(new byte[8]));
-        TransportChunk first = chunk with { Count = 2, TotalBytes = 2048, Data = new Immutable<byte[]>(new byte[1024]) };
+        TransportChunk chunk = new(epoch, 1, barrier, 0, 0, 1, 8, new TransportChunkData(new byte[8]));
+        TransportChunk first = chunk with { Count = 2, TotalBytes = 2048, Data = new TransportChunkData(new byte[1024]) };
         InvalidDataException e = await Assert.ThrowsAsync<InvalidDataException>(async () =>
         {
             switch (bad)
@@ -308,17 +308,17 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
                 case "source is the receiver itself": await rank.DeliverAsync(client.Layer, chunk with { Source = BadRank }); break;
                 case "phase unknown": await rank.DeliverAsync(client.Layer, chunk with { Phase = 99 }); break;
                 case "operation far ahead": await rank.DeliverAsync(client.Layer, chunk with { Sequence = 1000 }); break;
-                case "single chunk shorter than TotalBytes": await rank.DeliverAsync(client.Layer, chunk with { Data = new Immutable<byte[]>(new byte[4]) }); break;
+                case "single chunk shorter than TotalBytes": await rank.DeliverAsync(client.Layer, chunk with { Data = new TransportChunkData(new byte[4]) }); break;
                 case "chunks that do not tile the message":
                     TransportChunk three = first with { Count = 3, TotalBytes = 3000 };
                     await rank.DeliverAsync(client.Layer, three);
-                    await rank.DeliverAsync(client.Layer, three with { Index = 1, Data = new Immutable<byte[]>(new byte[1000]) });
+                    await rank.DeliverAsync(client.Layer, three with { Index = 1, Data = new TransportChunkData(new byte[1000]) });
                     break;
                 case "a chunk sent twice":
                     await rank.DeliverAsync(client.Layer, first with { Sequence = 2 });
                     await rank.DeliverAsync(client.Layer, first with { Sequence = 2 });
                     break;
-                default: await rank.DeliverAsync(client.Layer, chunk with { Data = new Immutable<byte[]>(null!) }); break;
+                default: await rank.DeliverAsync(client.Layer, chunk with { Data = null! }); break;
             }
         });
 
@@ -334,7 +334,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
 
         // A counts message of operation 1 from rank 0 that, if taken, would break the next step's counts exchange.
         byte[] junk = [.. Enumerable.Range(0, 64).Select(i => (byte)(i * 37))];
-        TransportChunk counts = new(epoch - 1, 1, (int)ExchangePhase.Counts, 0, 0, 1, junk.Length, new Immutable<byte[]>(junk));
+        TransportChunk counts = new(epoch - 1, 1, (int)ExchangePhase.Counts, 0, 0, 1, junk.Length, new TransportChunkData(junk));
         await Rank(BadRank).DeliverAsync(client.Layer, counts);
         await Rank(BadRank).DeliverAsync("no-such-layer", counts with { Epoch = epoch });
         await GrainStepRunner.RunCheckedAsync(client, Spec, seed);
@@ -355,7 +355,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
                 {
                     try
                     {
-                        await Rank(BadRank).DeliverAsync(client.Layer, new TransportChunk(epoch, sequence, phase, source, 0, 1, 4, new Immutable<byte[]>(new byte[4])));
+                        await Rank(BadRank).DeliverAsync(client.Layer, new TransportChunk(epoch, sequence, phase, source, 0, 1, 4, new TransportChunkData(new byte[4])));
                         accepted++;
                     }
                     catch (InvalidDataException e)
@@ -393,7 +393,7 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
                 try
                 {
                     // The first half of a largest-size message: the rank makes the whole message's buffer.
-                    await Rank(BadRank).DeliverAsync(client.Layer, new TransportChunk(epoch, sequence, (int)ExchangePhase.Barrier, source, 0, 2, largest, new Immutable<byte[]>(new byte[half])));
+                    await Rank(BadRank).DeliverAsync(client.Layer, new TransportChunk(epoch, sequence, (int)ExchangePhase.Barrier, source, 0, 2, largest, new TransportChunkData(new byte[half])));
                     begun++;
                 }
                 catch (InvalidDataException e)

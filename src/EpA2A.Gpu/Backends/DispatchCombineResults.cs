@@ -20,7 +20,7 @@ internal abstract record CombinedRows
 {
     /// <summary>fp32 sums (the step's accumulator); the layer rounds them once.</summary>
     /// <param name="Sums">[TokenCount, Hidden] fp32.</param>
-    internal sealed record HostSums(float[] Sums) : CombinedRows;
+    internal sealed record HostSums(Memory<float> Sums) : CombinedRows;
 
     /// <summary>Rows the backend rounded (CUDA, host path).</summary>
     /// <param name="Rows">[TokenCount, Hidden] of the token type, as bytes.</param>

@@ -9,6 +9,9 @@ internal sealed class CombineStep
 
     public required OperationContext Operation { get; init; }
 
+    /// <summary>The layer's buffers (the host combine's scratch lives there).</summary>
+    public required DispatchCombineContext Context { get; init; }
+
     public required EpAllToAllLayout Layout { get; init; }
 
     public required CombineInputs Inputs { get; init; }
@@ -26,10 +29,24 @@ internal sealed class CombineStep
         ?? throw new InvalidOperationException($"rank {Config.Rank}: a host-only backend was given device inputs");
 
     /// <summary>
-    /// [TokenCount, Hidden] fp32 sums a host backend accumulates into (returned as <see cref="Backends.CombinedRows.HostSums"/>).
-    /// Allocated on first use: a backend that rounds on the device (CUDA) never touches it.
+    /// [TokenCount, Hidden] fp32 sums a host backend accumulates into (returned as <see cref="Backends.CombinedRows.HostSums"/>):
+    /// the front of the layer's sum buffer, reused by every combine and zeroed here on first use; a backend that rounds on
+    /// the device (CUDA) never touches it.
     /// </summary>
-    public float[] Accumulator => accumulator ??= new float[Layout.NumDispatchTokens * Config.Hidden];
+    public Memory<float> Accumulator
+    {
+        get
+        {
+            int elements = Layout.NumDispatchTokens * Config.Hidden;
+            if (accumulator is null)
+            {
+                accumulator = Context.CombineSums(elements);
+                Array.Clear(accumulator, 0, elements);
+            }
+
+            return accumulator.AsMemory(0, elements);
+        }
+    }
 
     public EpConfig Config => Operation.Config;
 }
@@ -38,7 +55,7 @@ internal sealed class CombineStep
 internal abstract record CombineInputs
 {
     /// <summary>Host copies of the expert outputs.</summary>
-    /// <param name="ExpertOutput">[RecvRows, Hidden] of the token type, as bytes.</param>
+    /// <param name="ExpertOutput">[RecvRows, Hidden] of the token type, as bytes, at the start of the array (which may be longer).</param>
     /// <param name="RowWeights">The received weights, one per row (the layer's weight buffer).</param>
     internal sealed record Host(byte[] ExpertOutput, float[] RowWeights) : CombineInputs;
 

@@ -13,6 +13,9 @@ public sealed class DispatchCombineContext
     /// <summary>Growth rounds the row count up to a multiple of this before applying the capacity factor.</summary>
     public const int GrowthGranularity = OutputGrowthPolicy.Granularity;
 
+    private byte[] hostStaging = [];
+    private float[] combineSums = [];
+
     private DispatchCombineContext(EpConfig config, int capacity)
     {
         Config = config;
@@ -67,6 +70,34 @@ public sealed class DispatchCombineContext
     }
 
     internal T[] Output<T>() => (T[])OutputBuffer;
+
+    /// <summary>
+    /// The host path's copy of a Tensor argument (a dispatch's tokens, a combine's expert outputs), at least
+    /// <paramref name="bytes"/> long: reused by every operation of this layer, since a layer runs one operation at a time
+    /// and no backend reads it once the operation has returned. Not zeroed: the layer writes the bytes it uses.
+    /// </summary>
+    internal byte[] HostStaging(int bytes)
+    {
+        if (hostStaging.Length < bytes)
+        {
+            // Pinned: it lives as long as the layer, and there the collector never copies it (a gen0 array of a few MiB was
+            // copied into gen1 and then gen2 by the collections of the first steps).
+            hostStaging = GC.AllocateUninitializedArray<byte>(bytes, pinned: true);
+        }
+
+        return hostStaging;
+    }
+
+    /// <summary>The host combine's fp32 sums, at least <paramref name="elements"/> long, reused as <see cref="HostStaging"/> is; not zeroed.</summary>
+    internal float[] CombineSums(int elements)
+    {
+        if (combineSums.Length < elements)
+        {
+            combineSums = GC.AllocateUninitializedArray<float>(elements, pinned: true); // as the staging buffer
+        }
+
+        return combineSums;
+    }
 
     private void Allocate(int rows)
     {

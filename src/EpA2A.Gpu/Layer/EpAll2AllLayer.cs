@@ -82,10 +82,8 @@ public sealed partial class EpAll2AllLayer : IDisposable
             (input, expertIds, weights, scatterIndices),
             static (layer, a) => InputValidator.Dispatch(layer.Config, a.input, a.expertIds, a.weights, a.scatterIndices)).ConfigureAwait(false);
 
-        int n = (int)input.Lengths[0];
-        byte[] tokens = GC.AllocateUninitializedArray<byte>(n * Config.Hidden * Config.TokenBytes); // filled whole by the copy
-        DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(tokens.AsSpan()));
-        return await DispatchHostAsync<T>(n, tokens, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
+        // The tokens are copied once the layer is taken (into its staging buffer, which an overlapping call must not overwrite).
+        return await DispatchHostAsync(input, (int)input.Lengths[0], ReadOnlyMemory<byte>.Empty, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -122,14 +120,21 @@ public sealed partial class EpAll2AllLayer : IDisposable
             }).ConfigureAwait(false);
 
         int n = tokenRows.Length / (Config.Hidden * Config.TokenBytes);
-        return await DispatchHostAsync<T>(n, tokenRows, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
+        return await DispatchHostAsync<T>(null, n, tokenRows, expertIds, weights, scatterIndices, cancellationToken).ConfigureAwait(false);
     }
 
-    /// <summary>The host dispatch of <paramref name="n"/> validated tokens.</summary>
-    private async ValueTask<DispatchResult<T>> DispatchHostAsync<T>(int n, ReadOnlyMemory<byte> tokens, Tensor<int> expertIds, Tensor<float>? weights, Tensor<int>? scatterIndices, CancellationToken cancellationToken)
+    /// <summary>The host dispatch of <paramref name="n"/> validated tokens: <paramref name="input"/>'s, or else the bytes of <paramref name="tokens"/>.</summary>
+    private async ValueTask<DispatchResult<T>> DispatchHostAsync<T>(Tensor<T>? input, int n, ReadOnlyMemory<byte> tokens, Tensor<int> expertIds, Tensor<float>? weights, Tensor<int>? scatterIndices, CancellationToken cancellationToken)
         where T : unmanaged
     {
         using ActiveOperation op = BeginTraced(LayerOperation.Dispatch, n, cancellationToken, out PhaseClock clock);
+        if (input is not null)
+        {
+            int bytes = n * Config.Hidden * Config.TokenBytes;
+            Memory<byte> staged = Context.HostStaging(bytes).AsMemory(0, bytes); // the layer's, reused: filled whole by the copy
+            DenseTensor.CopyTo(input, MemoryMarshal.Cast<byte, T>(staged.Span));
+            tokens = staged;
+        }
 
         // From here on this dispatch may grow or overwrite the buffers an earlier layout's rows and weights live
         // in, so only its own layout is valid for combine, even if it fails.
@@ -200,11 +205,13 @@ public sealed partial class EpAll2AllLayer : IDisposable
 
         int n = layout.NumDispatchTokens;
         using ActiveOperation op = BeginTraced(LayerOperation.Combine, n, cancellationToken, out PhaseClock clock, stepNumber: layout.DispatchSequence);
-        byte[] rows = GC.AllocateUninitializedArray<byte>(layout.RecvRows * Config.Hidden * Config.TokenBytes); // filled whole by the copy
-        DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan()));
+        int rowBytes = layout.RecvRows * Config.Hidden * Config.TokenBytes;
+        byte[] rows = Context.HostStaging(rowBytes); // the layer's, reused: the copy fills the bytes this combine reads
+        DenseTensor.CopyTo(expertOutput, MemoryMarshal.Cast<byte, T>(rows.AsSpan(0, rowBytes)));
         CombineStep step = new()
         {
             Operation = op.Operation,
+            Context = Context,
             Layout = layout,
             Inputs = new CombineInputs.Host(rows, Context.WeightBuffer),
             Weighted = options.Weighted,
@@ -212,15 +219,15 @@ public sealed partial class EpAll2AllLayer : IDisposable
         try
         {
             await backend.CopyInAsync(step).ConfigureAwait(false);
-            clock.Lap(Phase.CombineCopyIn, n, rows.Length);
+            clock.Lap(Phase.CombineCopyIn, n, rowBytes);
             CombinedRows withinNode = await backend.CombineWithinNodeAsync(step).ConfigureAwait(false);
-            clock.Lap(Phase.CombineKernel, n, rows.Length);
+            clock.Lap(Phase.CombineKernel, n, rowBytes);
             CombinedRows combined = await backend.CombineAcrossNodesAsync(step, withinNode).ConfigureAwait(false);
             T[] result = GC.AllocateUninitializedArray<T>(n * Config.Hidden); // filled whole below
             switch (combined)
             {
                 case CombinedRows.HostSums sums:
-                    TokenRows.Narrow<T>(sums.Sums, result);
+                    TokenRows.Narrow<T>(sums.Sums.Span, result);
                     break;
                 case CombinedRows.HostRounded rounded:
                     MemoryMarshal.Cast<byte, T>(rounded.Rows).CopyTo(result);
@@ -345,6 +352,7 @@ public sealed partial class EpAll2AllLayer : IDisposable
         {
             Operation = op.Operation,
             Layout = layout,
+            Context = Context,
             Inputs = new CombineInputs.Device(expertOutput.Pointer),
             Weighted = options.Weighted,
         };

@@ -37,13 +37,14 @@ internal sealed class OperationContext(EpConfig config, long epoch, long sequenc
     public MessageTag Tag(ExchangePhase phase) => new(Epoch, Sequence, phase);
 
     /// <summary>
-    /// Waits for one message from each of <paramref name="sources"/> (in that order). At the deadline the
-    /// error names every rank that had not delivered.
+    /// Waits for one message from each of <paramref name="sources"/> (in that order), which the caller then owns and
+    /// releases after its last read (<see cref="TransportBuffer.ReleaseAll"/>). At the deadline the error names every
+    /// rank that had not delivered.
     /// </summary>
-    public async ValueTask<byte[][]> ReceiveAllAsync(IRankTransport transport, IReadOnlyList<int> sources, ExchangePhase phase)
+    public async ValueTask<TransportBuffer[]> ReceiveAllAsync(IRankTransport transport, IReadOnlyList<int> sources, ExchangePhase phase)
     {
         MessageTag tag = Tag(phase);
-        Task<byte[]>[] pending = new Task<byte[]>[sources.Count];
+        Task<TransportBuffer>[] pending = new Task<TransportBuffer>[sources.Count];
         for (int i = 0; i < sources.Count; i++)
         {
             pending[i] = transport.ReceiveAsync(sources[i], tag, Token).AsTask();

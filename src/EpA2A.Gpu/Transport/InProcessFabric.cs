@@ -35,13 +35,14 @@ public sealed class InProcessFabric
 
     private sealed class Endpoint(InProcessFabric fabric, int rank) : IRankTransport
     {
-        public ValueTask SendAsync(int destination, MessageTag tag, byte[] payload, CancellationToken cancellationToken)
+        // The buffer goes to the receiver as it is: its ownership passes with it, and the receiver releases it.
+        public ValueTask SendAsync(int destination, MessageTag tag, TransportBuffer message, CancellationToken cancellationToken)
         {
-            fabric.mailboxes[destination].Post(rank, tag, payload);
+            fabric.mailboxes[destination].Post(rank, tag, message);
             return ValueTask.CompletedTask;
         }
 
-        public ValueTask<byte[]> ReceiveAsync(int source, MessageTag tag, CancellationToken cancellationToken) =>
+        public ValueTask<TransportBuffer> ReceiveAsync(int source, MessageTag tag, CancellationToken cancellationToken) =>
             fabric.mailboxes[rank].TakeAsync(source, tag, cancellationToken);
 
         public void DiscardBefore(long epoch, long sequence) => fabric.mailboxes[rank].DiscardBefore(epoch, sequence);

@@ -4,13 +4,14 @@ using System.Text;
 
 namespace EpA2A.Transport;
 
-/// <summary>Writes a little-endian message into an array sized up front (no growth on the hot path).</summary>
-internal ref struct MessageWriter(byte[] buffer)
+/// <summary>Writes a little-endian message into a buffer sized up front (no growth on the hot path).</summary>
+internal ref struct MessageWriter(Span<byte> buffer)
 {
+    private readonly Span<byte> buffer = buffer;
     private int position;
 
     /// <summary>A writer that continues at <paramref name="position"/> (a message filled in several passes).</summary>
-    public MessageWriter(byte[] buffer, int position)
+    public MessageWriter(Span<byte> buffer, int position)
         : this(buffer)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(position);
@@ -18,25 +19,23 @@ internal ref struct MessageWriter(byte[] buffer)
         this.position = position;
     }
 
-    public readonly byte[] Buffer => buffer;
-
     public readonly int Position => position;
 
     public void WriteInt(int value)
     {
-        BinaryPrimitives.WriteInt32LittleEndian(buffer.AsSpan(position), value);
+        BinaryPrimitives.WriteInt32LittleEndian(buffer[position..], value);
         position += 4;
     }
 
     public void WriteFloat(float value)
     {
-        BinaryPrimitives.WriteSingleLittleEndian(buffer.AsSpan(position), value);
+        BinaryPrimitives.WriteSingleLittleEndian(buffer[position..], value);
         position += 4;
     }
 
     public void WriteBytes(ReadOnlySpan<byte> bytes)
     {
-        bytes.CopyTo(buffer.AsSpan(position));
+        bytes.CopyTo(buffer[position..]);
         position += bytes.Length;
     }
 
@@ -96,12 +95,20 @@ internal static class MessageStatus
     public const int Ok = 0;
     public const int Aborted = 1;
 
+    /// <summary>An empty ok message (a barrier's).</summary>
+    public static TransportBuffer Empty()
+    {
+        TransportBuffer message = TransportBuffer.Rent(4);
+        new MessageWriter(message.Span).WriteInt(Ok);
+        return message;
+    }
+
     /// <summary>An abort that names the rank responsible (forwarded unchanged, so receivers two hops away blame the right one).</summary>
-    public static byte[] Abort(int culprit, string reason)
+    public static TransportBuffer Abort(int culprit, string reason)
     {
         byte[] text = Encoding.UTF8.GetBytes(reason);
-        byte[] message = new byte[12 + text.Length];
-        MessageWriter w = new(message);
+        TransportBuffer message = TransportBuffer.Rent(12 + text.Length);
+        MessageWriter w = new(message.Span);
         w.WriteInt(Aborted);
         w.WriteInt(culprit);
         w.WriteInt(text.Length);

@@ -7,7 +7,7 @@ namespace EpA2A.Transport;
 public sealed class RankMailbox
 {
     private readonly Lock gate = new();
-    private readonly Dictionary<(int Source, MessageTag Tag), TaskCompletionSource<byte[]>> slots = [];
+    private readonly Dictionary<(int Source, MessageTag Tag), TaskCompletionSource<TransportBuffer>> slots = [];
     private long floor;
 
     /// <summary>Messages held, delivered or awaited (for leak checks).</summary>
@@ -37,21 +37,21 @@ public sealed class RankMailbox
         }
     }
 
-    /// <summary>Stores a message. A second message for the same slot is a protocol error.</summary>
-    public void Post(int source, MessageTag tag, byte[] payload)
+    /// <summary>Stores a message, which the mailbox then owns until its receiver takes it. A second message for the same slot is a protocol error.</summary>
+    public void Post(int source, MessageTag tag, TransportBuffer payload)
     {
-        TaskCompletionSource<byte[]> slot = Slot(source, tag);
+        TaskCompletionSource<TransportBuffer> slot = Slot(source, tag);
         if (!slot.TrySetResult(payload))
         {
             throw new InvalidOperationException($"duplicate message from rank {source} for {tag}");
         }
     }
 
-    /// <summary>Waits for the message from <paramref name="source"/> with <paramref name="tag"/>.</summary>
-    public async ValueTask<byte[]> TakeAsync(int source, MessageTag tag, CancellationToken cancellationToken)
+    /// <summary>Waits for the message from <paramref name="source"/> with <paramref name="tag"/>; the caller then owns it.</summary>
+    public async ValueTask<TransportBuffer> TakeAsync(int source, MessageTag tag, CancellationToken cancellationToken)
     {
-        TaskCompletionSource<byte[]> slot = Slot(source, tag);
-        byte[] payload = await slot.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+        TaskCompletionSource<TransportBuffer> slot = Slot(source, tag);
+        TransportBuffer payload = await slot.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
         lock (gate)
         {
             slots.Remove((source, tag));
@@ -60,7 +60,10 @@ public sealed class RankMailbox
         return payload;
     }
 
-    /// <summary>Drops every slot of an older epoch or an earlier operation.</summary>
+    /// <summary>
+    /// Drops every slot of an older epoch or an earlier operation. Their messages are not released: a receiver may have
+    /// taken one from its slot a moment ago, so they are left to the garbage collector.
+    /// </summary>
     public void DiscardBefore(long epoch, long sequence)
     {
         lock (gate)
@@ -76,13 +79,13 @@ public sealed class RankMailbox
         }
     }
 
-    private TaskCompletionSource<byte[]> Slot(int source, MessageTag tag)
+    private TaskCompletionSource<TransportBuffer> Slot(int source, MessageTag tag)
     {
         lock (gate)
         {
-            if (!slots.TryGetValue((source, tag), out TaskCompletionSource<byte[]>? slot))
+            if (!slots.TryGetValue((source, tag), out TaskCompletionSource<TransportBuffer>? slot))
             {
-                slot = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                slot = new TaskCompletionSource<TransportBuffer>(TaskCreationOptions.RunContinuationsAsynchronously);
                 slots.Add((source, tag), slot);
             }
 

@@ -1,13 +1,12 @@
 using System.Collections.Concurrent;
 using EpA2A.Errors;
 using EpA2A.Transport;
-using Orleans.Concurrency;
 
 namespace EpA2A.Grains.Ranks;
 
 /// <summary>
 /// The CPU backend's transport across silos: a message to another rank is one or more grain calls to its
-/// <see cref="IRankPeer.DeliverAsync"/>, each chunk an <see cref="Immutable{T}"/> below the chunk size;
+/// <see cref="IRankPeer.DeliverAsync"/>, each chunk a view of the message's buffer no larger than the chunk size;
 /// a message to itself goes straight into its own mailbox. Ranks are the layer's: in a masked group (survivors
 /// renumbered, see <see cref="MaskedWorld"/>) destination d is the rank grain of group rank members[d].
 /// </summary>
@@ -16,25 +15,41 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
     /// <summary>Peer references, made once each: GetGrain resolves the interface type through its attributes every time.</summary>
     private readonly ConcurrentDictionary<int, IRankPeer> peers = new();
 
-    public async ValueTask SendAsync(int destination, MessageTag tag, byte[] payload, CancellationToken cancellationToken)
+    /// <summary>
+    /// Sends <paramref name="message"/> as grain calls of chunks that are views of its buffer, and releases the buffer once
+    /// every call has finished normally: Orleans has written the bytes onto the wire before the peer could answer (inside
+    /// one silo, the peer copied them before answering). On a failure or the deadline the buffer is left to the GC, since
+    /// a call that has not answered may still be waiting to be written.
+    /// </summary>
+    public async ValueTask SendAsync(int destination, MessageTag tag, TransportBuffer message, CancellationToken cancellationToken)
     {
         if (destination == rank)
         {
-            mailbox.Post(rank, tag, payload);
+            mailbox.Post(rank, tag, message); // ownership passes to this rank's own receive
             return;
         }
 
         IRankPeer peer = peers.GetOrAdd(destination, d => grains.GetGrain<IRankPeer>(GrainKeys.Rank(group, members?[d] ?? d)));
-        int count = Math.Max(1, (payload.Length + chunkBytes - 1) / chunkBytes);
-        Task[] sends = new Task[count];
-        for (int i = 0; i < count; i++)
+        int length = message.Length;
+        ReadOnlyMemory<byte> bytes = message.Memory;
+        int count = Math.Max(1, (length + chunkBytes - 1) / chunkBytes);
+        Task all;
+        if (count == 1)
         {
-            byte[] piece = count == 1 ? payload : payload[(i * chunkBytes)..Math.Min(payload.Length, (i + 1) * chunkBytes)];
-            TransportChunk chunk = new(tag.Epoch, tag.Sequence, (int)tag.Phase, rank, i, count, payload.Length, new Immutable<byte[]>(piece));
-            sends[i] = peer.DeliverAsync(layer, chunk);
+            all = peer.DeliverAsync(layer, Chunk(tag, 0, 1, length, bytes));
+        }
+        else
+        {
+            Task[] sends = new Task[count];
+            for (int i = 0; i < count; i++)
+            {
+                int start = i * chunkBytes;
+                sends[i] = peer.DeliverAsync(layer, Chunk(tag, i, count, length, bytes[start..Math.Min(length, start + chunkBytes)]));
+            }
+
+            all = Task.WhenAll(sends);
         }
 
-        Task all = Task.WhenAll(sends);
         try
         {
             await all.WaitAsync(cancellationToken).ConfigureAwait(false);
@@ -52,9 +67,14 @@ internal sealed class GrainRankTransport(IGrainFactory grains, string group, str
             int blamed = cause is InvalidDataException ? rank : destination;
             throw new EpStepFailedException($"rank {rank} could not deliver {tag} to rank {destination}: {RemoteFailure.Describe(cause)}", blamed, e);
         }
+
+        message.Release();
     }
 
-    public ValueTask<byte[]> ReceiveAsync(int source, MessageTag tag, CancellationToken cancellationToken) =>
+    private TransportChunk Chunk(MessageTag tag, int index, int count, int totalBytes, ReadOnlyMemory<byte> bytes) =>
+        new(tag.Epoch, tag.Sequence, (int)tag.Phase, rank, index, count, totalBytes, new TransportChunkData(bytes));
+
+    public ValueTask<TransportBuffer> ReceiveAsync(int source, MessageTag tag, CancellationToken cancellationToken) =>
         mailbox.TakeAsync(source, tag, cancellationToken);
 
     public void DiscardBefore(long epoch, long sequence) => mailbox.DiscardBefore(epoch, sequence);

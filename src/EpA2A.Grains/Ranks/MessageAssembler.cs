@@ -52,7 +52,7 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
     public void Deliver(TransportChunk chunk)
     {
         ArgumentNullException.ThrowIfNull(chunk);
-        byte[] data = chunk.Data.Value ?? throw Bad(chunk, "carries no data");
+        TransportChunkData data = chunk.Data ?? throw Bad(chunk, "carries no data");
         if ((uint)chunk.Source >= (uint)config.WorldSize || chunk.Source == config.Rank)
         {
             throw Bad(chunk, $"claims source rank {chunk.Source}; peers of rank {config.Rank} are [0, {config.WorldSize}) without it");
@@ -82,7 +82,8 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
         long floor = mailbox.Floor;
         if (chunk.Sequence < floor)
         {
-            return; // an operation this rank has finished: nobody reads it, so nothing is allocated
+            data.TakeBuffer()?.Release(); // an operation this rank has finished: nobody reads it
+            return;
         }
 
         if (chunk.Sequence > floor + MaxOperationsAhead)
@@ -99,7 +100,9 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
             }
 
             ThrowIfFull(chunk);
-            mailbox.Post(chunk.Source, tag, data);
+
+            // The codec's buffer becomes the message as it is; a chunk from inside this silo is the sender's view, copied.
+            mailbox.Post(chunk.Source, tag, data.TakeBuffer() ?? TransportBuffer.CopyOf(data.Bytes.Span));
             return;
         }
 
@@ -121,7 +124,9 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
             }
         }
 
-        if (r.Add(chunk, data))
+        bool complete = r.Add(chunk, data.Bytes.Span);
+        data.TakeBuffer()?.Release(); // copied into the message above
+        if (complete)
         {
             lock (gate)
             {
@@ -157,9 +162,9 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
         private int received;
 
         // Uninitialized: a message is posted only once its chunks have tiled every byte.
-        public byte[] Buffer { get; } = GC.AllocateUninitializedArray<byte>(totalBytes);
+        public TransportBuffer Buffer { get; } = TransportBuffer.Rent(totalBytes);
 
-        public bool Add(TransportChunk chunk, byte[] data)
+        public bool Add(TransportChunk chunk, ReadOnlySpan<byte> data)
         {
             if (chunk.TotalBytes != Buffer.Length || chunk.Count != count)
             {
@@ -199,7 +204,7 @@ internal sealed class MessageAssembler(EpConfig config, RankMailbox mailbox)
                 }
 
                 int offset = last ? Buffer.Length - data.Length : chunk.Index * data.Length;
-                data.CopyTo(Buffer, offset);
+                data.CopyTo(Buffer.Span[offset..]);
                 seen[chunk.Index] = true;
                 return ++received == count;
             }

@@ -10,7 +10,7 @@ namespace EpA2A.Backends.Cpu;
 internal sealed partial class CpuBackend
 {
     /// <summary>Intra-node without local combine: the rows of source s's tokens, in (token, k) order, in the token type.</summary>
-    private byte[] BuildRowsFor(CombineStep step, int source)
+    private TransportBuffer BuildRowsFor(CombineStep step, int source)
     {
         RowOrigins o = step.Layout.Origins;
         int count = o.Source.AsSpan().Count(source);
@@ -26,8 +26,8 @@ internal sealed partial class CpuBackend
         }
 
         Array.Sort(keys, rows);
-        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (count * RowBytes)); // every byte is written below
-        MessageWriter w = new(packet);
+        TransportBuffer packet = TransportBuffer.Rent(8 + (count * RowBytes)); // every byte is written below
+        MessageWriter w = new(packet.Span);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(count);
         foreach (int row in rows)
@@ -39,7 +39,7 @@ internal sealed partial class CpuBackend
     }
 
     /// <summary>Sums the returned rows per token in k order, exactly as a plain top-k sum would.</summary>
-    private void SumRowsIntra(CombineStep step, byte[][] back)
+    private void SumRowsIntra(CombineStep step, TransportBuffer[] back)
     {
         int n = step.Layout.NumDispatchTokens;
         int k = config.TopK;
@@ -49,7 +49,7 @@ internal sealed partial class CpuBackend
         int[] remaining = new int[config.WorldSize];
         for (int d = 0; d < config.WorldSize; d++)
         {
-            MessageReader r = new(back[d], d);
+            MessageReader r = new(back[d].Span, d);
             ThrowIfAborted(ref r, d);
             remaining[d] = r.ReadInt();
             cursor[d] = 8;
@@ -57,7 +57,7 @@ internal sealed partial class CpuBackend
 
         for (int t = 0; t < n; t++)
         {
-            Span<float> acc = step.Accumulator.AsSpan(t * h, h);
+            Span<float> acc = step.Accumulator.Span.Slice(t * h, h);
             for (int j = 0; j < k; j++)
             {
                 int e = ids[(t * k) + j];
@@ -73,7 +73,7 @@ internal sealed partial class CpuBackend
                 }
 
                 float scale = step.Weighted ? step.SourceWeights![(t * k) + j] : 1f;
-                AccumulateRow(back[d].AsSpan(cursor[d], RowBytes), acc, scale);
+                AccumulateRow(back[d].Span.Slice(cursor[d], RowBytes), acc, scale);
                 cursor[d] += RowBytes;
             }
         }
@@ -83,7 +83,7 @@ internal sealed partial class CpuBackend
     /// fp32 partial sums, one per (source, token) with rows here, for the given sources: the local pre-sum.
     /// Each row of a token is a different expert's output, so every row is summed (not the first one copied).
     /// </summary>
-    private byte[] BuildPartialsFor(CombineStep step, int[] sources)
+    private TransportBuffer BuildPartialsFor(CombineStep step, int[] sources)
     {
         RowOrigins o = step.Layout.Origins;
         int h = config.Hidden;
@@ -107,8 +107,8 @@ internal sealed partial class CpuBackend
             }
         }
 
-        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (tokens * (8 + (4 * h)))); // every byte is written below
-        MessageWriter w = new(packet);
+        TransportBuffer packet = TransportBuffer.Rent(8 + (tokens * (8 + (4 * h)))); // every byte is written below
+        MessageWriter w = new(packet.Span);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(tokens);
         float[] partial = new float[h];
@@ -131,12 +131,12 @@ internal sealed partial class CpuBackend
         return packet;
     }
 
-    private void SumPartialsIntra(CombineStep step, byte[][] back)
+    private void SumPartialsIntra(CombineStep step, TransportBuffer[] back)
     {
         int h = config.Hidden;
         for (int d = 0; d < back.Length; d++)
         {
-            MessageReader r = new(back[d], d);
+            MessageReader r = new(back[d].Span, d);
             ThrowIfAborted(ref r, d);
             int count = r.ReadInt();
             for (int i = 0; i < count; i++)
@@ -148,7 +148,7 @@ internal sealed partial class CpuBackend
                     throw new InvalidDataException($"rank {d} sent rank {Rank} a partial for rank {s}");
                 }
 
-                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h)), step.Accumulator.AsSpan(t * h, h));
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(4 * h)), step.Accumulator.Span.Slice(t * h, h));
             }
         }
     }
@@ -157,7 +157,7 @@ internal sealed partial class CpuBackend
     /// Inter-node: sums the node's partials per (source, token) and sends one fp32 row per token to each source. The
     /// sums live in one buffer (a slot per distinct token, numbered in a first pass), not an array per token.
     /// </summary>
-    private async ValueTask ReduceNodeAndSendAsync(OperationContext op, CombineStep step, int[] node, byte[][] partials)
+    private async ValueTask ReduceNodeAndSendAsync(OperationContext op, CombineStep step, int[] node, TransportBuffer[] partials)
     {
         int h = config.Hidden;
         int[] sources = SameLocalRankPeers();
@@ -166,7 +166,7 @@ internal sealed partial class CpuBackend
         Dictionary<(int Source, int Token), int> slotOf = [];
         for (int i = 0; i < node.Length; i++)
         {
-            MessageReader r = new(partials[i], node[i]);
+            MessageReader r = new(partials[i].Span, node[i]);
             ThrowIfAborted(ref r, node[i]);
             int count = r.ReadInt();
             for (int x = 0; x < count; x++)
@@ -186,7 +186,7 @@ internal sealed partial class CpuBackend
         float[] sums = new float[slotOf.Count * h];
         for (int i = 0; i < node.Length; i++)
         {
-            MessageReader r = new(partials[i], node[i]);
+            MessageReader r = new(partials[i].Span, node[i]);
             ThrowIfAborted(ref r, node[i]);
             int count = r.ReadInt();
             for (int x = 0; x < count; x++)
@@ -203,8 +203,8 @@ internal sealed partial class CpuBackend
         foreach (int s in sources)
         {
             int mine = order.Count(e => e.Source == s);
-            byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (mine * (4 + (4 * h)))); // every byte is written below
-            MessageWriter w = new(packet);
+            TransportBuffer packet = TransportBuffer.Rent(8 + (mine * (4 + (4 * h)))); // every byte is written below
+            MessageWriter w = new(packet.Span);
             w.WriteInt(MessageStatus.Ok);
             w.WriteInt(mine);
             foreach ((int source, int token, int slot) in order)
@@ -226,11 +226,11 @@ internal sealed partial class CpuBackend
     /// A rank of this node aborted its combine (it rejected its input): the sources this gateway owes partials to wait
     /// for them, not for that rank, so they get the abort from here, naming it; then this rank fails the same way.
     /// </summary>
-    private async ValueTask ForwardAbortAsync(OperationContext op, MessageTag tag, int[] sources, int[] node, byte[][] partials)
+    private async ValueTask ForwardAbortAsync(OperationContext op, MessageTag tag, int[] sources, int[] node, TransportBuffer[] partials)
     {
         for (int i = 0; i < node.Length; i++)
         {
-            MessageReader r = new(partials[i], node[i]);
+            MessageReader r = new(partials[i].Span, node[i]);
             if (r.ReadInt() != MessageStatus.Aborted)
             {
                 continue;
@@ -240,7 +240,7 @@ internal sealed partial class CpuBackend
             string reason = r.ReadString();
             Task[] sends = [.. sources.Where(s => s != Rank).Select(s => transport.SendAsync(s, tag, MessageStatus.Abort(culprit, reason), op.Token).AsTask())];
             await Task.WhenAll(sends).ConfigureAwait(false);
-            MessageReader again = new(partials[i], node[i]);
+            MessageReader again = new(partials[i].Span, node[i]);
             ThrowIfAborted(ref again, node[i]);
         }
     }

@@ -51,8 +51,8 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         }
 
         int flags = (step.Inputs.HasWeights ? FlagWeights : 0) | (step.Inputs.HasScatterIndices ? FlagScatter : 0);
-        byte[] message = new byte[4 * (4 + ConfigWords + e)];
-        MessageWriter w = new(message);
+        TransportBuffer message = TransportBuffer.Rent(4 * (4 + ConfigWords + e));
+        MessageWriter w = new(message.Span);
         w.WriteInt(MessageStatus.Ok);
         foreach (int word in ConfigFingerprint(config))
         {
@@ -72,12 +72,12 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         List<Task> sends = [];
         for (int d = 0; d < config.WorldSize; d++)
         {
-            sends.Add(transport.SendAsync(d, tag, d == config.WorldSize - 1 ? message : (byte[])message.Clone(), op.Token).AsTask());
+            sends.Add(transport.SendAsync(d, tag, d == config.WorldSize - 1 ? message : TransportBuffer.CopyOf(message.Span), op.Token).AsTask());
         }
 
         await Task.WhenAll(sends).ConfigureAwait(false);
 
-        byte[][] received = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.Counts).ConfigureAwait(false);
+        TransportBuffer[] received = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.Counts).ConfigureAwait(false);
         int[] table = new int[config.WorldSize * e];
         int[] tokensPerRank = new int[config.WorldSize];
         int smallestOutput = int.MaxValue;
@@ -85,7 +85,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         List<string> problems = [];
         for (int s = 0; s < config.WorldSize; s++)
         {
-            MessageReader r = new(received[s], s);
+            MessageReader r = new(received[s].Span, s);
             ThrowIfAborted(ref r, s);
             bool agrees = true;
             for (int i = 0; i < ConfigWords; i++)
@@ -128,6 +128,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             }
         }
 
+        TransportBuffer.ReleaseAll(received); // read to the end above (an abort or a malformed message leaves them to the GC)
         if (problems.Count > 0)
         {
             throw new EpConfigMismatchException($"ranks disagree: {string.Join("; ", problems.Distinct())}");
@@ -151,7 +152,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         List<Task> sends = [];
         for (int i = 0; i < firstHop.Length; i++)
         {
-            byte[] packet = abort is not null
+            TransportBuffer packet = abort is not null
                 ? MessageStatus.Abort(Rank, abort)
                 : BuildTokenPacket(step, rows, hops, i);
             sends.Add(transport.SendAsync(firstHop[i], tokensTag, packet, op.Token).AsTask());
@@ -159,7 +160,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
         await Task.WhenAll(sends).ConfigureAwait(false);
 
-        byte[][] incoming;
+        TransportBuffer[] incoming;
         int[] incomingSources;
         if (config.IsIntraNode)
         {
@@ -170,8 +171,9 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         {
             // This rank is the gateway of its node for every source with the same local rank: forward.
             int[] sources = SameLocalRankPeers();
-            byte[][] toForward = await op.ReceiveAllAsync(transport, sources, ExchangePhase.DispatchTokens).ConfigureAwait(false);
+            TransportBuffer[] toForward = await op.ReceiveAllAsync(transport, sources, ExchangePhase.DispatchTokens).ConfigureAwait(false);
             await ForwardInsideNodeAsync(op, sources, toForward).ConfigureAwait(false);
+            TransportBuffer.ReleaseAll(toForward);
             incomingSources = NodeRanks();
             incoming = await op.ReceiveAllAsync(transport, incomingSources, ExchangePhase.DispatchForward).ConfigureAwait(false);
         }
@@ -181,7 +183,9 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             throw new ArgumentException(abort);
         }
 
-        return new DispatchedRows(global, ReceiveRows(step, plan, incomingSources, incoming));
+        RowOrigins origins = ReceiveRows(step, plan, incomingSources, incoming);
+        TransportBuffer.ReleaseAll(incoming); // every row is in the layer's output now
+        return new DispatchedRows(global, origins);
     }
 
     public async ValueTask<CombinedRows> CombineWithinNodeAsync(CombineStep step)
@@ -193,13 +197,13 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             List<Task> rowSends = [];
             for (int s = 0; s < config.WorldSize; s++)
             {
-                byte[] packet = config.EnableLocalCombine ? BuildPartialsFor(step, [s]) : BuildRowsFor(step, s);
+                TransportBuffer packet = config.EnableLocalCombine ? BuildPartialsFor(step, [s]) : BuildRowsFor(step, s);
                 rowSends.Add(transport.SendAsync(s, tag, packet, op.Token).AsTask());
             }
 
             await Task.WhenAll(rowSends).ConfigureAwait(false);
 
-            byte[][] back = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.CombineRows).ConfigureAwait(false);
+            TransportBuffer[] back = await op.ReceiveAllAsync(transport, AllRanks(), ExchangePhase.CombineRows).ConfigureAwait(false);
             if (config.EnableLocalCombine)
             {
                 SumPartialsIntra(step, back);
@@ -208,6 +212,8 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             {
                 SumRowsIntra(step, back);
             }
+
+            TransportBuffer.ReleaseAll(back);
 
             return new CombinedRows.HostSums(step.Accumulator);
         }
@@ -225,8 +231,9 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
         await Task.WhenAll(sends).ConfigureAwait(false);
 
-        byte[][] partials = await op.ReceiveAllAsync(transport, node, ExchangePhase.CombineRows).ConfigureAwait(false);
+        TransportBuffer[] partials = await op.ReceiveAllAsync(transport, node, ExchangePhase.CombineRows).ConfigureAwait(false);
         await ReduceNodeAndSendAsync(op, step, node, partials).ConfigureAwait(false);
+        TransportBuffer.ReleaseAll(partials);
         return new CombinedRows.HostSums(step.Accumulator); // this rank's own sums arrive across nodes
     }
 
@@ -239,20 +246,21 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
         OperationContext op = step.Operation;
         int[] gateways = Gateways();
-        byte[][] fromNodes = await op.ReceiveAllAsync(transport, gateways, ExchangePhase.CombineCrossNode).ConfigureAwait(false);
+        TransportBuffer[] fromNodes = await op.ReceiveAllAsync(transport, gateways, ExchangePhase.CombineCrossNode).ConfigureAwait(false);
         int h = config.Hidden;
         for (int b = 0; b < gateways.Length; b++)
         {
-            MessageReader r = new(fromNodes[b], gateways[b]);
+            MessageReader r = new(fromNodes[b].Span, gateways[b]);
             ThrowIfAborted(ref r, gateways[b]);
             int count = r.ReadInt();
             for (int i = 0; i < count; i++)
             {
                 int t = CheckedToken(r.ReadInt(), step.Layout.NumDispatchTokens, gateways[b]);
-                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4)), step.Accumulator.AsSpan(t * h, h));
+                TokenRows.Add(MemoryMarshal.Cast<byte, float>(r.ReadBytes(h * 4)), step.Accumulator.Span.Slice(t * h, h));
             }
         }
 
+        TransportBuffer.ReleaseAll(fromNodes);
         return withinNode;
     }
 
@@ -322,17 +330,19 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         List<Task> sends = [];
         foreach (int p in peers)
         {
-            sends.Add(transport.SendAsync(p, tag, new byte[4], operation.Token).AsTask());
+            sends.Add(transport.SendAsync(p, tag, MessageStatus.Empty(), operation.Token).AsTask());
         }
 
         await Task.WhenAll(sends).ConfigureAwait(false);
 
-        byte[][] arrived = await operation.ReceiveAllAsync(transport, peers, phase).ConfigureAwait(false);
+        TransportBuffer[] arrived = await operation.ReceiveAllAsync(transport, peers, phase).ConfigureAwait(false);
         for (int i = 0; i < peers.Length; i++)
         {
-            MessageReader r = new(arrived[i], peers[i]);
+            MessageReader r = new(arrived[i].Span, peers[i]);
             ThrowIfAborted(ref r, peers[i]);
         }
+
+        TransportBuffer.ReleaseAll(arrived);
     }
 
     private static int CheckedToken(int token, int count, int source) =>
@@ -406,7 +416,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     /// A token packet for first-hop <paramref name="target"/>: per token with slots there, its slots (k, expert, row,
     /// weight) and its row once. Sized in a first pass, written in a second: no allocation per token.
     /// </summary>
-    private byte[] BuildTokenPacket(DispatchStep step, int[] rows, int[] hops, int target)
+    private TransportBuffer BuildTokenPacket(DispatchStep step, int[] rows, int[] hops, int target)
     {
         int k = config.TopK;
         int entries = 0;
@@ -418,8 +428,8 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             slots += here;
         }
 
-        byte[] packet = GC.AllocateUninitializedArray<byte>(8 + (entries * (12 + RowBytes)) + (16 * slots)); // sized exactly, every byte written below
-        MessageWriter w = new(packet);
+        TransportBuffer packet = TransportBuffer.Rent(8 + (entries * (12 + RowBytes)) + (16 * slots)); // sized exactly, every byte written below
+        MessageWriter w = new(packet.Span);
         w.WriteInt(MessageStatus.Ok);
         w.WriteInt(entries);
         ReadOnlySpan<byte> tokens = step.Host.Tokens.Span;
@@ -457,7 +467,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     /// The gateway's second hop: each received token goes on to the ranks of this node that hold some of its experts,
     /// with only their slots. Two passes over the received packets (sizes, then bytes), no allocation per token.
     /// </summary>
-    private async ValueTask ForwardInsideNodeAsync(OperationContext op, int[] sources, byte[][] packets)
+    private async ValueTask ForwardInsideNodeAsync(OperationContext op, int[] sources, TransportBuffer[] packets)
     {
         int[] node = NodeRanks();
         MessageTag tag = op.Tag(ExchangePhase.DispatchForward);
@@ -466,14 +476,15 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         int[] slots = new int[node.Length];
         for (int i = 0; i < sources.Length && abort is null; i++)
         {
-            (culprit, abort) = ForwardPass(packets[i], sources[i], node[0], entries, slots, null);
+            (culprit, abort) = ForwardPass(packets[i].Span, sources[i], node[0], entries, slots, null);
         }
 
         List<Task> sends = [];
-        byte[][] forwarded = new byte[node.Length][];
+        TransportBuffer[] forwarded = new TransportBuffer[node.Length];
         for (int l = 0; l < node.Length; l++)
         {
-            forwarded[l] = abort is not null ? MessageStatus.Abort(culprit, abort) : new byte[8 + (entries[l] * (12 + RowBytes)) + (16 * slots[l])];
+            // Sized exactly: the second pass below writes every byte.
+            forwarded[l] = abort is not null ? MessageStatus.Abort(culprit, abort) : TransportBuffer.Rent(8 + (entries[l] * (12 + RowBytes)) + (16 * slots[l]));
         }
 
         if (abort is null)
@@ -481,7 +492,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             int[] positions = new int[node.Length];
             for (int l = 0; l < node.Length; l++)
             {
-                MessageWriter w = new(forwarded[l]);
+                MessageWriter w = new(forwarded[l].Span);
                 w.WriteInt(MessageStatus.Ok);
                 w.WriteInt(entries[l]);
                 positions[l] = w.Position;
@@ -489,7 +500,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
 
             for (int i = 0; i < sources.Length; i++)
             {
-                ForwardPass(packets[i], sources[i], node[0], null, null, (forwarded, positions));
+                ForwardPass(packets[i].Span, sources[i], node[0], null, null, (forwarded, positions));
             }
         }
 
@@ -505,7 +516,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
     /// One pass over a packet a gateway received: counts the entries and slots for each rank of the node, or (with
     /// <paramref name="write"/>) writes them at each rank's position. Returns the abort the packet carries, if any.
     /// </summary>
-    private (int Culprit, string? Abort) ForwardPass(byte[] packet, int source, int firstOfNode, int[]? entries, int[]? slots, (byte[][] Packets, int[] Positions)? write)
+    private (int Culprit, string? Abort) ForwardPass(ReadOnlySpan<byte> packet, int source, int firstOfNode, int[]? entries, int[]? slots, (TransportBuffer[] Packets, int[] Positions)? write)
     {
         MessageReader r = new(packet, source);
         if (r.ReadInt() == MessageStatus.Aborted)
@@ -558,7 +569,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
                     continue;
                 }
 
-                MessageWriter w = new(target.Packets[l], target.Positions[l]);
+                MessageWriter w = new(target.Packets[l].Span, target.Positions[l]);
                 w.WriteInt(src);
                 w.WriteInt(t);
                 w.WriteInt(slotsFor[l]);
@@ -589,7 +600,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
             : throw new InvalidDataException($"rank {source} sent expert id {expert}, outside [0, {config.NumExperts})");
 
     /// <summary>Writes received tokens into their rows, zero-fills padding, and records where every row came from.</summary>
-    private RowOrigins ReceiveRows(DispatchStep step, RoutingPlan plan, int[] sources, byte[][] packets)
+    private RowOrigins ReceiveRows(DispatchStep step, RoutingPlan plan, int[] sources, TransportBuffer[] packets)
     {
         int recv = plan.RecvRows(Rank);
         DispatchCombineContext ctx = step.Context;
@@ -601,7 +612,7 @@ internal sealed partial class CpuBackend(EpConfig config, IRankTransport transpo
         int[] rowsOfEntry = new int[config.TopK];
         for (int i = 0; i < sources.Length; i++)
         {
-            MessageReader r = new(packets[i], sources[i]);
+            MessageReader r = new(packets[i].Span, sources[i]);
             ThrowIfAborted(ref r, sources[i]);
             int count = r.ReadInt();
             for (int x = 0; x < count; x++)

@@ -171,8 +171,8 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
         for (int d = 0; d < config.WorldSize; d++)
         {
             int entries = destinationEntries[d];
-            byte[] message = new byte[(4 * (HeaderWords + epr)) + (entries * wireRow)];
-            MessageWriter w = new(message);
+            TransportBuffer message = TransportBuffer.Rent((4 * (HeaderWords + epr)) + (entries * wireRow)); // FillRows writes every row
+            MessageWriter w = new(message.Span);
             w.WriteInt(MessageStatus.Ok);
             w.WriteInt((int)options.Format);
             w.WriteInt(config.MaxTokens);
@@ -184,7 +184,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
                 w.WriteInt(perExpertCounts[(d * epr) + j]);
             }
 
-            Span<byte> rows = message.AsSpan(w.Position);
+            Span<byte> rows = message.Span[w.Position..];
             FillRows(host, d, entries, rows);
             bytes += entries * wireRow;
             Post(d, tag, message, operation, ref pending);
@@ -201,12 +201,12 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     public async ValueTask<LowLatencyReceived> DispatchReceiveAsync(LowLatencyPlace place, OperationContext operation)
     {
         RequireHost(place);
-        byte[][] messages = await operation.ReceiveAllAsync(transport, allRanks, ExchangePhase.LowLatencyDispatch).ConfigureAwait(false);
+        TransportBuffer[] messages = await operation.ReceiveAllAsync(transport, allRanks, ExchangePhase.LowLatencyDispatch).ConfigureAwait(false);
         Array.Clear(rowsPerExpert);
         List<string>? mismatches = null;
         for (int s = 0; s < messages.Length; s++)
         {
-            MessageReader r = new(messages[s], s);
+            MessageReader r = new(messages[s].Span, s);
             if (r.ReadInt() != MessageStatus.Ok)
             {
                 throw new InvalidDataException($"rank {s} sent a low-latency dispatch with an unknown status");
@@ -252,6 +252,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
             PlaceRows(s, total, rows);
         }
 
+        TransportBuffer.ReleaseAll(messages); // every row is placed (a malformed message above leaves them to the GC)
         if (mismatches is not null)
         {
             throw new EpConfigMismatchException($"ranks disagree: {string.Join("; ", mismatches)}");
@@ -278,11 +279,11 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
                 total += sourceCounts[(s * epr) + j];
             }
 
-            byte[] message = new byte[8 + (total * 2 * rowElements)];
-            MessageWriter w = new(message);
+            TransportBuffer message = TransportBuffer.Rent(8 + (total * 2 * rowElements)); // every row is copied in below
+            MessageWriter w = new(message.Span);
             w.WriteInt(MessageStatus.Ok);
             w.WriteInt(total);
-            Span<BFloat16> to = MemoryMarshal.Cast<byte, BFloat16>(message.AsSpan(8));
+            Span<BFloat16> to = MemoryMarshal.Cast<byte, BFloat16>(message.Span[8..]);
             int at = 0;
             for (int j = 0; j < epr; j++)
             {
@@ -308,10 +309,10 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     {
         RequireHost(place);
         HostDispatchInput host = input ?? throw new InvalidOperationException("combine before dispatch");
-        byte[][] messages = await operation.ReceiveAllAsync(transport, allRanks, ExchangePhase.LowLatencyCombine).ConfigureAwait(false);
+        TransportBuffer[] messages = await operation.ReceiveAllAsync(transport, allRanks, ExchangePhase.LowLatencyCombine).ConfigureAwait(false);
         for (int d = 0; d < messages.Length; d++)
         {
-            MessageReader r = new(messages[d], d);
+            MessageReader r = new(messages[d].Span, d);
             if (r.ReadInt() != MessageStatus.Ok)
             {
                 throw new InvalidDataException($"rank {d} sent a low-latency combine with an unknown status");
@@ -340,7 +341,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
                     continue;
                 }
 
-                ReadOnlySpan<BFloat16> row = MemoryMarshal.Cast<byte, BFloat16>(messages[e / epr].AsSpan(8 + (entryIndex[i] * 2 * hidden), 2 * hidden));
+                ReadOnlySpan<BFloat16> row = MemoryMarshal.Cast<byte, BFloat16>(messages[e / epr].Span.Slice(8 + (entryIndex[i] * 2 * hidden), 2 * hidden));
                 if (weighted)
                 {
                     float w = host.Weights![i];
@@ -365,6 +366,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
             }
         }
 
+        TransportBuffer.ReleaseAll(messages);
         return new HostCombined(result);
     }
 
@@ -383,7 +385,7 @@ internal sealed class CpuLowLatencyBackend : ILowLatencyBackend
     }
 
     /// <summary>Sends without waiting; a send that does not complete at once is awaited after every destination has its message.</summary>
-    private void Post(int destination, MessageTag tag, byte[] message, OperationContext operation, ref List<Task>? pending)
+    private void Post(int destination, MessageTag tag, TransportBuffer message, OperationContext operation, ref List<Task>? pending)
     {
         ValueTask send = transport.SendAsync(destination, tag, message, operation.Token);
         if (send.IsCompletedSuccessfully)
