@@ -162,8 +162,10 @@ public sealed class ExpertLayerClient
 
         // Beginning a step may re-form the group (a bounded wait for every rank inside the coordinator).
         StepTicket ticket = await CoordinatorCallAsync(Coordinator.BeginStepAsync(spec, Name), "BeginStepAsync", callBound * 2, cancellationToken).ConfigureAwait(false);
-        // A masking layer serving without some ranks: their inputs are not sent (their silos may be gone).
-        Task[] staging = [.. inputs.Select((input, r) => ticket.Runs(r) ? StageAsync(r, ticket, input) : Task.CompletedTask)];
+        // A masking layer serving without some ranks: their inputs are not sent (their silos may be gone). A rank call with
+        // no answer is asked again (RankCallAsync) until the step gives up on it.
+        using CancellationTokenSource asking = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        Task[] staging = [.. inputs.Select((input, r) => ticket.Runs(r) ? StageAsync(r, ticket, input, callBound, asking.Token) : Task.CompletedTask)];
         try
         {
             await Task.WhenAll(staging).WaitAsync(callBound, cancellationToken).ConfigureAwait(false);
@@ -173,8 +175,9 @@ public sealed class ExpertLayerClient
             // A rank that cannot take its input in time (its silo is gone, or restarted without the layer)
             // fails the step; the coordinator re-forms the group before the next one.
             int[] failed = [.. staging.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
-            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(staging[r].IsFaulted ? RemoteFailure.Describe(staging[r].Exception!) : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(Refused(staging[r]) ? RemoteFailure.Describe(staging[r].Exception!) : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
             string message = $"step {ticket.Step} of layer '{Layer}': staging the input failed on {why}";
+            await asking.CancelAsync().ConfigureAwait(false);
 
             // Ranks that gave no answer at all (as opposed to refusing the input) are reported as unreachable: a masking
             // layer masks them when the step is given up.
@@ -206,7 +209,7 @@ public sealed class ExpertLayerClient
         }
 
         // One output per rank of the group; a masked rank's is empty (its tokens were not served).
-        Task<T[]>[] reads = [.. Enumerable.Range(0, spec.WorldSize).Select(r => report.Ranks.FirstOrDefault(x => x.Rank == r) is { } ran ? ReadAsync<T>(r, ticket.Step, ran.OutputBytes) : Task.FromResult(Array.Empty<T>()))];
+        Task<T[]>[] reads = [.. Enumerable.Range(0, spec.WorldSize).Select(r => report.Ranks.FirstOrDefault(x => x.Rank == r) is { } ran ? ReadAsync<T>(r, ticket.Step, ran.OutputBytes, callBound, asking.Token) : Task.FromResult(Array.Empty<T>()))];
         try
         {
             return new StepOutcome<T>(await Task.WhenAll(reads).WaitAsync(callBound, cancellationToken).ConfigureAwait(false), report);
@@ -214,9 +217,10 @@ public sealed class ExpertLayerClient
         catch (Exception e) when (e is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
         {
             // The step ran, but a rank's silo went away before its output was read, or a client took the layer over.
-            await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             int[] failed = [.. reads.Select((t, r) => (t, r)).Where(x => !x.t.IsCompletedSuccessfully).Select(x => x.r)];
-            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(reads[r].IsFaulted ? RemoteFailure.Describe(reads[r].Exception!) : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
+            string why = string.Join("; ", failed.Select(r => $"rank {r}: {(Refused(reads[r]) ? RemoteFailure.Describe(reads[r].Exception!) : $"no answer within {callBound.TotalSeconds:0.#} s")}"));
+            await asking.CancelAsync().ConfigureAwait(false);
+            await ThrowIfReconfiguredAsync(spec, ticket, callBound, cancellationToken).ConfigureAwait(false);
             throw new GroupStepFailedException($"step {ticket.Step} of layer '{Layer}': reading the combined output failed on {why}", ticket.Step, failed);
         }
     }
@@ -554,7 +558,70 @@ public sealed class ExpertLayerClient
     /// <summary>The staging grain of <paramref name="rank"/>, made once: GetGrain resolves the interface type through its attributes every time.</summary>
     private IRankStaging Staging(int rank) => staging.GetOrAdd(rank, static (r, c) => c.grains.GetGrain<IRankStaging>(GrainKeys.Rank(c.Group, r)), this);
 
-    private async Task StageAsync<T>(int rank, StepTicket ticket, RankStepInput<T> input)
+    /// <summary>Whether a rank call ended in an answer of its own (a refusal or an error), not in silence up to its bound.</summary>
+    private static bool Refused(Task call) => call.IsFaulted && call.Exception!.GetBaseException() is not TimeoutException;
+
+    /// <summary>
+    /// A call to a rank (staging, reading an output) within <paramref name="bound"/>, returning the ask that answered.
+    /// Orleans does not fail a call whose request or answer went through a gateway silo that died, so a call with no
+    /// answer is asked again every <see cref="RankAskEvery"/> until the bound, the same as the coordinator's, and the
+    /// first ask to answer wins. Asking again is safe: a read changes nothing, and a rank takes a staging call repeated
+    /// for the same step as the input it already has (<c>HostedLayer.BeginInput</c>, <c>StagedInput.Add</c>). A refusal
+    /// (the connection to a gateway that just died) is asked again 100 ms later, when the client sends through another
+    /// gateway; a second refusal is the rank's own (its silo is gone) and fails the call at once, as any error the rank
+    /// answers with does. No answer to any ask ends it in a <see cref="TimeoutException"/> at the bound.
+    /// </summary>
+    private static async Task<TAsk> RankCallAsync<TAsk>(Func<TAsk> call, TimeSpan bound, CancellationToken cancellationToken)
+        where TAsk : Task
+    {
+        Stopwatch clock = Stopwatch.StartNew();
+        List<TAsk> asks = [];
+        bool refused = false;
+        TimeSpan nextAsk = TimeSpan.Zero;
+        while (true)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            if (clock.Elapsed >= nextAsk)
+            {
+                TAsk ask = call();
+                _ = ask.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+                asks.Add(ask);
+                nextAsk = clock.Elapsed + RankAskEvery;
+            }
+
+            TimeSpan left = bound - clock.Elapsed;
+            if (left <= TimeSpan.Zero)
+            {
+                throw new TimeoutException($"no answer within {bound.TotalSeconds:0.#} s ({asks.Count} asks)");
+            }
+
+            TimeSpan wait = nextAsk - clock.Elapsed;
+            using CancellationTokenSource tick = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            Task delay = Task.Delay(wait < left ? wait : left, tick.Token);
+            Task first = await Task.WhenAny([.. asks, delay]).ConfigureAwait(false);
+            await tick.CancelAsync().ConfigureAwait(false);
+            if (first == delay)
+            {
+                continue; // (compared by reference: for a call that returns a bare Task, the delay is a TAsk too)
+            }
+
+            TAsk answered = (TAsk)first;
+            asks.Remove(answered);
+            if (answered.IsCompletedSuccessfully || answered.Exception?.GetBaseException() is not OrleansException || refused)
+            {
+                return answered; // the rank's answer, an error of its own or a second refusal included
+            }
+
+            refused = true;
+            TimeSpan soon = clock.Elapsed + TimeSpan.FromMilliseconds(100);
+            nextAsk = soon < nextAsk ? soon : nextAsk;
+        }
+    }
+
+    /// <summary>How often a rank call with no answer is asked again (see <see cref="RankCallAsync{TAsk}"/>).</summary>
+    internal static readonly TimeSpan RankAskEvery = TimeSpan.FromSeconds(1);
+
+    private async Task StageAsync<T>(int rank, StepTicket ticket, RankStepInput<T> input, TimeSpan bound, CancellationToken asking)
         where T : unmanaged
     {
         IRankStaging grain = Staging(rank);
@@ -563,44 +630,46 @@ public sealed class ExpertLayerClient
         long bytes = ((long)input.Tokens.Length * Unsafe.SizeOf<T>()) + (4L * (input.ExpertIds.Length + (input.Weights?.Length ?? 0) + (input.ScatterIndices?.Length ?? 0)));
         if (bytes <= chunkBytes)
         {
-            // One message, its parts serialized straight from the caller's arrays.
-            await grain.StageStepInputAsync(Layer, new StepInput(
+            // One message, its parts serialized straight from the caller's arrays (each ask serializes them again).
+            StepInput whole = new(
                 header,
                 ByteView<T>.Of(input.Tokens),
                 ByteView<int>.Of(input.ExpertIds),
                 input.Weights is { } weights ? ByteView<float>.Of(weights) : ReadOnlyMemory<byte>.Empty,
-                input.ScatterIndices is { } scatter ? ByteView<int>.Of(scatter) : ReadOnlyMemory<byte>.Empty)).ConfigureAwait(false);
+                input.ScatterIndices is { } scatter ? ByteView<int>.Of(scatter) : ReadOnlyMemory<byte>.Empty);
+            await await RankCallAsync(() => grain.StageStepInputAsync(Layer, whole), bound, asking).ConfigureAwait(false);
             return;
         }
 
-        await grain.BeginInputAsync(Layer, header).ConfigureAwait(false);
+        await await RankCallAsync(() => grain.BeginInputAsync(Layer, header), bound, asking).ConfigureAwait(false);
         // Each chunk is copied once from the caller's array into its own (Immutable: Orleans copies no more).
         List<Task> sends = [];
-        Chunks(sends, grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()));
-        Chunks(sends, grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()));
+        Chunks(sends, grain, step, InputPart.Tokens, MemoryMarshal.AsBytes(input.Tokens.AsSpan()), bound, asking);
+        Chunks(sends, grain, step, InputPart.ExpertIds, MemoryMarshal.AsBytes(input.ExpertIds.AsSpan()), bound, asking);
         if (input.Weights is { } w)
         {
-            Chunks(sends, grain, step, InputPart.Weights, MemoryMarshal.AsBytes(w.AsSpan()));
+            Chunks(sends, grain, step, InputPart.Weights, MemoryMarshal.AsBytes(w.AsSpan()), bound, asking);
         }
 
         if (input.ScatterIndices is { } s)
         {
-            Chunks(sends, grain, step, InputPart.ScatterIndices, MemoryMarshal.AsBytes(s.AsSpan()));
+            Chunks(sends, grain, step, InputPart.ScatterIndices, MemoryMarshal.AsBytes(s.AsSpan()), bound, asking);
         }
 
         await Task.WhenAll(sends).ConfigureAwait(false);
     }
 
-    private void Chunks(List<Task> sends, IRankStaging grain, long step, InputPart part, ReadOnlySpan<byte> bytes)
+    private void Chunks(List<Task> sends, IRankStaging grain, long step, InputPart part, ReadOnlySpan<byte> bytes, TimeSpan bound, CancellationToken asking)
     {
         for (int offset = 0; offset < bytes.Length; offset += chunkBytes)
         {
-            byte[] piece = bytes[offset..Math.Min(bytes.Length, offset + chunkBytes)].ToArray();
-            sends.Add(grain.StageInputAsync(Layer, step, part, offset, new Immutable<byte[]>(piece)));
+            int at = offset;
+            Immutable<byte[]> piece = new(bytes[offset..Math.Min(bytes.Length, offset + chunkBytes)].ToArray());
+            sends.Add(RankCallAsync(() => grain.StageInputAsync(Layer, step, part, at, piece), bound, asking).Unwrap());
         }
     }
 
-    private async Task<T[]> ReadAsync<T>(int rank, long step, int totalBytes)
+    private async Task<T[]> ReadAsync<T>(int rank, long step, int totalBytes, TimeSpan bound, CancellationToken asking)
         where T : unmanaged
     {
         IRankStaging grain = Staging(rank);
@@ -611,7 +680,7 @@ public sealed class ExpertLayerClient
         {
             int at = offset;
             int count = Math.Min(chunkBytes, totalBytes - offset);
-            reads.Add(grain.ReadOutputAsync(Layer, step, at, count).ContinueWith(t => t.Result.Value.CopyTo(MemoryMarshal.AsBytes(result.AsSpan())[at..]), TaskScheduler.Default));
+            reads.Add(RankCallAsync(() => grain.ReadOutputAsync(Layer, step, at, count), bound, asking).Unwrap().ContinueWith(t => t.Result.Value.CopyTo(MemoryMarshal.AsBytes(result.AsSpan())[at..]), TaskScheduler.Default));
         }
 
         await Task.WhenAll(reads).ConfigureAwait(false);

@@ -4,7 +4,9 @@ namespace EpA2A.Grains;
 
 /// <summary>
 /// What a client (<see cref="ExpertLayerClient"/>) asks of a rank (key: "group/rank"): stage a step's inputs and read
-/// its combined output. Every call interleaves with the running step.
+/// its combined output. Every call interleaves with the running step. Each may be sent again when its answer is lost
+/// (the client asks again): a header or a chunk repeated for the step being staged is taken as the one already staged,
+/// one that arrives after its step ran is refused, and a read changes nothing.
 /// </summary>
 public interface IRankStaging : IGrainWithStringKey
 {

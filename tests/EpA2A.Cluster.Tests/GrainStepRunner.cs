@@ -9,9 +9,9 @@ namespace EpA2A.Cluster.Tests;
 /// <summary>Runs steps through the grains on random routing and checks them against the reference.</summary>
 public static class GrainStepRunner
 {
-    public static async Task<StepReport> RunCheckedAsync(ExpertLayerClient client, LayerSpec spec, int seed, bool weighted = false, double drop = 0.2, bool skewed = false)
+    public static async Task<StepReport> RunCheckedAsync(ExpertLayerClient client, LayerSpec spec, int seed, bool weighted = false, double drop = 0.2, bool skewed = false, int minTokens = 0)
     {
-        RankInput<BFloat16>[] inputs = Draw(spec, seed, drop, skewed, weighted);
+        RankInput<BFloat16>[] inputs = Draw(spec, seed, drop, skewed, weighted, minTokens);
         StepOutcome<BFloat16> outcome = await client.StepAsync(
             [.. inputs.Select(i => new RankStepInput<BFloat16>(i.Tokens, i.Count, i.ExpertIds, i.Weights))],
             weighted);

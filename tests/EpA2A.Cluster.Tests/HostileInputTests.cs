@@ -462,6 +462,83 @@ public sealed class HostileInputTests(RankCluster cluster) : IClassFixture<RankC
     }
 
     [Fact]
+    public async Task Staging_and_reads_asked_again_for_the_same_step_are_taken_once_and_the_step_is_correct()
+    {
+        // The client asks a rank call again when its answer is lost (issue 18): every repeat must be the same input.
+        (ExpertLayerClient client, int seed) = await LayerAsync("ask-rank-again");
+        string layer = client.Layer;
+        int[] counts = [.. Enumerable.Repeat(Spec.MaxTokens, Spec.WorldSize)];
+        RankInput<BFloat16>[] inputs = RoutingGenerator.Draw<BFloat16>(Spec.ToConfig(0), counts, 0.2, false, false, new Random(seed));
+        StepTicket ticket = await client.Coordinator.BeginStepAsync(Spec, client.Name);
+        StepInput[] wholes = new StepInput[Spec.WorldSize];
+        for (int r = 0; r < Spec.WorldSize; r++)
+        {
+            IRankGrain grain = Rank(r);
+            StepInputHeader header = new(ticket.Step, inputs[r].Count, false, false, ticket.Epoch);
+            byte[] tokens = MemoryMarshal.AsBytes(inputs[r].Tokens.AsSpan()).ToArray();
+            byte[] ids = MemoryMarshal.AsBytes(inputs[r].ExpertIds.AsSpan()).ToArray();
+            wholes[r] = new StepInput(header, tokens, ids, default, default);
+            if (r % 2 == 0)
+            {
+                // The one-call path: two asks at once (the first's answer was late), and one more after both answered.
+                await Task.WhenAll(grain.StageStepInputAsync(layer, wholes[r]), grain.StageStepInputAsync(layer, wholes[r]));
+                await grain.StageStepInputAsync(layer, wholes[r]);
+                continue;
+            }
+
+            // The chunked path (1024-byte chunks): the header again after a chunk, every chunk twice.
+            Assert.True(tokens.Length > 1024, $"seed {seed}: rank {r} stages {tokens.Length} token bytes, too few for two chunks");
+            await grain.BeginInputAsync(layer, header);
+            await grain.StageInputAsync(layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(tokens[..1024]));
+            await grain.BeginInputAsync(layer, header);
+            await Task.WhenAll(
+                grain.StageInputAsync(layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(tokens[..1024])),
+                grain.StageInputAsync(layer, ticket.Step, InputPart.Tokens, 1024, new Immutable<byte[]>(tokens[1024..])),
+                grain.StageInputAsync(layer, ticket.Step, InputPart.Tokens, 1024, new Immutable<byte[]>(tokens[1024..])),
+                grain.StageInputAsync(layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(ids)));
+            await grain.StageInputAsync(layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(ids));
+
+            // The same place with other bytes is no repeat: refused, and the staged bytes stay.
+            byte[] other = tokens[..1024];
+            other[5] ^= 0x40;
+            ArgumentException changed = await Assert.ThrowsAsync<ArgumentException>(() => grain.StageInputAsync(layer, ticket.Step, InputPart.Tokens, 0, new Immutable<byte[]>(other)));
+            AssertNames(changed, seed, $"rank {r}", "Tokens chunk [0, 1024)", "overlaps bytes already staged");
+        }
+
+        StepReport report = await client.Coordinator.RunStepAsync(ticket, false);
+
+        // A slice read twice counts once: after a later step the rest of the output is still there to read.
+        BFloat16[][] outputs = new BFloat16[Spec.WorldSize][];
+        for (int r = 0; r < Spec.WorldSize; r++)
+        {
+            int bytes = report.Ranks.Single(x => x.Rank == r).OutputBytes;
+            int half = bytes / 2;
+            byte[] first = (await Rank(r).ReadOutputAsync(layer, ticket.Step, 0, half)).Value;
+            Assert.Equal(first, (await Rank(r).ReadOutputAsync(layer, ticket.Step, 0, half)).Value);
+            outputs[r] = [.. MemoryMarshal.Cast<byte, BFloat16>(first)];
+        }
+
+        // Late repeats of the step's staging (an ask that was still on its way) are refused and stage nothing.
+        InvalidOperationException late = await Assert.ThrowsAsync<InvalidOperationException>(() => Rank(0).StageStepInputAsync(layer, wholes[0]));
+        AssertNames(late, seed, "rank 0", $"input for step {ticket.Step} arrived after step {ticket.Step} ran", "a late repeat, refused");
+        InvalidOperationException lateChunk = await Assert.ThrowsAsync<InvalidOperationException>(() => Rank(1).StageInputAsync(layer, ticket.Step, InputPart.ExpertIds, 0, new Immutable<byte[]>(wholes[1].ExpertIds.ToArray())));
+        AssertNames(lateChunk, seed, "rank 1", "a late repeat, refused");
+        await Assert.ThrowsAsync<InvalidOperationException>(() => Rank(1).BeginInputAsync(layer, wholes[1].Header));
+        await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 1);
+
+        for (int r = 0; r < Spec.WorldSize; r++)
+        {
+            int bytes = report.Ranks.Single(x => x.Rank == r).OutputBytes;
+            int half = bytes / 2;
+            byte[] rest = (await Rank(r).ReadOutputAsync(layer, ticket.Step, half, bytes - half)).Value;
+            outputs[r] = [.. outputs[r], .. MemoryMarshal.Cast<byte, BFloat16>(rest)];
+        }
+
+        GrainStepRunner.AssertMatches(Spec, seed, GrainStepRunner.Expected(Spec, inputs, false), outputs);
+        await GrainStepRunner.RunCheckedAsync(client, Spec, seed + 2);
+    }
+
+    [Fact]
     public async Task Running_a_step_that_was_never_begun_is_rejected_by_the_coordinator()
     {
         (ExpertLayerClient client, int seed) = await LayerAsync("forged-ticket");

@@ -22,6 +22,9 @@ internal sealed class HostedLayer : IDisposable
     private readonly MessageAssembler assembler;
     private readonly Lock gate = new();
     private StagedInput? staged;
+
+    /// <summary>The last step that ran here: the coordinator numbers a layer's steps upwards, so no input of it or of an earlier one is taken again.</summary>
+    private long ranThrough;
     private readonly Dictionary<long, UnreadOutput> outputs = [];
     private CancellationTokenSource? running;
     private bool aborted;
@@ -115,7 +118,12 @@ internal sealed class HostedLayer : IDisposable
 
         lock (gate)
         {
-            staged = new StagedInput(header, Config);
+            ThrowIfRan(header.Step);
+            if (staged?.Header != header)
+            {
+                // The same header again is the client asking again (its answer was lost): the chunks already in stay.
+                staged = new StagedInput(header, Config);
+            }
         }
     }
 
@@ -123,6 +131,7 @@ internal sealed class HostedLayer : IDisposable
     {
         lock (gate)
         {
+            ThrowIfRan(step);
             if (staged is null || staged.Header.Step != step)
             {
                 throw new InvalidOperationException($"rank {GroupRank}: input for step {step} arrived before its header");
@@ -133,9 +142,22 @@ internal sealed class HostedLayer : IDisposable
     }
 
     /// <summary>
+    /// A late repeat of a staging call (the client asked again, and an earlier ask was answered and the step has run) must
+    /// not leave an input behind for a step that is over.
+    /// </summary>
+    private void ThrowIfRan(long step)
+    {
+        if (step <= ranThrough)
+        {
+            throw new InvalidOperationException($"rank {GroupRank}: input for step {step} arrived after step {ranThrough} ran on layer '{Name}': a late repeat, refused");
+        }
+    }
+
+    /// <summary>
     /// A step's whole input in one message: the header as <see cref="BeginInput"/> takes it, then each part that has
     /// bytes as one <see cref="Stage"/> at offset 0 (so every check of the chunked path applies). A part the wire
-    /// delivered as an array of its own is kept as it is, not copied.
+    /// delivered as an array of its own is kept as it is, not copied. Sent again for the same step (the client asks
+    /// again when an answer is lost), it is the same input: the header is kept and each part is taken as already staged.
     /// </summary>
     public void StageWhole(StepInput input)
     {
@@ -181,7 +203,11 @@ internal sealed class HostedLayer : IDisposable
                 throw new ArgumentOutOfRangeException(nameof(offset), $"slice [{offset}, {(long)offset + count}) is outside the {o.Bytes.Length}-byte output");
             }
 
-            o.Read += count;
+            if (o.Slices.Add((offset, count)))
+            {
+                o.Read += count; // a slice asked for again (its answer was lost) counts once
+            }
+
             // The whole output (one chunk) goes out as it is: it is never written after the step, and crosses as Immutable.
             return offset == 0 && count == o.Bytes.Length ? o.Bytes : o.Bytes[offset..(offset + count)];
         }
@@ -218,6 +244,9 @@ internal sealed class HostedLayer : IDisposable
         public long Stored { get; } = stored;
 
         public long Read { get; set; }
+
+        /// <summary>The slices read so far.</summary>
+        public HashSet<(int Offset, int Count)> Slices { get; } = [];
     }
 
     /// <summary>
@@ -276,6 +305,7 @@ internal sealed class HostedLayer : IDisposable
 
             input = staged;
             staged = null;
+            ranThrough = ticket.Step;
             running = cts;
         }
 

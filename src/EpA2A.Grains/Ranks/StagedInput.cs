@@ -6,7 +6,8 @@ namespace EpA2A.Grains.Ranks;
 /// A step's inputs on one rank, assembled from the chunks a client sent. Buffers are sized from the header,
 /// which <see cref="HostedLayer.BeginInput"/> has bounded by MaxTokens; every chunk must lie inside its array,
 /// overlap no earlier chunk, and (unless it ends the array) hold at least <see cref="MessageAssembler.MinChunkBytes"/>,
-/// so a complete array has every byte written exactly once and a client cannot make the rank track many pieces.
+/// so a complete array has every byte written exactly once and a client cannot make the rank track many pieces. A chunk
+/// that repeats a staged one byte for byte (the client asks again when an answer is lost) is taken as already staged.
 /// </summary>
 internal sealed class StagedInput
 {
@@ -62,6 +63,11 @@ internal sealed class StagedInput
 
         SortedSet<(int Start, int End)> seen = pieces[(int)part];
         (int Start, int End) piece = (offset, (int)end);
+        if (seen.Contains(piece) && data.AsSpan().SequenceEqual(parts[(int)part]!.AsSpan(offset, data.Length)))
+        {
+            return; // the same chunk again (the client asked again when an answer was lost): staged once
+        }
+
         // Pieces are never empty, so default (0, 0) means "none".
         (int Start, int End) before = seen.GetViewBetween((int.MinValue, int.MinValue), (offset, int.MaxValue)).Max;
         (int Start, int End) after = seen.GetViewBetween((offset, int.MinValue), (int.MaxValue, int.MaxValue)).Min;
