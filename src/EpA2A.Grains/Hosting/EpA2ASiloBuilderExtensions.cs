@@ -17,8 +17,7 @@ public static class EpA2ASiloBuilderExtensions
     /// placement, the rank runtime and the built-in expert compute (replace <see cref="IExpertCompute"/> to
     /// run real experts), and turns on activity propagation so a step is one trace across silos.
     /// <see cref="RankSiloOptions"/> is bound from the section "EpA2A:Rank", then <paramref name="configure"/>
-    /// runs on it; it is validated when the silo starts (<see cref="RankSiloOptionsValidator"/>). The silo's grain
-    /// directory is Orleans' distributed one, which keeps a coordinator whose registration lay on a dead silo.
+    /// runs on it; it is validated when the silo starts (<see cref="RankSiloOptionsValidator"/>).
     /// </summary>
     public static ISiloBuilder AddEpA2ARank(this ISiloBuilder builder, Action<RankSiloOptions>? configure = null)
     {
@@ -48,15 +47,6 @@ public static class EpA2ASiloBuilderExtensions
         }
 
         builder.UseSiloMetadata(metadata);
-
-        // Coordinators are placed at random and kept single by the grain directory. Orleans' default directory deactivates
-        // every activation whose registration lay on a silo that dies, so a healthy coordinator lost its step in flight
-        // with an unrelated silo; the distributed directory instead recovers a dead silo's registrations from the live
-        // silos. It is experimental in Orleans 10 (ORLEANSEXP003, suppressed for this call only), and every silo of a
-        // cluster must use the same directory, which is why it is set here, where every EpA2A silo is built.
-#pragma warning disable ORLEANSEXP003
-        builder.AddDistributedGrainDirectory();
-#pragma warning restore ORLEANSEXP003
         builder.AddActivityPropagation();
         builder.Services.AddPlacementDirector<RankPlacementStrategy, RankPlacementDirector>();
         builder.Services.TryAddSingleton<IExpertCompute, DeterministicExpertCompute>();
