@@ -87,7 +87,10 @@ public sealed record RankInfo(
     [property: Id(7)] int StepsInFlight = 0,
     [property: Id(8)] string? GpuJob = null);
 
-/// <summary>Where a layer's coordinator lives, and its group's state.</summary>
+/// <summary>
+/// Where a layer's coordinator lives, and its group's state; <see cref="DirectoryOwner"/> is the silo holding the
+/// coordinator's grain-directory registration as the coordinator's silo sees it (null when Orleans does not say).
+/// </summary>
 [GenerateSerializer]
 [Immutable]
 public sealed record CoordinatorInfo(
@@ -99,7 +102,8 @@ public sealed record CoordinatorInfo(
     [property: Id(5)] long LastStep,
     [property: Id(6)] bool Formed,
     [property: Id(7)] long? StepInProgress,
-    [property: Id(8)] string? ConfiguredBy = null);
+    [property: Id(8)] string? ConfiguredBy = null,
+    [property: Id(9)] string? DirectoryOwner = null);
 
 /// <summary>The identity of a step: its number and the group incarnation it runs in.</summary>
 [GenerateSerializer]

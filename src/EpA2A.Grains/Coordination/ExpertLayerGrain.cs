@@ -118,7 +118,18 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
         nextStep,
         formed,
         pending?.Ticket.Step,
-        configuredBy));
+        configuredBy,
+        GrainDirectoryOwner.Find(ServiceProvider, this.GetGrainId())));
+
+    /// <summary>
+    /// Says when and why a coordinator goes away: its step in flight goes with it, and the client's probe then finds a
+    /// new activation that never began the step (a deactivation for a lost directory registration is "DirectoryFailure").
+    /// </summary>
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        LogDeactivated(logger, this.GetPrimaryKeyString(), pending?.Ticket.Step, reason.ReasonCode.ToString(), reason.Description);
+        return Task.CompletedTask;
+    }
 
     public async Task<IReadOnlyList<RankInfo>> DescribeGroupAsync()
     {
@@ -901,6 +912,9 @@ internal sealed partial class ExpertLayerGrain(ILogger<ExpertLayerGrain> logger)
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "layer {Layer}: step {Step} masked its lost ranks: first failure {Failed} ms into the step, lost ranks confirmed at {Confirmed} ms, re-formed on the survivors at {Reformed} ms")]
     private static partial void LogMaskTiming(ILogger logger, string layer, long step, long failed, long confirmed, long reformed);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "coordinator {Key} deactivated on this silo, step in progress {Step} ({Code}: {Description})")]
+    private static partial void LogDeactivated(ILogger logger, string key, long? step, string code, string description);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "{Message}")]
     private static partial void LogStepFailed(ILogger logger, string message);

@@ -42,6 +42,10 @@ internal static class DrillLog
     public static string[] RankGrainsDeactivatedByDirectoryLoss(IEnumerable<ChildProcess> silos, long since) =>
         [.. silos.SelectMany(p => p.StampedLines.Where(l => l.At >= since && l.Line.Contains("deactivated on this silo (DirectoryFailure", StringComparison.Ordinal)).Select(l => $"{p.Name}: {l.Line.Trim()}"))];
 
+    /// <summary>The lines in which a layer's coordinator on one of <paramref name="silos"/> said, after <paramref name="since"/>, that it was deactivated, and why.</summary>
+    public static string[] CoordinatorsDeactivated(IEnumerable<ChildProcess> silos, long since) =>
+        [.. silos.SelectMany(p => p.StampedLines.Where(l => l.At >= since && l.Line.Contains("coordinator ", StringComparison.Ordinal) && l.Line.Contains("deactivated on this silo", StringComparison.Ordinal)).Select(l => $"{p.Name}: {l.Line.Trim()}"))];
+
     /// <summary>
     /// Every line the processes printed from <paramref name="since"/> on, in arrival order, as "+ms name: line": the
     /// drill's phases (the coordinator's mask timing, Orleans' membership warnings, the client's steps) on one clock.
