@@ -28,7 +28,8 @@ struct DevCtx {
   int64_t timeout_ns;
   // Epochs live in device memory so that a captured CUDA graph replays correctly: [0] dispatch step (bumped by
   // the exchange kernel), [1] combine call, [2] all-rank barrier, [3] node barrier (bumped by barrier kernels),
-  // [4] the dispatch step in which a rank's rejection was seen (the later kernels of that step stop).
+  // [4] the dispatch step in which a rank's rejection was seen (the later kernels of that step stop), [5] the
+  // combine in which the node barrier saw a rank's rejection (the combine kernel then writes nothing).
   uint64_t* dep;
   // symmetric
   char* out;
@@ -116,7 +117,8 @@ constexpr int kEpochCombine = 1;
 constexpr int kEpochBarrierAll = 2;
 constexpr int kEpochBarrierNode = 3;
 constexpr int kEpochRejected = 4;
-constexpr int kEpochs = 5;
+constexpr int kEpochCombineRejected = 5;
+constexpr int kEpochs = 6;
 
 // The current step's epochs, written by an earlier kernel of the same stream.
 __device__ __forceinline__ uint64_t step_epoch(const DevCtx& c) {
@@ -214,8 +216,9 @@ __device__ inline bool wait_signal(const Ctx& c, const uint64_t* sig, uint64_t e
 // The lowest rank that marked a rejection of the combine with this epoch (epa2a_combine_reject), or -1. Its mark
 // is written (and, across nodes, completed) before it signals the combine barrier, so a rank that waited for it,
 // directly or through a proxy, sees the mark.
-__device__ inline int rejected_peer(const DevCtx& c, uint64_t epoch) {
-  for (int p = 0; p < c.W; ++p)
+__device__ inline int rejected_peer(const DevCtx& c, uint64_t epoch, int first = 0, int count = -1) {
+  const int end = count < 0 ? c.W : first + count;
+  for (int p = first; p < end; ++p)
     if (p != c.me && ld_relaxed_sys(c.reject + p) == epoch) return p;
   return -1;
 }

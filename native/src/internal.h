@@ -104,6 +104,9 @@ struct epa2a_layer {
   int* h_info = nullptr;
   // step state
   epa2a::Step step = epa2a::Step::Idle;
+  // epa2a_dispatch_reject enqueued an exchange that is still to write the host-polled sizes: the next dispatch
+  // waits for the stream first, so that it polls its own sizes, not the rejected step's.
+  bool reject_pending = false;
   int max_recv = 0;
   std::vector<int> info;  // host copy of the receive layout (info_len)
 };

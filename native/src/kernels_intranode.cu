@@ -114,8 +114,12 @@ __global__ void barrier_kernel(DevCtx c, int slot, int counter, int bump, int fi
     // Every rank of the node has arrived, and a rank that rejected its combine input marked that before it did.
     __syncthreads();
     if (threadIdx.x == 0 && !failed(c)) {
-      const int p = rejected_peer(c, epoch);
-      if (p >= 0) record_error(c, EPA2A_ERR_PEER_REJECTED, EPA2A_PHASE_COMBINE, p, -1, -1, 0, 0, 0, false);
+      const int p =
+          rejected_peer(c, epoch, first, count);  // this barrier's ranks: their marks came before it
+      if (p >= 0) {
+        c.dep[kEpochCombineRejected] = epoch;
+        record_error(c, EPA2A_ERR_PEER_REJECTED, EPA2A_PHASE_COMBINE, p, -1, -1, 0, 0, 0, false);
+      }
     }
   }
 }
@@ -217,7 +221,8 @@ template <int TK, int G>
 __global__ void combine_kernel(DevCtx c, void* out, int weighted) {
   using B = typename Tok<TK>::bits;
   if (failed(c)) return;
-  if (rejected_peer(c, combine_epoch(c)) >= 0) return;  // recorded at the barrier: the output is not written
+  if (__ldcg(c.dep + kEpochCombineRejected) == combine_epoch(c))
+    return;  // recorded at the barrier: no output
   const int lane = threadIdx.x & 31;
   const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int nw = (gridDim.x * blockDim.x) >> 5;

@@ -82,6 +82,13 @@ int expect_step(epa2a_layer* l, const char* fn, Step want) {
   return EPA2A_OK;
 }
 
+bool fatal_code(int code);
+// A peer's rejection is fatal on a fixed-capacity layer: no host stood between the kernels, so the exchange kernel
+// set the fatal flag to stop every later kernel, and only the collective reset clears it.
+bool fatal_record(const epa2a_layer* l, int code) {
+  return fatal_code(code) || (code == EPA2A_ERR_PEER_REJECTED && l->ctx.fixed_capacity);
+}
+
 bool fatal_code(int code) {
   return code == EPA2A_ERR_TIMEOUT || code == EPA2A_ERR_ABORTED || code == EPA2A_ERR_BAD_ROW ||
          code == EPA2A_ERR_CAPACITY;
@@ -308,11 +315,20 @@ void record_host_error(epa2a_layer* l, int code, int phase, int peer) {
   s->code = code;
 }
 
+// After epa2a_dispatch_reject: waits for its exchange kernel (bounded by the layer's deadline), which writes the
+// host-polled sizes when it ends.
+int drain_rejection(epa2a_layer* l, const char* fn, cudaStream_t s) {
+  if (!l->reject_pending) return EPA2A_OK;
+  l->reject_pending = false;
+  EPA2A_CUDA(fn, cudaStreamSynchronize(s));
+  return EPA2A_OK;
+}
+
 // Clears a non-fatal record of an earlier call (an input error with dropped entries, a peer's rejection) so that
 // this call can report its own.
 int clear_input_error(epa2a_layer* l, const char* fn, cudaStream_t s) {
   const int code = read_status(l).code;
-  if (code == EPA2A_OK || fatal_code(code)) return EPA2A_OK;  // a fatal record stays until the reset
+  if (code == EPA2A_OK || fatal_record(l, code)) return EPA2A_OK;  // a fatal record stays until the reset
   std::memset(l->h_status, 0, sizeof(epa2a_status));
   EPA2A_CUDA(fn, cudaMemsetAsync(l->ctx.claim, 0, sizeof(int), s));
   return EPA2A_OK;
@@ -661,7 +677,7 @@ EPA2A_API int epa2a_dispatch_prepare(epa2a_layer* layer, const void* tokens, con
   if (l->step != Step::Idle && l->step != Step::Dispatched)
     return fail(EPA2A_ERR_STATE, fn, "a dispatch is already in progress (state '%s')", step_name(l->step));
   const epa2a_status st = read_status(l);
-  if (fatal_code(st.code)) {
+  if (fatal_record(l, st.code)) {
     epa2a::status_fail(st, fn);
     return fail(EPA2A_ERR_STATE, fn, "the layer failed earlier and needs epa2a_layer_reset (collective): %s",
                 epa2a_last_error());
@@ -673,6 +689,7 @@ EPA2A_API int epa2a_dispatch_prepare(epa2a_layer* layer, const void* tokens, con
   if (num_tokens > 0 && (!tokens || !expert_ids))
     return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "tokens and expert_ids must not be NULL");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if ((rc = drain_rejection(l, fn, s))) return rc;
   if ((rc = clear_input_error(l, fn, s))) return rc;  // an earlier step's: this step reports its own
   c.n = num_tokens;
   c.tokens = static_cast<const char*>(tokens);
@@ -890,12 +907,13 @@ EPA2A_API int epa2a_dispatch_reject(epa2a_layer* layer, void* stream) {
   if (l->step != Step::Idle && l->step != Step::Dispatched)
     return fail(EPA2A_ERR_STATE, fn, "a dispatch is already in progress (state '%s')", step_name(l->step));
   const epa2a_status st = read_status(l);
-  if (fatal_code(st.code)) {
+  if (fatal_record(l, st.code)) {
     epa2a::status_fail(st, fn);
     return fail(EPA2A_ERR_STATE, fn, "the layer failed earlier and needs epa2a_layer_reset (collective): %s",
                 epa2a_last_error());
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if ((rc = drain_rejection(l, fn, s))) return rc;
   if ((rc = clear_input_error(l, fn, s))) return rc;
   epa2a::DevCtx& c = l->ctx;
   c.n = 0;
@@ -909,6 +927,7 @@ EPA2A_API int epa2a_dispatch_reject(epa2a_layer* layer, void* stream) {
   const cudaError_t err = epa2a::launch_exchange(c, 0, s);
   c.rejecting = 0;
   if (err != cudaSuccess) return epa2a::cuda_fail(err, fn, "exchange kernel launch");
+  l->reject_pending = true;
   l->step = Step::Idle;
   return EPA2A_OK;
 }

@@ -139,7 +139,9 @@ internal sealed partial class CudaBackend
             case NativeCode.PeerRejected:
                 {
                     // Not fatal: the rejecting rank told every rank through the step's own exchange (counts, or the
-                    // combine barrier), and every rank is ready for the next step.
+                    // combine barrier), and every rank is ready for the next step. Fixed capacity: the exchange kernel
+                    // stopped the step's later kernels with the fatal flag, and every rank needs the collective reset.
+                    needsRecovery |= fixedCapacity;
                     int peer = epa2a_layer_status(layer.Pointer, out NativeStatus status) == 0 && status.Code == e.Code ? status.Peer : -1;
                     string who = peer >= 0 ? $"rank {peer}" : "a peer";
                     return new EpStepAbortedException($"rank {config.Rank}: {who} rejected its input for operation {op.Sequence} and told every rank at once: {e.Message}", peer);

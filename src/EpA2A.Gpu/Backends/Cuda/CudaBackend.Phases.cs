@@ -243,6 +243,10 @@ internal sealed partial class CudaBackend
             Check(dispatch ? epa2a_dispatch_reject(layer.Pointer, stream.Pointer) : epa2a_combine_reject(layer.Pointer, stream.Pointer), dispatch ? "epa2a_dispatch_reject" : "epa2a_combine_reject");
             return true;
         }).ConfigureAwait(false);
+
+        // Fixed capacity: the peers' rejection record is fatal (no host stood between their kernels), so they recover
+        // collectively, and this rank must join them.
+        needsRecovery |= dispatch && fixedCapacity;
     }
 
     /// <summary>Operations are ordered by libepa2a's own epochs: nothing to drop per operation.</summary>
