@@ -334,6 +334,36 @@ int clear_input_error(epa2a_layer* l, const char* fn, cudaStream_t s) {
   return EPA2A_OK;
 }
 
+// A dispatch (or its rejection) may begin: no dispatch in progress, no fatal record waiting for the reset.
+int check_dispatch_start(epa2a_layer* l, const char* fn) {
+  if (l->step != Step::Idle && l->step != Step::Dispatched)
+    return fail(EPA2A_ERR_STATE, fn, "a dispatch is already in progress (state '%s')", step_name(l->step));
+  const epa2a_status st = read_status(l);
+  if (fatal_record(l, st.code)) {
+    epa2a::status_fail(st, fn);
+    return fail(EPA2A_ERR_STATE, fn, "the layer failed earlier and needs epa2a_layer_reset (collective): %s",
+                epa2a_last_error());
+  }
+  return EPA2A_OK;
+}
+
+// The start both share: the rejected exchange before (if any) has ended, an earlier non-fatal record is cleared,
+// the step's inputs are set, and the host-polled sizes are unknown again.
+int start_dispatch(epa2a_layer* l, const char* fn, cudaStream_t s, const void* tokens, const float* weights,
+                   const int32_t* scatter_indices, int num_tokens) {
+  int rc;
+  if ((rc = drain_rejection(l, fn, s))) return rc;
+  if ((rc = clear_input_error(l, fn, s))) return rc;  // an earlier step's: this step reports its own
+  epa2a::DevCtx& c = l->ctx;
+  c.n = num_tokens;
+  c.tokens = static_cast<const char*>(tokens);
+  c.has_weights = weights != nullptr;
+  c.has_scatter = scatter_indices != nullptr;
+  c.user_scatter = scatter_indices;
+  for (int d = 0; d < c.W; ++d) reinterpret_cast<volatile int*>(l->h_info)[d] = -1;
+  return EPA2A_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -674,14 +704,7 @@ EPA2A_API int epa2a_dispatch_prepare(epa2a_layer* layer, const void* tokens, con
   int rc = check_layer(layer, fn);
   if (rc) return rc;
   epa2a_layer* l = layer;
-  if (l->step != Step::Idle && l->step != Step::Dispatched)
-    return fail(EPA2A_ERR_STATE, fn, "a dispatch is already in progress (state '%s')", step_name(l->step));
-  const epa2a_status st = read_status(l);
-  if (fatal_record(l, st.code)) {
-    epa2a::status_fail(st, fn);
-    return fail(EPA2A_ERR_STATE, fn, "the layer failed earlier and needs epa2a_layer_reset (collective): %s",
-                epa2a_last_error());
-  }
+  if ((rc = check_dispatch_start(l, fn))) return rc;
   epa2a::DevCtx& c = l->ctx;
   if (num_tokens < 0 || num_tokens > c.max_tokens)
     return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "num_tokens = %d must be in [0, max_tokens = %d]", num_tokens,
@@ -689,14 +712,7 @@ EPA2A_API int epa2a_dispatch_prepare(epa2a_layer* layer, const void* tokens, con
   if (num_tokens > 0 && (!tokens || !expert_ids))
     return fail(EPA2A_ERR_INVALID_ARGUMENT, fn, "tokens and expert_ids must not be NULL");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if ((rc = drain_rejection(l, fn, s))) return rc;
-  if ((rc = clear_input_error(l, fn, s))) return rc;  // an earlier step's: this step reports its own
-  c.n = num_tokens;
-  c.tokens = static_cast<const char*>(tokens);
-  c.has_weights = weights != nullptr;
-  c.has_scatter = scatter_indices != nullptr;
-  c.user_scatter = scatter_indices;
-  for (int d = 0; d < c.W; ++d) reinterpret_cast<volatile int*>(l->h_info)[d] = -1;
+  if ((rc = start_dispatch(l, fn, s, tokens, weights, scatter_indices, num_tokens))) return rc;
   const size_t entries = (size_t)num_tokens * c.K;
   if (entries) {
     EPA2A_CUDA(fn, cudaMemcpyAsync(const_cast<int*>(c.ids), expert_ids, entries * sizeof(int),
@@ -904,24 +920,10 @@ EPA2A_API int epa2a_dispatch_reject(epa2a_layer* layer, void* stream) {
   int rc = check_layer(layer, fn);
   if (rc) return rc;
   epa2a_layer* l = layer;
-  if (l->step != Step::Idle && l->step != Step::Dispatched)
-    return fail(EPA2A_ERR_STATE, fn, "a dispatch is already in progress (state '%s')", step_name(l->step));
-  const epa2a_status st = read_status(l);
-  if (fatal_record(l, st.code)) {
-    epa2a::status_fail(st, fn);
-    return fail(EPA2A_ERR_STATE, fn, "the layer failed earlier and needs epa2a_layer_reset (collective): %s",
-                epa2a_last_error());
-  }
+  if ((rc = check_dispatch_start(l, fn))) return rc;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if ((rc = drain_rejection(l, fn, s))) return rc;
-  if ((rc = clear_input_error(l, fn, s))) return rc;
+  if ((rc = start_dispatch(l, fn, s, nullptr, nullptr, nullptr, 0))) return rc;
   epa2a::DevCtx& c = l->ctx;
-  c.n = 0;
-  c.tokens = nullptr;
-  c.has_weights = 0;
-  c.has_scatter = 0;
-  c.user_scatter = nullptr;
-  for (int d = 0; d < c.W; ++d) reinterpret_cast<volatile int*>(l->h_info)[d] = -1;
   // No tokens to count: the exchange alone, with -1 tokens in this rank's row.
   c.rejecting = 1;
   const cudaError_t err = epa2a::launch_exchange(c, 0, s);
